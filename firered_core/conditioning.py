@@ -1,0 +1,129 @@
+"""Instruction conditioning: the Edit-Plus chat template and the frozen Qwen2.5-VL encoder.
+
+The instruction is read together with the input pictures:
+
+``<|im_start|>system\\n{EDIT_SYSTEM}<|im_end|>\\n<|im_start|>user\\n``
+``Picture 1: <|vision_start|><|image_pad|><|vision_end|>...{instruction}<|im_end|>\\n<|im_start|>assistant\\n``
+
+and the last hidden layer of Qwen2.5-VL (3584-d for the 7B model) is the conditioning, with the
+first 64 tokens (the system block and ``<|im_start|>user\\n``) dropped. Without pictures the
+Qwen-Image text-to-image template is used instead (34 tokens dropped). The negative prompt goes
+through the same template with the same pictures, so true CFG contrasts the text only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+EDIT_SYSTEM = (
+    "Describe the key features of the input image (color, shape, size, texture, objects, background), "
+    "then explain how the user's text instruction should alter or modify the image. Generate a new image "
+    "that meets the user's requirements while maintaining consistency with the original input where "
+    "appropriate."
+)
+T2I_SYSTEM = (
+    "Describe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:"
+)
+PICTURE_BLOCK = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A chat template with one ``{}`` slot for the user turn, and how many leading tokens to drop."""
+
+    text: str
+    drop_tokens: int
+
+    def format(self, user: str) -> str:
+        return self.text.format(user)
+
+
+def _chat(system: str) -> str:
+    return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{{}}<|im_end|>\n<|im_start|>assistant\n"
+
+
+EDIT_TEMPLATE = PromptTemplate(_chat(EDIT_SYSTEM), 64)
+T2I_TEMPLATE = PromptTemplate(_chat(T2I_SYSTEM), 34)
+
+
+@dataclass
+class TextCond:
+    """One encoded prompt.
+
+    embeds: ``[1, L, D]`` last-layer Qwen2.5-VL states after the template prefix (D = 3584 for 7B).
+    mask: ``[1, L]`` long, 1 for real tokens; ``None`` when every token is real (the usual case
+    for a single prompt).
+    """
+
+    embeds: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return self.embeds.shape[1]
+
+    def to(self, device=None, dtype=None) -> "TextCond":
+        m = self.mask.to(device) if self.mask is not None else None
+        return TextCond(self.embeds.to(device=device, dtype=dtype), m)
+
+
+def user_turn(instruction: str, n_pictures: int) -> str:
+    """The user turn: one ``Picture N:`` vision block per input picture, then the instruction."""
+    return "".join(PICTURE_BLOCK.format(i + 1) for i in range(n_pictures)) + instruction
+
+
+def template_for(n_pictures: int) -> PromptTemplate:
+    return EDIT_TEMPLATE if n_pictures > 0 else T2I_TEMPLATE
+
+
+def check_instruction(prompt: object, name: str = "prompt", *, required: bool = True) -> str:
+    if not isinstance(prompt, str):
+        raise TypeError(f"{name} must be a string, got {type(prompt).__name__}")
+    if required and not prompt.strip():
+        raise ValueError(f"{name} is empty: write the edit instruction, e.g. 'make the sky pink'")
+    return prompt
+
+
+@torch.no_grad()
+def encode_prompt(
+    text_encoder: torch.nn.Module,
+    processor,
+    prompt: str,
+    vl_pictures: Sequence[Image.Image] = (),
+    *,
+    template: PromptTemplate | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> TextCond:
+    """Encode one prompt with its (already VL-sized) pictures into a :class:`TextCond`.
+
+    ``vl_pictures`` are the pictures resized to the encoder's area (:func:`images.plan_sizes`);
+    the processor still applies Qwen2-VL's own 28-pixel smart-resize and normalisation.
+    """
+    template = template or template_for(len(vl_pictures))
+    device = device or next(text_encoder.parameters()).device
+    text = template.format(user_turn(prompt, len(vl_pictures)))
+    inputs = processor(
+        text=[text], images=list(vl_pictures) or None, padding=True, return_tensors="pt"
+    ).to(device)
+    out = text_encoder(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        pixel_values=inputs.get("pixel_values"),
+        image_grid_thw=inputs.get("image_grid_thw"),
+        output_hidden_states=True,
+    )
+    hidden = out.hidden_states[-1]
+    keep = inputs["attention_mask"][0].bool()
+    states = hidden[0][keep][template.drop_tokens :]
+    if states.shape[0] == 0:
+        raise ValueError(
+            f"the prompt template has only {int(keep.sum())} tokens, not more than the {template.drop_tokens} "
+            "it drops: the tokenizer does not match this model"
+        )
+    return TextCond(states.unsqueeze(0).to(dtype=dtype or hidden.dtype))
