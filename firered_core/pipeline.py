@@ -31,6 +31,7 @@ class EditRequest:
     schedule: "flowmatch" (release), "linear_shift" (ComfyUI AuraFlow shift, ``shift``), "lightning".
     sampler: "euler", "heun", "dpmpp_2m", "euler_sde".
     ref_mode: "own_aspect" (each reference at ~1024^2, its own aspect) or "match_output".
+    ref_area / vl_area: pixel area of each reference for the VAE (1024^2) and for Qwen2.5-VL (384^2).
     cfg_batched: run cond and uncond in one forward pass (faster; more activation memory).
     """
 
@@ -45,6 +46,8 @@ class EditRequest:
     schedule: str = "flowmatch"
     shift: float | None = None
     ref_mode: str = "own_aspect"
+    ref_area: int = images.REF_AREA
+    vl_area: int = images.VL_AREA
     cfg_batched: bool = True
     cfg_norm_rescale: bool = True
 
@@ -99,7 +102,9 @@ class FireRedEditor:
         """Everything done once per edit, before sampling."""
         conditioning.check_instruction(req.prompt, "prompt")
         pils = images.to_pil_list(pictures)
-        (w, h), vl_sizes, ref_sizes = images.plan_sizes(pils, req.width, req.height, ref_mode=req.ref_mode)
+        (w, h), vl_sizes, ref_sizes = images.plan_sizes(
+            pils, req.width, req.height, ref_mode=req.ref_mode, vl_area=req.vl_area, ref_area=req.ref_area
+        )
         vl = [images.resize(p, *s) for p, s in zip(pils, vl_sizes)]
         te = self.c.text_encoder
         te_dtype = next(te.parameters()).dtype

@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny random FireRed model, made once per test session from config and
+saved in the release layout, so every test loads real files through the real loaders."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from firered_core.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("models") / "tiny-firered", seed=0)
+
+
+def make_picture(width: int, height: int, seed: int = 0):
+    """A deterministic, structured test picture (gradients and a disc), as RGB PIL."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    r = x / max(width - 1, 1)
+    g = y / max(height - 1, 1)
+    cx, cy, rad = rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.7) * height, 0.25 * min(width, height)
+    b = ((x - cx) ** 2 + (y - cy) ** 2 < rad**2).astype(np.float32)
+    arr = np.stack([r, g, 0.2 + 0.6 * b], -1) + rng.normal(0, 0.03, (height, width, 3))
+    return Image.fromarray((np.clip(arr, 0, 1) * 255).astype(np.uint8))

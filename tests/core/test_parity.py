@@ -1,0 +1,154 @@
+"""Parity with the numerical reference: diffusers' QwenImageEditPlusPipeline on the same tiny
+random weights (float32, CPU). The prompt embeddings, the sigma schedule and the initial noise
+are compared on their own, so a failure says where the two part; then whole edits.
+
+The reference pipeline hard-codes the VAE reference area (1024^2) and the VL area (384^2); most
+cases shrink both (the pipeline's module constants and our ``ref_area`` / ``vl_area`` options) to
+keep the suite fast, and one case runs the real sizes.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_picture
+from firered_core import FireRedEditor, conditioning, images, latents
+
+PIPE_MODULE = "diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus"
+SMALL_REF, SMALL_VL = 256 * 256, 128 * 128
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_model_dir):
+    from diffusers import QwenImageEditPlusPipeline
+
+    ref = QwenImageEditPlusPipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32, local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    ours = FireRedEditor.from_pretrained(tiny_model_dir, device="cpu", dtype="fp32")
+    return ref, ours
+
+
+@pytest.fixture
+def small_areas(monkeypatch):
+    import importlib
+
+    mod = importlib.import_module(PIPE_MODULE)
+    monkeypatch.setattr(mod, "VAE_IMAGE_SIZE", SMALL_REF)
+    monkeypatch.setattr(mod, "CONDITION_IMAGE_SIZE", SMALL_VL)
+    return {"ref_area": SMALL_REF, "vl_area": SMALL_VL}
+
+
+PICTURES = {
+    1: [(96, 64)],
+    2: [(64, 96), (80, 80)],
+    3: [(112, 48), (64, 64), (48, 96)],
+}
+
+
+def pictures(n):
+    return [make_picture(w, h, seed=i) for i, (w, h) in enumerate(PICTURES[n])]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_prompt_embeddings_match(pipes, n):
+    ref, ours = pipes
+    pics = pictures(n)
+    vl_sizes = [images.fit_to_area(images.VL_AREA, p.width / p.height) for p in pics]
+    vl_ours = [images.resize(p, w, h) for p, (w, h) in zip(pics, vl_sizes)]
+    vl_ref = [ref.image_processor.resize(p, h, w) for p, (w, h) in zip(pics, vl_sizes)]
+    for a, b in zip(vl_ours, vl_ref):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    for prompt in ("make the disc red", " "):
+        e_ref, m_ref = ref.encode_prompt(prompt=prompt, image=vl_ref, device="cpu")
+        e = conditioning.encode_prompt(ours.c.text_encoder, ours.c.processor, prompt, vl_ours)
+        assert m_ref is None and e.mask is None
+        assert e.embeds.shape == e_ref.shape
+        torch.testing.assert_close(e.embeds, e_ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("steps,size", [(40, (1024, 1024)), (8, (768, 1360)), (3, (64, 48))])
+def test_sigma_schedule_matches(pipes, steps, size):
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift, retrieve_timesteps
+
+    ref, ours = pipes
+    w, h = size
+    seq = (h // 16) * (w // 16)
+    cfg = ref.scheduler.config
+    mu = calculate_shift(seq, cfg["base_image_seq_len"], cfg["max_image_seq_len"], cfg["base_shift"], cfg["max_shift"])
+    retrieve_timesteps(ref.scheduler, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    from firered_core.pipeline import EditRequest
+
+    ours_sig = ours.sigmas(EditRequest(prompt="x", steps=steps), (w, h))
+    assert torch.equal(ours_sig, ref.scheduler.sigmas)
+
+
+@pytest.mark.parametrize("size", [(64, 48), (128, 128)])
+def test_initial_noise_matches_for_the_same_seed(pipes, size):
+    ref, ours = pipes
+    w, h = size
+    g_ref = torch.Generator("cpu").manual_seed(1234)
+    noise_ref, _ = ref.prepare_latents(None, 1, 16, h, w, torch.float32, "cpu", g_ref)
+    g = torch.Generator("cpu").manual_seed(1234)
+    noise = ours.initial_noise((w, h), g, torch.float32)
+    assert torch.equal(noise, noise_ref)
+
+
+def run_both(pipes, pics, cfg, width=None, height=None, steps=3, seed=7, areas=None):
+    ref, ours = pipes
+    out_ref = ref(
+        image=pics,
+        prompt="replace the disc with a star",
+        negative_prompt=" ",
+        true_cfg_scale=cfg,
+        num_inference_steps=steps,
+        width=width,
+        height=height,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="np",
+    ).images[0]
+    res = ours.edit(
+        pics,
+        "replace the disc with a star",
+        negative_prompt=" ",
+        cfg=cfg,
+        steps=steps,
+        width=width,
+        height=height,
+        seed=seed,
+        **(areas or {}),
+    )
+    return out_ref, res.pixels[0].numpy(), res
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("cfg", [4.0, 1.0])
+def test_edit_matches_reference(pipes, small_areas, n, cfg):
+    pics = pictures(n)
+    out_ref, out, res = run_both(pipes, pics, cfg, width=80, height=64, areas=small_areas)
+    assert out.shape == out_ref.shape
+    assert out.std() > 0.01  # a real picture, not a constant
+    np.testing.assert_allclose(out, out_ref, atol=1e-4, rtol=0)
+
+
+def test_edit_matches_reference_with_default_output_size(pipes, small_areas):
+    # no size given: ~1024^2 at the last picture's aspect (here 48x96 -> 736x1440)
+    out_ref, out, res = run_both(pipes, pictures(3), 4.0, steps=2, areas=small_areas)
+    assert res.info["size"] == (736, 1440) and out.shape == (1440, 736, 3)
+    np.testing.assert_allclose(out, out_ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_edit_matches_reference_at_release_sizes(pipes):
+    # the real 384^2 VL and 1024^2 VAE areas, default output size (1024^2 area at the picture's aspect)
+    out_ref, out, res = run_both(pipes, [make_picture(300, 200)], 4.0, steps=2)
+    assert res.info["size"] == (1248, 832)
+    np.testing.assert_allclose(out, out_ref, atol=1e-4, rtol=0)
+
+
+def test_batched_and_sequential_cfg_agree(pipes, small_areas):
+    _, ours = pipes
+    pics = pictures(1)
+    kw = dict(cfg=4.0, steps=2, seed=3, width=64, height=64, **small_areas)
+    a = ours.edit(pics, "make it blue", **kw)
+    b = ours.edit(pics, "make it blue", cfg_batched=False, **kw)
+    np.testing.assert_allclose(a.pixels.numpy(), b.pixels.numpy(), atol=1e-5, rtol=0)
