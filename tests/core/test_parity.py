@@ -152,3 +152,30 @@ def test_batched_and_sequential_cfg_agree(pipes, small_areas):
     a = ours.edit(pics, "make it blue", **kw)
     b = ours.edit(pics, "make it blue", cfg_batched=False, **kw)
     np.testing.assert_allclose(a.pixels.numpy(), b.pixels.numpy(), atol=1e-5, rtol=0)
+
+
+def test_text_to_image_matches_qwen_image_pipeline(pipes):
+    # no input picture: the Qwen-Image text-to-image template (34 tokens dropped), no references
+    from diffusers import QwenImagePipeline
+
+    ref_edit, ours = pipes
+    t2i = QwenImagePipeline(
+        scheduler=ref_edit.scheduler,
+        vae=ref_edit.vae,
+        text_encoder=ref_edit.text_encoder,
+        tokenizer=ref_edit.tokenizer,
+        transformer=ref_edit.transformer,
+    )
+    t2i.set_progress_bar_config(disable=True)
+    out_ref = t2i(
+        prompt="a red house by a lake",
+        negative_prompt=" ",
+        true_cfg_scale=4.0,
+        width=80,
+        height=48,
+        num_inference_steps=3,
+        generator=torch.Generator("cpu").manual_seed(5),
+        output_type="np",
+    ).images[0]
+    res = ours.edit(None, "a red house by a lake", cfg=4.0, steps=3, width=80, height=48, seed=5)
+    np.testing.assert_allclose(res.pixels[0].numpy(), out_ref, atol=1e-4, rtol=0)
