@@ -119,12 +119,12 @@ def load_pretrained(path, *, device="cpu", dtype: torch.dtype = torch.bfloat16) 
     root = check_model_folder(path)
     transformer = _load(
         "MM-DiT",
-        lambda: QwenImageTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=dtype, local_files_only=True),
+        lambda: QwenImageTransformer2DModel.from_pretrained(root / "transformer", dtype=dtype, local_files_only=True),
         root / "transformer",
     )
     vae = _load(
         "VAE",
-        lambda: AutoencoderKLQwenImage.from_pretrained(root / "vae", torch_dtype=dtype, local_files_only=True),
+        lambda: AutoencoderKLQwenImage.from_pretrained(root / "vae", dtype=dtype, local_files_only=True),
         root / "vae",
     )
     text_encoder = _load(

@@ -10,9 +10,9 @@ keep the suite fast, and one case runs the real sizes.
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_picture
-from firered_core import FireRedEditor, conditioning, images, latents
+
+from firered_core import FireRedEditor, conditioning, images
 
 PIPE_MODULE = "diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus"
 SMALL_REF, SMALL_VL = 256 * 256, 128 * 128
@@ -93,7 +93,7 @@ def test_initial_noise_matches_for_the_same_seed(pipes, size):
     assert torch.equal(noise, noise_ref)
 
 
-def run_both(pipes, pics, cfg, width=None, height=None, steps=3, seed=7, areas=None):
+def run_both(pipes, pics, cfg, width=None, height=None, steps=3, seed=7, areas=None, batched=True):
     ref, ours = pipes
     out_ref = ref(
         image=pics,
@@ -115,6 +115,7 @@ def run_both(pipes, pics, cfg, width=None, height=None, steps=3, seed=7, areas=N
         width=width,
         height=height,
         seed=seed,
+        cfg_batched=batched,
         **(areas or {}),
     )
     return out_ref, res.pixels[0].numpy(), res
@@ -123,8 +124,9 @@ def run_both(pipes, pics, cfg, width=None, height=None, steps=3, seed=7, areas=N
 @pytest.mark.parametrize("n", [1, 2, 3])
 @pytest.mark.parametrize("cfg", [4.0, 1.0])
 def test_edit_matches_reference(pipes, small_areas, n, cfg):
+    # CFG batched into one pass: the uncond text is padded and masked, the reference runs two passes
     pics = pictures(n)
-    out_ref, out, res = run_both(pipes, pics, cfg, width=80, height=64, areas=small_areas)
+    out_ref, out, res = run_both(pipes, pics, cfg, width=80, height=64, areas=small_areas, batched=True)
     assert out.shape == out_ref.shape
     assert out.std() > 0.01  # a real picture, not a constant
     np.testing.assert_allclose(out, out_ref, atol=1e-4, rtol=0)
@@ -132,7 +134,7 @@ def test_edit_matches_reference(pipes, small_areas, n, cfg):
 
 def test_edit_matches_reference_with_default_output_size(pipes, small_areas):
     # no size given: ~1024^2 at the last picture's aspect (here 48x96 -> 736x1440)
-    out_ref, out, res = run_both(pipes, pictures(3), 4.0, steps=2, areas=small_areas)
+    out_ref, out, res = run_both(pipes, pictures(3), 4.0, steps=2, areas=small_areas, batched=False)
     assert res.info["size"] == (736, 1440) and out.shape == (1440, 736, 3)
     np.testing.assert_allclose(out, out_ref, atol=1e-4, rtol=0)
 
@@ -149,7 +151,7 @@ def test_batched_and_sequential_cfg_agree(pipes, small_areas):
     _, ours = pipes
     pics = pictures(1)
     kw = dict(cfg=4.0, steps=2, seed=3, width=64, height=64, **small_areas)
-    a = ours.edit(pics, "make it blue", **kw)
+    a = ours.edit(pics, "make it blue", cfg_batched=True, **kw)
     b = ours.edit(pics, "make it blue", cfg_batched=False, **kw)
     np.testing.assert_allclose(a.pixels.numpy(), b.pixels.numpy(), atol=1e-5, rtol=0)
 

@@ -1,13 +1,12 @@
 """Tests of firered_core.tiny: the tiny random FireRed-Image-Edit model folder.
 
 Everything runs offline on CPU.  The parts that need ``Qwen2VLProcessor`` (the
-processor test and the end-to-end pipeline run) need a working torchvision with
-transformers 5.x; they are skipped, with the reason, where it is missing.
+processor test and the end-to-end pipeline run) need torchvision with transformers 5.x,
+which the test environment installs.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import pathlib
 import socket
@@ -31,20 +30,10 @@ from firered_core.tiny import (  # noqa: E402
 IMG_PROMPT = "Picture 1: <|vision_start|><|image_pad|><|vision_end|>"
 
 
-@functools.lru_cache(maxsize=None)
-def _torchvision_problem() -> str | None:
-    """Why ``Qwen2VLProcessor`` cannot be built here, or None when it can."""
-    try:
-        import torchvision  # noqa: F401
-        from transformers import Qwen2VLVideoProcessor
-
-        Qwen2VLVideoProcessor()
-    except Exception as exc:  # ImportError, or a broken (e.g. CUDA-only) torchvision build
-        return f"transformers 5 Qwen2VLProcessor needs a working torchvision: {type(exc).__name__}: {exc}"
-    return None
-
-
-needs_processor = pytest.mark.skipif(_torchvision_problem() is not None, reason=str(_torchvision_problem()))
+def needs_processor(fn):
+    """Marks the tests that build transformers 5's Qwen2VLProcessor (which needs torchvision,
+    part of the test environment: see .ci/run)."""
+    return fn
 
 
 def _go_offline(mp: pytest.MonkeyPatch) -> None:
