@@ -77,7 +77,15 @@ def _edit(args) -> int:
         t0 = time.perf_counter()
         editor = FireRedEditor.from_pretrained(model, device=device, dtype=dtype)
         t_load = time.perf_counter() - t0
-        bar = tqdm(total=steps, desc="sampling", unit="step")
+        bar = None
+
+        def progress(info) -> None:
+            nonlocal bar
+            if bar is None:  # created at the first step, so encoding time is not counted as a step
+                bar = tqdm(total=info.total, desc="sampling", unit="step")
+            bar.update(1)
+
+        print("encoding the instruction and pictures...", file=sys.stderr)
         t1 = time.perf_counter()
         result = editor.edit(
             args.image or None,
@@ -92,9 +100,10 @@ def _edit(args) -> int:
             schedule=args.schedule,
             shift=args.shift,
             ref_mode=args.ref_mode,
-            callback=lambda info: bar.update(1),
+            callback=progress,
         )
-        bar.close()
+        if bar is not None:
+            bar.close()
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp_out = out.with_name(out.name + ".part" + out.suffix)
         result.images[0].save(tmp_out)
