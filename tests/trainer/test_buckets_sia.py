@@ -1,0 +1,134 @@
+"""The Multi-Condition Aware Bucket Sampler and Stochastic Instruction Alignment."""
+
+import math
+import random
+from collections import Counter
+
+import pytest
+
+from trainer.buckets import BucketBatchSampler, aspect_bucket
+from trainer.sia import choose_instruction, referenced_pictures, renumber, shuffle_and_drop
+
+
+def synthetic(n=600, seed=0):
+    """keys and dataset names for n samples of 2 datasets, 0-2 sources, 3 aspect ratios."""
+    rng = random.Random(seed)
+    keys, names = [], []
+    for i in range(n):
+        ds = "photos" if i % 3 else "text"
+        c = rng.choice([0, 1, 1, 2])
+        keys.append((ds, c, tuple(rng.choice([1.0, 0.5]) for _ in range(c)), rng.choice([1.0, 1.5, 0.7])))
+        names.append(ds)
+    return keys, names
+
+
+def draw(sampler, n):
+    return [sampler.next_batch() for _ in range(n)]
+
+
+def test_aspect_buckets():
+    assert aspect_bucket(1024, 1024) == 1.0
+    assert aspect_bucket(1920, 1080) == 1.8
+    assert aspect_bucket(100, 1000) == 0.3  # clamped at 0.25, rounded to 0.1 steps
+    assert aspect_bucket(5000, 100) == 4.0
+
+
+def test_batches_are_homogeneous():
+    keys, names = synthetic()
+    s = BucketBatchSampler(keys, names, 4, seed=1)
+    for b in draw(s, 200):
+        assert len(b.indices) == 4
+        assert {keys[i] for i in b.indices} == {b.key}
+        assert len({names[i] for i in b.indices}) == 1
+
+
+def test_same_seed_same_order_other_seed_other_order():
+    keys, names = synthetic()
+    a = [b.indices for b in draw(BucketBatchSampler(keys, names, 4, seed=3), 100)]
+    b = [b.indices for b in draw(BucketBatchSampler(keys, names, 4, seed=3), 100)]
+    c = [b.indices for b in draw(BucketBatchSampler(keys, names, 4, seed=4), 100)]
+    assert a == b and a != c
+
+
+def test_weights_are_respected():
+    keys, names = synthetic(900)
+    s = BucketBatchSampler(keys, names, 2, seed=0, dataset_weights={"photos": 3.0, "text": 1.0},
+                           count_weights={0: 0.0, 1: 1.0, 2: 1.0})
+    n = 4000
+    batches = draw(s, n)
+    counts = Counter(b.key[1] for b in batches)
+    assert counts[0] == 0  # weight 0: never drawn
+    # per draw: count 1 or 2 with p = 1/2; then photos with p = 3/4. Bound: 4 standard deviations.
+    for observed, p in ((counts[1], 0.5), (sum(names[b.indices[0]] == "photos" for b in batches), 0.75)):
+        assert abs(observed - n * p) < 4 * math.sqrt(n * p * (1 - p)), (observed, n * p)
+
+
+def test_two_ranks_get_disjoint_shards_of_the_same_kind():
+    keys, names = synthetic()
+    r0 = BucketBatchSampler(keys, names, 3, seed=5, rank=0, world_size=2)
+    r1 = BucketBatchSampler(keys, names, 3, seed=5, rank=1, world_size=2)
+    seen0, seen1 = set(), set()
+    for a, b in zip(draw(r0, 400), draw(r1, 400)):  # several cycles through every queue
+        assert (names[a.indices[0]], len(a.key[2])) == (names[b.indices[0]], len(b.key[2]))  # same group on both
+        seen0.update(a.indices)
+        seen1.update(b.indices)
+    assert not seen0 & seen1
+
+
+def test_resume_mid_epoch_continues_the_same_order():
+    keys, names = synthetic()
+    full = [b.indices for b in draw(BucketBatchSampler(keys, names, 4, seed=9), 150)]
+    s = BucketBatchSampler(keys, names, 4, seed=9)
+    first = [b.indices for b in draw(s, 70)]
+    state = s.state_dict()
+    resumed = BucketBatchSampler(keys, names, 4, seed=9)
+    resumed.load_state_dict(state)
+    rest = [b.indices for b in draw(resumed, 80)]
+    assert first + rest == full
+    with pytest.raises(ValueError, match="seed"):
+        BucketBatchSampler(keys, names, 4, seed=10).load_state_dict(state)
+
+
+def test_a_bucket_set_that_cannot_fill_a_batch_is_a_clear_error():
+    with pytest.raises(ValueError, match="no bucket holds a full batch of 8"):
+        BucketBatchSampler([("t", 1, (1.0,), 1.0)] * 5, ["d"] * 5, 8)
+
+
+def test_picture_references_are_found_and_renumbered():
+    text = "Put the cup from Picture 2 on the table in picture 1; keep Fig. 3 and image 2 as is. 把图2的杯子放到第1张图的桌子上，参考图片三"
+    assert referenced_pictures(text) == {1, 2, 3}
+    out = renumber(text, {1: 2, 2: 3, 3: 1})
+    assert out == ("Put the cup from Picture 3 on the table in picture 2; keep Fig. 1 and image 3 as is. "
+                   "把图3的杯子放到第2张图的桌子上，参考图片一")
+    assert renumber("Picture 7 and 3 apples", {1: 2}) == "Picture 7 and 3 apples"
+
+
+def test_shuffle_and_drop_keeps_the_text_pointing_at_the_same_picture():
+    rng = random.Random(0)
+    pictures = ["cup", "table", "lamp"]
+    text = "put the object in Picture 1 onto Picture 2"
+    seen_orders, dropped_lamp = set(), 0
+    for _ in range(300):
+        al = shuffle_and_drop(text, 3, rng, drop_prob=0.5)
+        new = [pictures[i] for i in al.order]
+        seen_orders.add(al.order)
+        # the renumbered references still name the cup and the table
+        refs = sorted(referenced_pictures(al.text))
+        assert [new[r - 1] for r in refs] == sorted(["cup", "table"], key=lambda p: new.index(p))
+        assert "cup" in new and "table" in new  # referenced pictures are never dropped
+        dropped_lamp += "lamp" not in new
+    assert len(seen_orders) > 3 and 100 < dropped_lamp < 200
+
+
+def test_instruction_choice_and_inverse(tmp_path):
+    from trainer.data import EditSample
+
+    s = EditSample(("src.png",), "tgt.png", "make it red", ((8, 8),), (8, 8), instruction_cn="变红",
+                   inverse_instruction="make it blue")
+    rng = random.Random(1)
+    outs = [choose_instruction(s, rng, chinese_prob=0.5, inverse_prob=0.3, text_dropout=0.1) for _ in range(400)]
+    texts = Counter(o[0] for o in outs)
+    assert set(texts) == {"make it red", "变红", "make it blue", ""}
+    for text, sources, target in outs:
+        if text == "make it blue":
+            assert sources == ["tgt.png"] and target == "src.png"
