@@ -77,20 +77,23 @@ class Denoiser:
         self.device = p.device
         self.dtype = dtype or p.dtype
         self._refs = cond.ref_tokens.to(self.device, self.dtype) if cond.ref_tokens is not None else None
-        self._text_cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._text_cache: tuple | None = None
         self.forward_calls = 0
 
     def _texts(self, texts: Sequence[TextCond], reps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        key = tuple(id(t) for t in texts) + (reps,)
-        hit = self._text_cache.get(key)
-        if hit is None:
-            embeds, mask = batch_texts([t.to(self.device, self.dtype) for t in texts])
-            if reps > 1:
-                embeds = embeds.repeat_interleave(reps, 0)
-                mask = mask.repeat_interleave(reps, 0) if mask is not None else None
-            hit = (embeds, mask)
-            self._text_cache = {key: hit}  # keep one entry: the current edit's batch
-        return hit
+        """The batched text for these conditions, built once per edit (kept while the same
+        condition objects are asked for again, i.e. for every step of one sampling run)."""
+        cached = self._text_cache
+        if cached is not None and cached[1] == reps and len(cached[0]) == len(texts) and all(
+            a is b for a, b in zip(cached[0], texts)
+        ):
+            return cached[2]
+        embeds, mask = batch_texts([t.to(self.device, self.dtype) for t in texts])
+        if reps > 1:
+            embeds = embeds.repeat_interleave(reps, 0)
+            mask = mask.repeat_interleave(reps, 0) if mask is not None else None
+        self._text_cache = (tuple(texts), reps, (embeds, mask))
+        return embeds, mask
 
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, texts: Sequence[TextCond]) -> list[torch.Tensor]:
         """Velocities for ``x`` ``[B, N, 64]`` at ``sigma`` ``[B]`` under each text, in one forward pass."""
