@@ -43,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     e.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
     e.add_argument("--ref-mode", default="own_aspect", choices=["own_aspect", "match_output"])
+    e.add_argument("--transformer", help="MM-DiT file (ComfyUI diffusion_models/*.safetensors, fp8, GGUF) instead of the folder's")
+    e.add_argument("--text-encoder", help="Qwen2.5-VL file (e.g. qwen_2.5_vl_7b_fp8_scaled.safetensors) instead of the folder's")
+    e.add_argument("--vae", help="VAE file (e.g. qwen_image_vae.safetensors) instead of the folder's")
+    e.add_argument("--tokenizer", help="Qwen2.5-VL tokenizer folder (default: the model folder's or ComfyUI's)")
+    e.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="LoRA to apply (repeatable)")
+    e.add_argument("--weight-dtype", default="auto", choices=["auto", "fp8_e4m3fn", "fp8_e5m2", "dequantize"],
+                   help="MM-DiT weight storage: auto keeps fp8 files in fp8; fp8_* stores bf16 weights in fp8")
 
     t = sub.add_parser("make-tiny", help="write a tiny random FireRed model folder (for tests and demos)")
     t.add_argument("dir", help="folder to write")
@@ -63,7 +70,8 @@ def _edit(args) -> int:
     cfg = args.cfg if args.cfg is not None else (1.0 if args.schedule == "lightning" else 4.0)
     tmp = None
     model = args.model
-    if model is None:
+    files = {k: getattr(args, k) for k in ("transformer", "text_encoder", "vae", "tokenizer") if getattr(args, k)}
+    if model is None and not files:
         from .tiny import make_tiny
 
         tmp = tempfile.TemporaryDirectory(prefix="firered-tiny-")
@@ -75,7 +83,14 @@ def _edit(args) -> int:
         return 2
     try:
         t0 = time.perf_counter()
-        editor = FireRedEditor.from_pretrained(model, device=device, dtype=dtype)
+        if files or args.lora or args.weight_dtype != "auto":
+            from .formats.lora import parse_lora_spec
+
+            loras = [parse_lora_spec(spec) for spec in args.lora]
+            editor = FireRedEditor.from_files(model, device=device, dtype=dtype, loras=loras,
+                                              weight_dtype=args.weight_dtype, **files)
+        else:
+            editor = FireRedEditor.from_pretrained(model, device=device, dtype=dtype)
         t_load = time.perf_counter() - t0
         bar = None
 

@@ -19,6 +19,8 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from .modules import module_device
+
 EDIT_SYSTEM = (
     "Describe the key features of the input image (color, shape, size, texture, objects, background), "
     "then explain how the user's text instruction should alter or modify the image. Generate a new image "
@@ -106,7 +108,7 @@ def encode_prompt(
     the processor still applies Qwen2-VL's own 28-pixel smart-resize and normalisation.
     """
     template = template or template_for(len(vl_pictures))
-    device = device or next(text_encoder.parameters()).device
+    device = device or module_device(text_encoder)
     text = template.format(user_turn(prompt, len(vl_pictures)))
     inputs = processor(
         text=[text], images=list(vl_pictures) or None, padding=True, return_tensors="pt"

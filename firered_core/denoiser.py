@@ -20,6 +20,7 @@ import torch
 
 from . import flow
 from .conditioning import TextCond
+from .modules import compute_dtype, module_device
 
 
 @dataclass
@@ -73,9 +74,8 @@ class Denoiser:
     def __init__(self, transformer: torch.nn.Module, cond: EditCondition, *, dtype: torch.dtype | None = None):
         self.transformer = transformer
         self.cond = cond
-        p = next(transformer.parameters())
-        self.device = p.device
-        self.dtype = dtype or p.dtype
+        self.device = module_device(transformer)
+        self.dtype = dtype or compute_dtype(transformer)
         self._refs = cond.ref_tokens.to(self.device, self.dtype) if cond.ref_tokens is not None else None
         self._text_cache: tuple | None = None
         self.forward_calls = 0

@@ -90,17 +90,11 @@ def load_scheduler_config(root: Path) -> FlowMatchConfig:
 
 
 def load_processor(root: Path):
-    from transformers import AutoTokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor
+    """The release folder's ``processor/`` (tokenizer + image-processor settings), or its
+    ``tokenizer/`` with the image settings beside it (see :func:`formats.find_processor`)."""
+    from .formats.text_encoder_files import find_processor
 
-    proc_dir = root / "processor"
-    if proc_dir.is_dir() and any(proc_dir.glob("tokenizer*")):
-        return Qwen2VLProcessor.from_pretrained(proc_dir, local_files_only=True)
-    tok = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
-    if proc_dir.is_dir():
-        image_proc = Qwen2VLImageProcessor.from_pretrained(proc_dir, local_files_only=True)
-    else:
-        image_proc = Qwen2VLImageProcessor()
-    return Qwen2VLProcessor(image_processor=image_proc, tokenizer=tok)
+    return find_processor(model_dir=root)
 
 
 def _load(kind: str, fn, folder: Path):
@@ -136,3 +130,50 @@ def load_pretrained(path, *, device="cpu", dtype: torch.dtype = torch.bfloat16) 
     for m in (transformer, vae, text_encoder):
         m.to(device).eval().requires_grad_(False)
     return FireRedComponents(transformer, vae, text_encoder, processor, load_scheduler_config(root), str(root))
+
+
+def load_components(
+    model=None,
+    *,
+    transformer=None,
+    text_encoder=None,
+    vae=None,
+    tokenizer=None,
+    loras=(),
+    weight_dtype: str = "auto",
+    device="cpu",
+    dtype: torch.dtype = torch.bfloat16,
+) -> FireRedComponents:
+    """Load a FireRed model from any mix of the files users hold.
+
+    ``model`` is a release folder (diffusers layout) supplying whatever part is not given as a
+    file. ``transformer``: a ``diffusion_models/`` file (bf16, fp8, scaled fp8, GGUF) or a
+    ``transformer/`` folder; ``text_encoder``: ``qwen_2.5_vl_7b*.safetensors`` or a folder;
+    ``vae``: ``qwen_image_vae.safetensors`` or a folder; ``tokenizer``: a tokenizer folder (else the
+    release folder's, else the one a ComfyUI install carries); ``loras``: ``[(path, strength), ...]``
+    (or bare paths, strength 1) attached to the transformer; ``weight_dtype``: ``"auto"`` keeps fp8
+    files in fp8, ``"fp8_e4m3fn"`` stores bf16 weights in fp8, ``"dequantize"`` upcasts at load.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .formats import lora as lora_mod
+    from .formats.text_encoder_files import find_processor, load_text_encoder
+    from .formats.transformer_files import load_transformer
+    from .formats.vae_files import load_vae
+
+    root = check_model_folder(model) if model is not None else None
+    missing = [n for n, v in (("transformer", transformer), ("text_encoder", text_encoder), ("vae", vae)) if v is None]
+    if root is None and missing:
+        raise ModelFolderError(
+            f"no model folder given and no file for the {', '.join(missing)}: give a release folder or a file for each part"
+        )
+    processor = find_processor(tokenizer_dir=tokenizer, model_dir=root)
+    tr = load_transformer(transformer or root / "transformer", dtype=dtype, device=device, weight_dtype=weight_dtype)
+    te = load_text_encoder(text_encoder or root / "text_encoder", dtype=dtype, device=device, processor=processor)
+    va = load_vae(vae or root / "vae", dtype=dtype, device=device)
+    for m in (tr, te, va):
+        m.to(device).eval().requires_grad_(False)
+    if loras:
+        lora_mod.apply_loras(tr, list(loras))
+    sched = load_scheduler_config(root) if root is not None else FlowMatchConfig()
+    source = ", ".join(str(p) for p in (model, transformer, text_encoder, vae) if p is not None)
+    return FireRedComponents(tr, va, te, processor, sched, source)

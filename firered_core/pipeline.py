@@ -22,7 +22,8 @@ from . import conditioning, guidance, images, latents, samplers, schedules
 from . import vae as vae_mod
 from .conditioning import TextCond
 from .denoiser import Denoiser, EditCondition
-from .loading import FireRedComponents, load_pretrained, resolve_dtype
+from .loading import FireRedComponents, load_components, load_pretrained, resolve_dtype
+from .modules import compute_dtype, module_device
 
 
 @dataclass
@@ -92,13 +93,21 @@ class FireRedEditor:
     def from_pretrained(cls, path, *, device="cpu", dtype="bf16") -> "FireRedEditor":
         return cls(load_pretrained(path, device=device, dtype=resolve_dtype(dtype)))
 
+    @classmethod
+    def from_files(cls, model=None, *, device="cpu", dtype="bf16", **files) -> "FireRedEditor":
+        """Load from the files users hold: any of ``transformer=``, ``text_encoder=``, ``vae=``,
+        ``tokenizer=`` (paths; ComfyUI single files, fp8, GGUF, diffusers folders), ``loras=``
+        (``[(path, strength), ...]``) and ``weight_dtype=``, with the rest from the release folder
+        ``model`` (see :func:`firered_core.loading.load_components`)."""
+        return cls(load_components(model, device=device, dtype=resolve_dtype(dtype), **files))
+
     @property
     def device(self) -> torch.device:
-        return next(self.c.transformer.parameters()).device
+        return module_device(self.c.transformer)
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.c.transformer.parameters()).dtype
+        return compute_dtype(self.c.transformer)
 
     # -- stages -------------------------------------------------------------------------------
 
@@ -111,7 +120,7 @@ class FireRedEditor:
         )
         vl = [images.resize(p, *s) for p, s in zip(pils, vl_sizes)]
         te = self.c.text_encoder
-        te_dtype = next(te.parameters()).dtype
+        te_dtype = compute_dtype(te)
         positive = conditioning.encode_prompt(te, self.c.processor, req.prompt, vl, dtype=te_dtype)
         negative = None
         if req.cfg > 1.0 and req.negative_prompt is not None:
@@ -152,8 +161,13 @@ class FireRedEditor:
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
         callback: Callable[[samplers.StepInfo], None] | None = None,
+        guide: Callable[..., Any] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the sampler; returns normalised latents ``[1, 16, h, w]`` and the sigmas used."""
+        """Run the sampler; returns normalised latents ``[1, 16, h, w]`` and the sigmas used.
+
+        ``guide(model_fn, enc, sigmas) -> model_fn``, when given, wraps the (CFG-guided) model
+        function, e.g. :class:`firered_core.consistency_guidance.GuidanceHook`.
+        """
         w, h = enc.size
         sig = self.sigmas(req, enc.size)
         te_dtype = enc.positive.embeds.dtype
@@ -163,6 +177,8 @@ class FireRedEditor:
         model_fn = guidance.true_cfg(
             den, enc.positive, enc.negative, req.cfg, norm_rescale=req.cfg_norm_rescale, batched=batched
         )
+        if guide is not None:
+            model_fn = guide(model_fn, enc, sig)
         x = samplers.get_sampler(req.sampler)(model_fn, x, sig, callback=callback, generator=generator)
         return latents.unpack(x, h // 8, w // 8), sig
 
@@ -179,6 +195,7 @@ class FireRedEditor:
         *,
         callback: Callable[[samplers.StepInfo], None] | None = None,
         generator: torch.Generator | None = None,
+        guide: Callable[..., Any] | None = None,
         **options: Any,
     ) -> EditResult:
         """Edit 1-3 pictures (PIL, paths or tensors) following ``prompt``; no pictures = text-to-image.
@@ -186,6 +203,7 @@ class FireRedEditor:
         ``options`` are the fields of :class:`EditRequest` (steps, cfg, seed, width, height, sampler,
         schedule, shift, negative_prompt, ref_mode, cfg_batched). ``seed`` seeds a CPU generator,
         like the diffusers examples; pass ``generator`` to control it yourself.
+        ``guide``: an optional model-function wrapper, see :meth:`sample`.
         """
         if prompt is None:
             raise ValueError("prompt is required: the edit instruction, e.g. 'make the sky pink'")
@@ -194,6 +212,6 @@ class FireRedEditor:
             generator = torch.Generator("cpu").manual_seed(req.seed)
         with torch.inference_mode():
             enc = self.encode(pictures, req)
-            z, sig = self.sample(enc, req, generator=generator, callback=callback)
+            z, sig = self.sample(enc, req, generator=generator, callback=callback, guide=guide)
             pixels = self.decode(z)
         return EditResult(images.unit_to_pil(pixels), pixels, z, sig, req.seed, {"size": enc.size})

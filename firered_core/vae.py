@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import latents as L
+from .modules import compute_dtype, module_device
 
 
 def latent_stats(vae) -> tuple[list[float], list[float]]:
@@ -24,8 +25,7 @@ def latent_stats(vae) -> tuple[list[float], list[float]]:
 
 
 def _vae_device_dtype(vae) -> tuple[torch.device, torch.dtype]:
-    p = next(vae.parameters())
-    return p.device, p.dtype
+    return module_device(vae), compute_dtype(vae)
 
 
 @torch.no_grad()

@@ -1,0 +1,601 @@
+"""LoRA files on a loaded MM-DiT: any common layout, several at once, each with a strength,
+changed or removed without reloading the base.
+
+>>> apply_loras(model, [("Lightning-8steps.safetensors", 1.0), ("makeup.safetensors", 0.7)])
+>>> set_lora_strength(model, "makeup", 0.4)
+>>> remove_loras(model)                     # the base model again, bit for bit
+
+Layouts, detected from the keys (never the file name):
+
+=============================  ==============================================================
+diffusers / PEFT               ``transformer.transformer_blocks.0.attn.to_q.lora_A.weight`` /
+                               ``lora_B.weight``; rank and alpha from the
+                               ``lora_adapter_metadata`` header entry when present
+bare PEFT names                ``transformer_blocks.0.attn.to_q.lora_A.weight`` (also
+                               ``base_model.model.`` and ``lora_A.default.weight``; a PEFT
+                               ``adapter_config.json`` next to the file gives alpha / rank)
+kohya / musubi                 ``lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight``,
+                               ``lora_up.weight``, ``alpha``
+ComfyUI                        ``diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight``
+                               (or ``lora_down`` / ``lora_up`` / ``alpha``)
+Lightning (lightx2v, FireRed)  diffusers names with ``lora_down`` / ``lora_up`` / ``alpha``
+                               (any of the prefixes above)
+=============================  ==============================================================
+
+The names are matched against the model's own linear layers (as ComfyUI's ``model_lora_keys_unet``
+does), so the kohya underscore form is resolved exactly, not guessed. A layer's update is
+``strength * alpha / rank * up @ down``. The same normalisation is what diffusers'
+``QwenImageLoraLoaderMixin.lora_state_dict`` does for these layouts; the tests check the two agree.
+
+LoRAs are not merged: each adapted linear (``nn.Linear`` or the fp8 :class:`FP8Linear`) gets a
+forward hook that adds ``s * up(down(x))`` for every LoRA on it, so fp8 bases keep their fp8
+weights untouched, a strength change is one number, and removal restores the exact base output.
+LyCORIS LoHa (``hada_w1_a`` ...) and LoKr (``lokr_w1`` / ``lokr_w2`` or their ``_a`` / ``_b``
+factors) load too, under any of the prefixes (SimpleTuner writes ``lycoris_``), scaled as LyCORIS
+and ComfyUI scale them. Their CP-decomposed variants (``hada_t1``, ``lokr_t2``, conv-only), DoRA,
+OFT and full-weight ``diff`` patches are recognised and reported as not supported (listed among
+the unmatched keys; an error if nothing else matched).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .transformer_files import CheckpointFormatError, FP8Linear, read_safetensors_header
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "LoraEntry",
+    "LoraFormatError",
+    "ParsedLora",
+    "apply_loras",
+    "list_loras",
+    "load_lora",
+    "parse_lora_spec",
+    "read_lora",
+    "remove_loras",
+    "set_lora_strength",
+]
+
+
+class LoraFormatError(CheckpointFormatError):
+    """A LoRA file is unreadable or matches nothing in the model; the message names the file, what
+    was found and what was expected."""
+
+
+# suffix -> role; the longest suffix that matches wins
+_SUFFIXES = {
+    ".lora_A.weight": "down",
+    ".lora_A.default.weight": "down",
+    ".lora_down.weight": "down",
+    ".lora.down.weight": "down",
+    "_lora.down.weight": "down",
+    ".lora_B.weight": "up",
+    ".lora_B.default.weight": "up",
+    ".lora_up.weight": "up",
+    ".lora.up.weight": "up",
+    "_lora.up.weight": "up",
+    ".alpha": "alpha",
+}
+# LyCORIS LoHa / LoKr factors (the role is the suffix without its dot)
+for _k in (
+    "hada_w1_a",
+    "hada_w1_b",
+    "hada_w2_a",
+    "hada_w2_b",
+    "lokr_w1",
+    "lokr_w1_a",
+    "lokr_w1_b",
+    "lokr_w2",
+    "lokr_w2_a",
+    "lokr_w2_b",
+):
+    _SUFFIXES["." + _k] = _k
+# recognised adapter kinds this loader does not apply, by the last component of a key
+_UNSUPPORTED_NAMES = {"dora_scale": "DoRA", "diff": "full-weight diff", "diff_b": "bias diff"}
+_UNSUPPORTED_STARTS = {
+    "hada_t": "LyCORIS LoHa with CP tensors (hada_t1/t2)",
+    "lokr_t": "LyCORIS LoKr with a CP tensor (lokr_t2)",
+    "oft_": "OFT",
+    "boft_": "BOFT",
+}
+
+
+def _unsupported_kind(key: str) -> str | None:
+    head, _, last = key.rpartition(".")
+    if last == "bias" and head.endswith(("lora_B", "lora_up")):
+        return "LoRA bias"
+    return _UNSUPPORTED_NAMES.get(last) or next((v for k, v in _UNSUPPORTED_STARTS.items() if last.startswith(k)), None)
+
+
+_PREFIXES = (
+    "base_model.model.",
+    "transformer.",
+    "model.diffusion_model.",
+    "diffusion_model.",
+    "lora_unet_",
+    "lora_transformer_",
+    "lycoris_",
+    "unet.",
+)
+_FORMAT_NAMES = {
+    "transformer.": "diffusers/PEFT ('transformer.' prefix)",
+    "base_model.model.": "PEFT ('base_model.model.' prefix)",
+    "": "bare PEFT / diffusers names",
+    "model.diffusion_model.": "ComfyUI ('model.diffusion_model.' prefix)",
+    "diffusion_model.": "ComfyUI ('diffusion_model.' prefix)",
+    "lora_unet_": "kohya ('lora_unet_' underscored names)",
+    "lora_transformer_": "kohya ('lora_transformer_' underscored names)",
+    "lycoris_": "SimpleTuner LyCORIS ('lycoris_' underscored names)",
+    "unet.": "'unet.' prefix",
+}
+
+
+@dataclass
+class LoraLayer:
+    """One adapted linear: ``down`` [rank, in], ``up`` [out, rank], ``scale`` = alpha / rank.
+    ``layer(x)`` is the output a strength of 1 adds: ``scale * up(down(x))``, in ``x.dtype``."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float
+    kind = "LoRA"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.up.shape[0], self.down.shape[1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"down": self.down, "up": self.up}
+
+    def to(self, device, dtype):
+        return type(self)(**{k: v.to(device, dtype) for k, v in self.tensors().items()}, scale=self.scale)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scale * up @ down`` ([out, in], float32): the update a strength of 1 adds to W."""
+        return self.scale * (self.up.float() @ self.down.float())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        d, u = _cast(x, self.down, self.up)
+        return nn.functional.linear(nn.functional.linear(x, d), u) * self.scale
+
+
+def _cast(x: torch.Tensor, *ts: torch.Tensor):
+    return [t if t.dtype == x.dtype and t.device == x.device else t.to(x.device, x.dtype) for t in ts]
+
+
+@dataclass
+class LoHaLayer(LoraLayer):
+    """LyCORIS LoHa: ``scale * (w1_a @ w1_b) * (w2_a @ w2_b)`` (Hadamard product), scale = alpha / rank.
+    Its full update is rebuilt in every forward (one extra matmul of the layer's size)."""
+
+    down: torch.Tensor = None  # unused
+    up: torch.Tensor = None
+    scale: float = 1.0
+    w1_a: torch.Tensor = None
+    w1_b: torch.Tensor = None
+    w2_a: torch.Tensor = None
+    w2_b: torch.Tensor = None
+    kind = "LoHa"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.w1_a.shape[0], self.w1_b.shape[1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"w1_a": self.w1_a, "w1_b": self.w1_b, "w2_a": self.w2_a, "w2_b": self.w2_b}
+
+    def delta_weight(self) -> torch.Tensor:
+        f = [t.float() for t in self.tensors().values()]
+        return self.scale * (f[0] @ f[1]) * (f[2] @ f[3])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        a1, b1, a2, b2 = _cast(x, *self.tensors().values())
+        return nn.functional.linear(x, (a1 @ b1) * (a2 @ b2)) * self.scale
+
+
+@dataclass
+class LoKrLayer(LoraLayer):
+    """LyCORIS LoKr: ``scale * kron(w1, w2)``, each factor full or a low-rank product; scale = alpha /
+    rank of the decomposed factor (1 when both are full). Applied without forming the Kronecker
+    product: ``kron(A, B) x = vec(A X B^T)``."""
+
+    down: torch.Tensor = None  # unused
+    up: torch.Tensor = None
+    scale: float = 1.0
+    w1: torch.Tensor = None
+    w2: torch.Tensor = None
+    kind = "LoKr"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.w1.shape[0] * self.w2.shape[0], self.w1.shape[1] * self.w2.shape[1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"w1": self.w1, "w2": self.w2}
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * torch.kron(self.w1.float(), self.w2.float())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = _cast(x, self.w1, self.w2)
+        xs = x.reshape(*x.shape[:-1], a.shape[1], b.shape[1])
+        y = torch.einsum("ij,...jl,kl->...ik", a, xs, b)
+        return y.reshape(*x.shape[:-1], a.shape[0] * b.shape[0]) * self.scale
+
+
+@dataclass
+class ParsedLora:
+    """A LoRA file matched against a model. layers: module name -> :class:`LoraLayer`;
+    unmatched: the file's keys that adapt nothing; format: the layout found."""
+
+    source: str
+    format: str
+    layers: dict[str, LoraLayer]
+    unmatched: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoraEntry:
+    """A LoRA attached to a model (what :func:`list_loras` returns)."""
+
+    name: str
+    source: str
+    format: str
+    strength: float
+    layers: list[str]
+    unmatched: list[str]
+
+
+def _lycoris_layer(g: dict[str, torch.Tensor]) -> LoraLayer:
+    """A LoHa or LoKr layer from its factors (``g``: role -> tensor), scaled as LyCORIS does."""
+    alpha = float(g["alpha"].float().item()) if "alpha" in g else None
+    if "hada_w1_a" in g:
+        rank = g["hada_w1_b"].shape[0]
+        return LoHaLayer(
+            scale=alpha / rank if alpha else 1.0,
+            w1_a=g["hada_w1_a"], w1_b=g["hada_w1_b"], w2_a=g["hada_w2_a"], w2_b=g["hada_w2_b"],
+        )  # fmt: skip
+    w1 = g["lokr_w1"] if "lokr_w1" in g else g["lokr_w1_a"] @ g["lokr_w1_b"]
+    w2 = g["lokr_w2"] if "lokr_w2" in g else g["lokr_w2_a"] @ g["lokr_w2_b"]
+    rank = g["lokr_w2_b"].shape[0] if "lokr_w2_b" in g else g["lokr_w1_b"].shape[0] if "lokr_w1_b" in g else None
+    return LoKrLayer(scale=alpha / rank if alpha and rank else 1.0, w1=w1, w2=w2)
+
+
+_OTHER_MODELS = (  # patterns in a LoRA's layer names (separators ignored) -> the model it was made for
+    (("double.blocks", "single.blocks", "single.transformer.blocks"), "a Flux-style model"),
+    (("joint.blocks",), "SD3 / SD3.5"),
+    (("input.blocks", "output.blocks", "down.blocks", "up.blocks", "mid.block"), "a Stable Diffusion / SDXL UNet"),
+    (("te1.", "te2.", "text.model.encoder", "text.encoder"), "a text encoder"),
+    (("blocks.0.self.attn", "blocks.0.cross.attn"), "a Wan-style video model"),
+)
+
+
+def _lora_target_guess(keys) -> str:
+    """What model a LoRA that matched nothing was made for, in words."""
+    keys = list(keys)
+    if not keys:
+        return "no tensors"
+    flat = " ".join(keys).replace("_", ".")
+    for patterns, name in _OTHER_MODELS:
+        if any(p in flat for p in patterns):
+            return f"a LoRA for {name}"
+    if any(_split_suffix(k) for k in keys):
+        return "LoRA tensors whose layer names are not this model's"
+    return "no LoRA tensors (lora_A/lora_B, lora_down/lora_up, hada_*, lokr_*)"
+
+
+def _adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, FP8Linear))}
+
+
+def _split_suffix(key: str) -> tuple[str, str] | None:
+    best = None
+    for suf, role in _SUFFIXES.items():
+        if key.endswith(suf) and (best is None or len(suf) > len(best[0])):
+            best = (suf, role)
+    if best is None:
+        return None
+    return key[: -len(best[0])], best[1]
+
+
+def _resolve(base: str, lookup: Mapping[str, str]) -> tuple[str, str] | None:
+    """(module name, prefix stripped) for a LoRA base name, trying every prefix combination."""
+    todo = [(base, "")]
+    seen = set()
+    while todo:
+        name, pre = todo.pop(0)
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in lookup:
+            return lookup[name], pre
+        for p in _PREFIXES:
+            if name.startswith(p):
+                todo.append((name[len(p) :], pre or p))
+    return None
+
+
+def _read_state_dict(path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    path = str(path)
+    try:
+        header = read_safetensors_header(path)
+        with open(path, "rb") as f:
+            sd = {k: header.read(f, k) for k in header.tensors}
+    except CheckpointFormatError as e:
+        raise LoraFormatError(f"cannot read LoRA: {e}") from None
+    return sd, header.metadata, path
+
+
+def _alpha_config(metadata: Mapping[str, str], path: str | None) -> dict[str, Any]:
+    """PEFT-style rank / alpha from diffusers' ``lora_adapter_metadata`` or an adapter_config.json."""
+    conf: dict[str, Any] = {}
+    raw = metadata.get("lora_adapter_metadata")
+    if raw:
+        try:
+            conf = json.loads(raw)
+        except ValueError:
+            conf = {}
+        conf = {k.removeprefix("transformer."): v for k, v in conf.items()}
+    elif path:
+        cfg = Path(path).with_name("adapter_config.json")
+        if cfg.is_file():
+            try:
+                conf = json.loads(cfg.read_text())
+            except ValueError:
+                conf = {}
+    return conf
+
+
+def _pattern_value(module: str, patterns: Mapping[str, Any] | None):
+    for p, v in (patterns or {}).items():
+        if module == p or module.endswith("." + p):
+            return v
+    return None
+
+
+def read_lora(lora, model: nn.Module, *, source: str | None = None) -> ParsedLora:
+    """Parse a LoRA (a file path or a state dict) and match it to ``model``'s linear layers.
+
+    Raises :class:`LoraFormatError` if the file is unreadable, nothing matches, or a matched
+    layer's shapes do not fit the model's.
+    """
+    if isinstance(lora, (str, os.PathLike)):
+        sd, metadata, src = _read_state_dict(lora)
+        path = src
+    else:
+        sd, metadata, src, path = dict(lora), {}, source or "<state dict>", None
+    src = source or src
+    modules = _adaptable_modules(model)
+    lookup: dict[str, str] = {}
+    for n in modules:
+        lookup[n] = n
+        lookup.setdefault(n.replace(".", "_"), n)
+
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    unmatched: list[str] = []
+    unsupported: dict[str, int] = {}
+    prefixes: dict[str, int] = {}
+    styles: set[str] = set()
+    for key, t in sd.items():
+        kind = _unsupported_kind(key)
+        split = None if kind else _split_suffix(key)
+        if split is None:
+            if kind:
+                unsupported[kind] = unsupported.get(kind, 0) + 1
+            unmatched.append(key)
+            continue
+        base, role = split
+        hit = _resolve(base, lookup)
+        if hit is None:
+            unmatched.append(key)
+            continue
+        module, pre = hit
+        prefixes[pre] = prefixes.get(pre, 0) + 1
+        if role in ("down", "up"):
+            styles.add("lora_A/lora_B" if ".lora_A" in key or ".lora_B" in key else "lora_down/lora_up")
+        g = groups.setdefault(module, {})
+        g[role] = t
+        g.setdefault("_keys", []).append(key)  # type: ignore[union-attr]
+
+    conf = _alpha_config(metadata, path)
+    layers: dict[str, LoraLayer] = {}
+    for module, g in groups.items():
+        keys = g.pop("_keys")  # type: ignore[arg-type]
+        m = modules[module]
+        try:
+            layer = _lycoris_layer(g) if any(k.startswith(("hada_", "lokr_")) for k in g) else None
+        except (KeyError, RuntimeError, IndexError) as e:
+            raise LoraFormatError(
+                f"{src}: incomplete or inconsistent LyCORIS factors for layer {module!r}: {e!r}"
+            ) from None
+        if layer is None and ("down" not in g or "up" not in g):
+            unmatched.extend(keys)
+            continue
+        if layer is None:
+            down, up = g["down"], g["up"]
+            if down.dim() == 4:  # 1x1 conv form some trainers write
+                down, up = down.flatten(1), up.flatten(1)
+            rank = down.shape[0]
+            if down.dim() != 2 or up.dim() != 2 or up.shape[1] != rank:
+                raise LoraFormatError(
+                    f"{src}: layer {module!r} has down {tuple(down.shape)} / up {tuple(up.shape)}, not a LoRA pair"
+                )
+        if (layer.shape if layer is not None else (up.shape[0], down.shape[1])) != (m.out_features, m.in_features):
+            found = (
+                f"a {layer.kind} update of {tuple(layer.shape)}"
+                if layer
+                else f"down {tuple(down.shape)} / up {tuple(up.shape)}"
+            )
+            raise LoraFormatError(
+                f"{src}: the LoRA for layer {module!r} has {found}, but the "
+                f"layer is {m.in_features} -> {m.out_features}; expected a LoRA made for this model size "
+                "(is it for another Qwen-Image variant or another model?)"
+            )
+        if layer is not None:
+            layers[module] = layer
+            continue
+        if "alpha" in g:
+            alpha = float(g["alpha"].float().item())
+        else:
+            # PEFT scales by lora_alpha / r (its configured rank); without any alpha the scale is 1
+            a = _pattern_value(module, conf.get("alpha_pattern")) or conf.get("lora_alpha")
+            r = _pattern_value(module, conf.get("rank_pattern")) or conf.get("r") or rank
+            alpha = float(a) * rank / float(r) if a else float(rank)
+        layers[module] = LoraLayer(down, up, alpha / rank)
+
+    if not layers:
+        raise LoraFormatError(
+            f"{src}: none of its {len(sd)} tensors adapts a layer of this MM-DiT "
+            f"(found {_lora_target_guess(sd.keys())}; first keys {sorted(sd)[:3]}"
+            + (f"; unsupported kinds: {unsupported}" if unsupported else "")
+            + "); expected a Qwen-Image / FireRed LoRA with keys such as "
+            "'transformer_blocks.0.attn.to_q.lora_A.weight' (optionally under 'transformer.' or "
+            "'diffusion_model.') or 'lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight'"
+        )
+    pre = max(prefixes, key=prefixes.get) if prefixes else ""
+    styles |= {f"LyCORIS {la.kind}" for la in layers.values() if la.kind != "LoRA"}
+    fmt = f"{_FORMAT_NAMES.get(pre, repr(pre))}, {'+'.join(sorted(styles))}"
+    if unmatched:
+        detail = f" ({', '.join(f'{v} {k}' for k, v in unsupported.items())} not supported)" if unsupported else ""
+        msg = (
+            f"{src}: {len(unmatched)} of {len(sd)} LoRA tensors match no layer of this model and are ignored"
+            f"{detail}, e.g. {unmatched[:5]}"
+        )
+        warnings.warn(msg, stacklevel=3)
+        log.warning(msg)
+    return ParsedLora(src, fmt, layers, unmatched)
+
+
+# ---------------------------------------------------------------------------------------------
+# attaching adapters
+# ---------------------------------------------------------------------------------------------
+
+_ATTR = "_firered_lora"  # on each adapted module: {lora name: (entry, layer on the module's device / dtype)}
+_HOOK = "_firered_lora_hook"
+_REGISTRY = "_firered_loras"  # on the model: {lora name: LoraEntry}
+
+
+def _lora_hook(module: nn.Module, args, output):
+    x = args[0]
+    adapters = getattr(module, _ATTR)
+    for name, (entry, layer) in list(adapters.items()):
+        if entry.strength == 0:
+            continue
+        held = next(iter(layer.tensors().values()))
+        if held.device != x.device:  # the model was moved after the LoRA was attached: follow it once
+            layer = layer.to(x.device, held.dtype)
+            adapters[name] = (entry, layer)
+        output = output + layer(x) * entry.strength
+    return output
+
+
+def _module_dtype_device(m: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """Where and in what dtype a layer's adapters are kept: its compute dtype (GGUF and fp8 layers
+    hold their weights in a storage dtype), on its device."""
+    t = m.bias if getattr(m, "bias", None) is not None else m.weight_fp8 if isinstance(m, FP8Linear) else m.weight
+    dtype = getattr(m, "compute_dtype", None) or t.dtype
+    if not dtype.is_floating_point or dtype.itemsize == 1:
+        dtype = torch.bfloat16
+    return dtype, t.device
+
+
+def load_lora(model: nn.Module, lora, strength: float = 1.0, *, name: str | None = None) -> LoraEntry:
+    """Attach one LoRA (file path, state dict or :class:`ParsedLora`) to ``model`` with ``strength``.
+
+    ``name`` (default: the file's stem, made unique) identifies it for :func:`set_lora_strength`
+    and :func:`remove_loras`; naming a LoRA that is already attached replaces it.
+    """
+    parsed = lora if isinstance(lora, ParsedLora) else read_lora(lora, model)
+    registry: dict[str, LoraEntry] = model.__dict__.setdefault(_REGISTRY, {})
+    if name is None:  # a fresh name: the file's stem, made unique
+        stem = Path(parsed.source).stem if parsed.source != "<state dict>" else "lora"
+        name, i = stem, 1
+        while name in registry:
+            i += 1
+            name = f"{stem}_{i}"
+    if name in registry:
+        remove_loras(model, [name])
+    entry = LoraEntry(name, parsed.source, parsed.format, float(strength), sorted(parsed.layers), parsed.unmatched)
+    modules = dict(model.named_modules())
+    for mod_name, layer in parsed.layers.items():
+        m = modules[mod_name]
+        dtype, device = _module_dtype_device(m)
+        adapters = m.__dict__.setdefault(_ATTR, {})
+        adapters[name] = (entry, layer.to(device, dtype))
+        if _HOOK not in m.__dict__:
+            m.__dict__[_HOOK] = m.register_forward_hook(_lora_hook)
+    registry[name] = entry
+    log.info(
+        "LoRA %r (%s): %d layers, strength %g, %d keys unmatched",
+        name,
+        parsed.format,
+        len(parsed.layers),
+        strength,
+        len(parsed.unmatched),
+    )
+    return entry
+
+
+def apply_loras(model: nn.Module, loras: Iterable) -> list[LoraEntry]:
+    """Attach several LoRAs: each item is a path / state dict, or ``(lora, strength)``."""
+    out = []
+    for item in loras:
+        lora, strength = item if isinstance(item, tuple) else (item, 1.0)
+        out.append(load_lora(model, lora, strength))
+    return out
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """A command-line ``FILE[:STRENGTH]`` -> ``(file, strength)`` (strength 1 by default). Only a
+    trailing ``:<number>`` is a strength, so ``C:\\loras\\x.safetensors`` stays a path."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def list_loras(model: nn.Module) -> list[LoraEntry]:
+    return list(model.__dict__.get(_REGISTRY, {}).values())
+
+
+def set_lora_strength(model: nn.Module, name: str, strength: float) -> None:
+    """Change an attached LoRA's strength (takes effect on the next forward)."""
+    registry = model.__dict__.get(_REGISTRY, {})
+    if name not in registry:
+        raise KeyError(f"no LoRA named {name!r} is attached (attached: {sorted(registry)})")
+    registry[name].strength = float(strength)
+
+
+def remove_loras(model: nn.Module, names: Iterable[str] | None = None) -> None:
+    """Detach the named LoRAs (all if ``names`` is None); with none left a layer's hook is removed,
+    so the model computes exactly what it computed before."""
+    registry: dict[str, LoraEntry] = model.__dict__.get(_REGISTRY, {})
+    names = list(registry) if names is None else list(names)
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise KeyError(f"no LoRA named {unknown} is attached (attached: {sorted(registry)})")
+    for m in model.modules():
+        adapters = m.__dict__.get(_ATTR)
+        if not adapters:
+            continue
+        for n in names:
+            adapters.pop(n, None)
+        if not adapters:
+            m.__dict__.pop(_HOOK).remove()
+            del m.__dict__[_ATTR]
+    for n in names:
+        registry.pop(n)

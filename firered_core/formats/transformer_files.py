@@ -1,0 +1,723 @@
+"""The FireRed / Qwen-Image-Edit MM-DiT from the files users hold.
+
+>>> model = load_transformer("models/diffusion_models/qwen_image_edit_2509_fp8_e4m3fn.safetensors")
+>>> model = load_transformer("FireRed-Image-Edit-1.1/transformer")          # diffusers folder
+
+Formats, all detected from the content (the safetensors header: key names, dtypes, metadata),
+never from the file name:
+
+- one ``.safetensors`` file whose keys are the diffusers module names
+  (``transformer_blocks.0.attn.to_q.weight``), bare or under a prefix
+  (``model.diffusion_model.`` as ComfyUI saves, ``diffusion_model.``, ``transformer.``, ...).
+  ComfyUI's ``comfy/ldm/qwen_image/model.py`` uses the diffusers names, so no renaming is needed
+  beyond the prefix. Keys of other components under another prefix (``vae.``,
+  ``text_encoders.``) in an all-in-one checkpoint are ignored;
+- the diffusers ``transformer/`` folder (``*.safetensors.index.json`` + shards, or one file),
+  or a release folder that holds it;
+- weights stored in ``float8_e4m3fn`` / ``float8_e5m2`` ("fp8" files, a plain down-cast);
+- ComfyUI's "scaled fp8": a ``scaled_fp8`` marker tensor and a per-layer float32
+  ``<layer>.scale_weight`` (real weight = fp8 weight * scale; ``scale_input`` is only used by
+  fp8 matmul kernels and ignored here);
+- ComfyUI's mixed-precision files: per-layer ``<layer>.comfy_quant`` (JSON bytes naming the
+  format) and ``<layer>.weight_scale`` (and ``input_scale``), or the same layer table in the
+  ``_quantization_metadata`` header entry; layers not listed stay in bf16. The fp8 formats
+  (``float8_e4m3fn``, ``float8_e5m2``) load; others (nvfp4, mxfp8, int8) fail naming the format.
+
+fp8 weights stay fp8 in memory: each such ``nn.Linear`` becomes an :class:`FP8Linear` that
+dequantizes its weight into the input's dtype inside ``forward`` (one layer at a time), so the
+model holds about one byte per linear weight.
+
+The architecture (blocks, width, heads, text width, channels) is read from the key shapes; the
+model is built with empty (meta) weights and every tensor is read from the memory-mapped file and
+assigned in place, so two copies of the weights are never held.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CheckpointFormatError",
+    "FP8Linear",
+    "TransformerCheckpoint",
+    "config_from_shapes",
+    "describe_keys",
+    "inspect_transformer",
+    "load_transformer",
+    "model_memory_bytes",
+    "read_safetensors_header",
+    "sniff_file",
+]
+
+
+class CheckpointFormatError(ValueError):
+    """A weight file is unreadable, of another model, or incomplete. The message names the file,
+    what was found in it and what was expected."""
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors headers and content sniffing
+# ---------------------------------------------------------------------------------------------
+
+ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass
+class SafetensorsHeader:
+    """What a safetensors file holds, read from its JSON header without loading any tensor.
+
+    tensors: key -> (dtype name as in the header, e.g. ``"BF16"``, shape tuple);
+    metadata: the ``__metadata__`` string table (empty if none);
+    offsets: key -> (start, end) byte offsets of its data, counted from ``data_start``.
+    """
+
+    path: str
+    tensors: dict[str, tuple[str, tuple[int, ...]]]
+    metadata: dict[str, str] = field(default_factory=dict)
+    offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
+    data_start: int = 0
+
+    def read(self, f, key: str) -> torch.Tensor:
+        """Read one tensor from the open file ``f`` into a fresh, aligned CPU tensor.
+
+        Plain reads, not a memory map: the process never holds the file's pages on top of the
+        tensors (a memory map keeps every touched page resident until it is closed, doubling the
+        peak for a full-precision load), and a fresh allocation computes exactly like the original.
+        """
+        dt, shape = self.tensors[key]
+        if dt not in ST_DTYPES:
+            raise CheckpointFormatError(f"{self.path!r}: tensor {key!r} has dtype {dt}, which torch cannot hold")
+        start, end = self.offsets[key]
+        out = torch.empty(shape, dtype=ST_DTYPES[dt])
+        raw = out.reshape(-1).view(torch.uint8)
+        if raw.numel() != end - start:
+            raise CheckpointFormatError(
+                f"{self.path!r}: tensor {key!r} ({dt} {list(shape)}) has {end - start} bytes of data"
+            )
+        f.seek(self.data_start + start)
+        if raw.numel() and f.readinto(memoryview(raw.numpy())) != raw.numel():
+            raise CheckpointFormatError(f"{self.path!r}: truncated while reading {key!r}")
+        return out
+
+
+def sniff_file(path) -> str:
+    """The container format of a file from its first bytes: ``"safetensors"``, ``"gguf"``,
+    ``"torch-zip"`` (``torch.save`` / ``.ckpt``), ``"pickle"``, ``"empty"`` or ``"unknown"``."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if not head:
+        return "empty"
+    if head[:4] == b"GGUF":
+        return "gguf"
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if len(head) >= 9 and head[8:9] == b"{":  # before pickle: a header length can start with 0x80
+        return "safetensors"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    return "unknown"
+
+
+_CONTAINER_NAMES = {
+    "gguf": "a GGUF file",
+    "torch-zip": "a PyTorch pickle checkpoint (torch.save zip)",
+    "pickle": "a raw pickle file",
+    "empty": "an empty file",
+    "unknown": "no known weight-file header",
+}
+
+
+def read_safetensors_header(path) -> SafetensorsHeader:
+    """Read and validate a safetensors header; :class:`CheckpointFormatError` if the file is not
+    safetensors, its header is corrupt, or its data is truncated."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointFormatError(f"{path!r} does not exist or is not a file; expected a .safetensors weight file")
+    size = os.path.getsize(path)
+    kind = sniff_file(path)
+    if kind != "safetensors":
+        raise CheckpointFormatError(
+            f"{path!r} is not a safetensors file: found {_CONTAINER_NAMES[kind]} ({size} bytes); "
+            "expected a .safetensors file (8-byte header length, then a JSON header)"
+            + ("; load GGUF files with load_transformer() / load_gguf_transformer()" if kind == "gguf" else "")
+            + (
+                "; pickle checkpoints are not loaded because they can run code"
+                if kind in ("torch-zip", "pickle")
+                else ""
+            )
+        )
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER or 8 + n > size:
+            raise CheckpointFormatError(
+                f"{path!r}: truncated or corrupt safetensors file: the header claims {n} bytes but the file has "
+                f"{size} bytes; expected a complete .safetensors file (re-download it)"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointFormatError(
+            f"{path!r}: corrupt safetensors header ({e}); expected a JSON table of tensors"
+        ) from None
+    metadata = header.pop("__metadata__", None) or {}
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    offsets: dict[str, tuple[int, int]] = {}
+    data_size = size - 8 - n
+    end_max = 0
+    for k, v in header.items():
+        try:
+            dtype, shape, (_start, end) = v["dtype"], tuple(int(s) for s in v["shape"]), v["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointFormatError(f"{path!r}: corrupt safetensors header entry {k!r}: {v!r}") from None
+        tensors[k] = (dtype, shape)
+        offsets[k] = (int(_start), int(end))
+        end_max = max(end_max, int(end))
+    if end_max > data_size:
+        raise CheckpointFormatError(
+            f"{path!r}: truncated safetensors file: its tensors need {end_max} bytes of data but only {data_size} "
+            "are present; expected a complete file (the download or copy was probably cut off)"
+        )
+    return SafetensorsHeader(path, tensors, dict(metadata), offsets, 8 + n)
+
+
+# ---------------------------------------------------------------------------------------------
+# what model a key set belongs to
+# ---------------------------------------------------------------------------------------------
+
+
+def _has(keys, *parts) -> bool:
+    return any(any(p in k for p in parts) for k in keys)
+
+
+def describe_keys(keys) -> str:
+    """A short human name for the model a set of state-dict keys most likely belongs to."""
+    keys = list(keys)
+    if not keys:
+        return "no tensors at all"
+    if _has(keys, "lora_A", "lora_B", "lora_down", "lora_up", "hada_w1", "lokr_w1", ".lora."):
+        return "a LoRA / LyCORIS adapter (load it as a LoRA, not as a model)"
+    if _has(keys, "txt_norm.weight") and _has(
+        keys, "img_mod.1.weight", "img_mod.1.comfy_quant", "img_mod.1.scale_weight"
+    ):
+        return "a Qwen-Image / Qwen-Image-Edit / FireRed MM-DiT"
+    if _has(keys, "double_blocks.", "single_blocks.", "single_transformer_blocks."):
+        return "a Flux-style DiT (Flux / Chroma / HiDream)"
+    if _has(keys, "joint_blocks."):
+        return "an SD3 / SD3.5 MM-DiT"
+    if _has(keys, "input_blocks.", "down_blocks.", "conditioner.embedders", "cond_stage_model."):
+        return "a Stable Diffusion / SDXL UNet checkpoint"
+    if _has(keys, "patch_embedding.", "blocks.0.self_attn.q.", "blocks.0.cross_attn."):
+        return "a Wan-style video DiT"
+    if _has(keys, "visual.blocks.", "model.layers.", "language_model.", "embed_tokens."):
+        return "a language / vision-language model (e.g. the Qwen2.5-VL text encoder)"
+    if _has(keys, "decoder.", "encoder.", "post_quant_conv", "conv1."):
+        return "a VAE"
+    return f"an unknown model (first keys: {sorted(keys)[:4]})"
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint inspection
+# ---------------------------------------------------------------------------------------------
+
+# Auxiliary per-layer keys of quantized files: suffix -> role.
+_AUX_SUFFIXES = {
+    ".scale_weight": "scale",  # ComfyUI "scaled fp8" (old)
+    ".weight_scale": "scale",  # ComfyUI mixed precision (new)
+    ".scale_input": "input_scale",
+    ".input_scale": "input_scale",
+    ".comfy_quant": "quant_conf",
+    ".weight_scale_2": "unsupported",
+    ".pre_quant_scale": "unsupported",
+}
+_MARKERS = ("scaled_fp8",)
+_SIGNATURE = "txt_norm.weight"  # only the Qwen-Image DiT has it (ComfyUI detects the model by it too)
+_PREFIX_HINTS = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.", "")
+
+
+@dataclass
+class TransformerCheckpoint:
+    """A Qwen-Image MM-DiT checkpoint, inspected without loading its tensors.
+
+    path: what the user named; files: the safetensors files read (one, or the shards);
+    prefix: the key prefix stripped (``""``, ``"model.diffusion_model."``, ...);
+    entries: local key (diffusers name) -> (file, key in the file, header dtype, shape);
+    scales: layer name -> (file, key) of its per-tensor weight scale;
+    quant_formats: layer name -> quant format name (``"float8_e4m3fn"``, ...) for quantized layers;
+    format: a one-line description (``"single file, prefix 'model.diffusion_model.', scaled fp8"``);
+    config: the ``QwenImageTransformer2DModel`` arguments read from the key shapes.
+    """
+
+    path: str
+    files: list[str]
+    prefix: str
+    entries: dict[str, tuple[str, str, str, tuple[int, ...]]]
+    scales: dict[str, tuple[str, str]]
+    quant_formats: dict[str, str]
+    format: str
+    config: dict[str, Any]
+    headers: dict[str, SafetensorsHeader] = field(default_factory=dict, repr=False)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: v[3] for k, v in self.entries.items()}
+
+
+def _resolve_files(path: Path) -> tuple[list[str], dict[str, str] | None, dict[str, Any], str]:
+    """(files, key->file map from an index or None, config.json content, layout name)."""
+    if path.is_dir():
+        if (path / "transformer").is_dir():
+            path = path / "transformer"
+        config: dict[str, Any] = {}
+        if (path / "config.json").is_file():
+            try:
+                config = json.loads((path / "config.json").read_text())
+            except ValueError as e:
+                raise CheckpointFormatError(f"{str(path / 'config.json')!r} is not valid JSON ({e})") from None
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        if indexes:
+            try:
+                weight_map = json.loads(indexes[0].read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise CheckpointFormatError(
+                    f"{str(indexes[0])!r} is not a valid shard index ({e!r}); expected JSON with a 'weight_map'"
+                ) from None
+            shards = sorted(set(weight_map.values()))
+            missing = [s for s in shards if not (path / s).is_file()]
+            if missing:
+                raise CheckpointFormatError(
+                    f"sharded transformer folder {str(path)!r} is incomplete: {indexes[0].name} lists "
+                    f"{len(shards)} shards but {missing} are missing; expected every shard next to the index"
+                )
+            return (
+                [str(path / s) for s in shards],
+                {k: str(path / v) for k, v in weight_map.items()},
+                config,
+                "diffusers folder (sharded)",
+            )
+        files = sorted(str(p) for p in path.glob("*.safetensors"))
+        if not files:
+            found = sorted(p.name for p in path.iterdir())[:12]
+            raise CheckpointFormatError(
+                f"folder {str(path)!r} holds no .safetensors weights (found: {found}); expected a diffusers "
+                "transformer/ folder (diffusion_pytorch_model*.safetensors, maybe with an index .json)"
+            )
+        return files, None, config, "diffusers folder"
+    if not path.exists():
+        raise CheckpointFormatError(
+            f"{str(path)!r} does not exist; expected a .safetensors file or a transformer/ folder"
+        )
+    return [str(path)], None, {}, "single file"
+
+
+def _find_prefix(keys, where: str) -> str:
+    cands = [k[: -len(_SIGNATURE)] for k in keys if k == _SIGNATURE or k.endswith("." + _SIGNATURE)]
+    cands = [c for c in cands if "transformer_blocks" not in c]
+    if not cands:
+        raise CheckpointFormatError(
+            f"{where}: found {describe_keys(keys)}; expected a Qwen-Image / FireRed MM-DiT "
+            f"(keys such as 'img_in.weight', 'txt_norm.weight', 'transformer_blocks.0.attn.to_q.weight', "
+            f"optionally under 'model.diffusion_model.')"
+        )
+    cands.sort(key=lambda c: (_PREFIX_HINTS.index(c) if c in _PREFIX_HINTS else len(_PREFIX_HINTS), len(c)))
+    return cands[0]
+
+
+def _decode_quant_conf(value: torch.Tensor, where: str) -> dict:
+    try:
+        conf = json.loads(bytes(value.to(torch.uint8).flatten().tolist()).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointFormatError(f"{where}: unreadable comfy_quant entry ({e})") from None
+    return conf if isinstance(conf, dict) else {"format": conf}
+
+
+def config_from_shapes(
+    shapes: dict[str, tuple[int, ...]], base: dict[str, Any] | None = None, where: str = ""
+) -> dict[str, Any]:
+    """``QwenImageTransformer2DModel`` arguments from the shapes of its (prefix-free) keys.
+
+    Read: ``in_channels`` and the width from ``img_in``, ``joint_attention_dim`` from ``txt_in``,
+    the head size from ``attn.norm_q`` (so ``num_attention_heads = width / head size``),
+    ``num_layers`` by counting ``transformer_blocks.N``, ``out_channels`` from ``proj_out``.
+    Not in the keys (parameter-free): ``patch_size`` (2) and ``axes_dims_rope``
+    ((16, 56, 56) for 128-wide heads), taken from ``base`` (a config.json) when given.
+    """
+    from ..tiny import default_axes_dims_rope
+
+    need = ("img_in.weight", "txt_in.weight", "proj_out.weight", "transformer_blocks.0.attn.norm_q.weight")
+    missing = [k for k in need if k not in shapes]
+    if missing:
+        raise CheckpointFormatError(
+            f"{where}: a Qwen-Image MM-DiT but the keys {missing} are missing; the file is incomplete"
+        )
+    cfg: dict[str, Any] = {}
+    for k in ("patch_size", "axes_dims_rope", "zero_cond_t", "use_layer3d_rope", "guidance_embeds"):
+        if base and k in base:
+            cfg[k] = tuple(base[k]) if k == "axes_dims_rope" else base[k]
+    patch = int(cfg.get("patch_size", 2))
+    width, in_channels = shapes["img_in.weight"]
+    head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
+    if width % head_dim:
+        raise CheckpointFormatError(f"{where}: width {width} is not a multiple of the head size {head_dim}")
+    blocks = {int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks.")}
+    cfg.update(
+        patch_size=patch,
+        in_channels=in_channels,
+        out_channels=shapes["proj_out.weight"][0] // (patch * patch),
+        num_layers=max(blocks) + 1,
+        attention_head_dim=head_dim,
+        num_attention_heads=width // head_dim,
+        joint_attention_dim=shapes["txt_in.weight"][1],
+        use_additional_t_cond="time_text_embed.addition_t_embedding.weight" in shapes,
+    )
+    if "axes_dims_rope" not in cfg or sum(cfg["axes_dims_rope"]) != head_dim:
+        cfg["axes_dims_rope"] = tuple(default_axes_dims_rope(head_dim))
+    return cfg
+
+
+def inspect_transformer(path) -> TransformerCheckpoint:
+    """Read the headers of a transformer checkpoint (file or folder) and work out its layout,
+    prefix, quantization and architecture, without loading tensors."""
+    p = Path(path)
+    files, weight_map, file_config, layout = _resolve_files(p)
+    headers = [read_safetensors_header(f) for f in files]
+    where = str(p)
+    all_keys: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+    metadata: dict[str, str] = {}
+    for h in headers:
+        metadata.update(h.metadata)
+        for k, (dt, shape) in h.tensors.items():
+            all_keys[k] = (h.path, dt, shape)
+    if weight_map is not None:
+        absent = [k for k in weight_map if k not in all_keys]
+        if absent:
+            raise CheckpointFormatError(
+                f"{where}: the shard index lists {len(absent)} tensors that no shard holds (e.g. {absent[:3]}); "
+                "expected shards matching their index"
+            )
+    prefix = _find_prefix(all_keys, where)
+
+    entries: dict[str, tuple[str, str, str, tuple[int, ...]]] = {}
+    scales: dict[str, tuple[str, str]] = {}
+    quant_confs: dict[str, tuple[str, str]] = {}
+    unsupported: list[str] = []
+    is_scaled_fp8 = False
+    for k, (f, dt, shape) in all_keys.items():
+        if not k.startswith(prefix):
+            continue  # another component of an all-in-one checkpoint (vae., text_encoders., ...)
+        local = k[len(prefix) :]
+        if local in _MARKERS:
+            is_scaled_fp8 = True
+            continue
+        for suf, role in _AUX_SUFFIXES.items():
+            if local.endswith(suf):
+                layer = local[: -len(suf)]
+                if role == "scale":
+                    scales[layer] = (f, k)
+                elif role == "quant_conf":
+                    quant_confs[layer] = (f, k)
+                elif role == "unsupported":
+                    unsupported.append(local)
+                break
+        else:
+            entries[local] = (f, k, dt, shape)
+
+    quant_formats: dict[str, str] = {}
+    if "_quantization_metadata" in metadata:
+        try:
+            layers = json.loads(metadata["_quantization_metadata"]).get("layers", {})
+        except (ValueError, AttributeError) as e:
+            raise CheckpointFormatError(f"{where}: unreadable _quantization_metadata ({e})") from None
+        for name, conf in layers.items():
+            name = name[len(prefix) :] if prefix and name.startswith(prefix) else name
+            quant_formats[name] = conf.get("format", "?") if isinstance(conf, dict) else str(conf)
+    by_path = {h.path: h for h in headers}
+    for layer, (f, k) in quant_confs.items():
+        with open(f, "rb") as fh:
+            quant_formats[layer] = str(_decode_quant_conf(by_path[f].read(fh, k), f"{f}: {k}").get("format", "?"))
+    for layer in scales:
+        # old scaled fp8: every layer with a scale and an 8-bit weight is fp8 (a full-precision weight
+        # with a scale is multiplied out at load)
+        dt = entries.get(layer + ".weight", ("", "", "", ()))[2]
+        if layer not in quant_formats and dt in ("F8_E4M3", "F8_E5M2", "U8", "I8"):
+            quant_formats[layer] = "float8_e5m2" if dt == "F8_E5M2" else "float8_e4m3fn"
+    bad = sorted({fmt for fmt in quant_formats.values() if fmt not in FP8_FORMATS})
+    if bad or unsupported:
+        raise CheckpointFormatError(
+            f"{where}: quantized with {bad or 'scales'} ({len(unsupported)} unsupported scale keys, e.g. {unsupported[:2]}); "
+            f"this loader supports per-tensor fp8 ({', '.join(FP8_FORMATS)}), scaled fp8 and GGUF files; "
+            "use a bf16, fp8 or GGUF file of the model instead"
+        )
+    for layer in quant_formats:
+        if layer + ".weight" not in entries:
+            raise CheckpointFormatError(f"{where}: quantization info for layer {layer!r} but no {layer}.weight tensor")
+
+    shapes = {k: v[3] for k, v in entries.items()}
+    config = config_from_shapes(shapes, file_config, where)
+
+    dtypes = sorted({v[2] for k, v in entries.items() if k.endswith(".weight") and len(v[3]) == 2})
+    if scales and is_scaled_fp8:
+        quant = "scaled fp8 (ComfyUI scaled_fp8, per-tensor scale_weight)"
+    elif quant_confs or "_quantization_metadata" in metadata:
+        quant = f"mixed precision (comfy_quant: {len(quant_formats)} fp8 layers, others {[d for d in dtypes if not d.startswith('F8')]})"
+    elif scales:
+        quant = "fp8 with per-tensor scales"
+    elif any(d.startswith("F8") for d in dtypes):
+        quant = f"fp8 ({', '.join(d for d in dtypes if d.startswith('F8'))}, unscaled)"
+    else:
+        quant = "/".join(dtypes) or "?"
+    fmt = f"{layout}, prefix {prefix!r}, {quant}"
+    return TransformerCheckpoint(where, files, prefix, entries, scales, quant_formats, fmt, config, by_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fp8 linear layer
+# ---------------------------------------------------------------------------------------------
+
+
+class FP8Linear(nn.Module):
+    """A linear layer whose weight stays fp8 in memory and is dequantized in ``forward``.
+
+    The weight is held as a ``uint8`` buffer ``weight_fp8`` ([out, in], the raw fp8 bytes) so that
+    ``model.to(dtype)`` can never upcast it and ``next(model.parameters()).dtype`` stays the compute
+    dtype; ``weight_scale`` (float32, scalar or [out, 1]) multiplies it when present (scaled fp8).
+    ``bias`` ([out]) is a parameter in the compute dtype. ``forward(x)`` computes
+    ``x @ (w_fp8.to(x.dtype) * scale).T + bias`` in ``x.dtype``.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None = None):
+        super().__init__()
+        if weight.dtype not in FP8_DTYPES or weight.dim() != 2:
+            raise ValueError(f"FP8Linear needs a 2-D fp8 weight, got {weight.dtype} {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.fp8_dtype = weight.dtype
+        self.register_buffer("weight_fp8", weight.view(torch.uint8))
+        if scale is not None:
+            scale = scale.to(torch.float32)
+            if scale.numel() == self.out_features and scale.numel() > 1:
+                scale = scale.reshape(self.out_features, 1)
+            elif scale.numel() != 1:
+                raise ValueError(
+                    f"weight scale of shape {tuple(scale.shape)} does not fit a weight {tuple(weight.shape)}"
+                )
+            else:
+                scale = scale.reshape(())
+        self.register_buffer("weight_scale", scale)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The real weight ([out, in]) in ``dtype`` (default: the bias dtype, else bf16): a new tensor."""
+        if dtype is None:
+            dtype = self.bias.dtype if self.bias is not None else torch.bfloat16
+        w = self.weight_fp8.view(self.fp8_dtype).to(dtype)
+        if self.weight_scale is not None:
+            w = w * self.weight_scale.to(dtype)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        scaled = ", scaled" if self.weight_scale is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.fp8_dtype}{scaled}"
+
+
+def model_memory_bytes(model: nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers (each storage counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "meta":
+            continue
+        s = t.untyped_storage()
+        if s.data_ptr() in seen:
+            continue
+        seen.add(s.data_ptr())
+        total += s.nbytes()
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+
+WEIGHT_DTYPES = ("auto", "fp8_e4m3fn", "fp8_e5m2", "dequantize")
+
+
+def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    mod_name, _, attr = key.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    elif attr in mod._buffers:
+        mod._buffers[attr] = tensor
+    else:
+        raise KeyError(key)
+
+
+def _downcast_fp8(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    lim = torch.finfo(dtype).max
+    return w.clamp(-lim, lim).to(dtype)
+
+
+def load_transformer(
+    path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device="cpu",
+    weight_dtype: str = "auto",
+    config: dict[str, Any] | None = None,
+):
+    """Load the MM-DiT from a single file or a diffusers folder (see the module docstring).
+
+    Args:
+        path: a ``.safetensors`` file (any name), a diffusers ``transformer/`` folder, or a release
+            folder holding one. A GGUF file is handed to :func:`.gguf_files.load_gguf_transformer`
+            (``weight_dtype`` and ``config`` do not apply to it).
+        dtype: compute dtype: the dtype of every non-fp8 tensor and of fp8 layers' outputs.
+        device: where the weights go (they are read straight onto it, tensor by tensor).
+        weight_dtype: ``"auto"`` keeps fp8 layers fp8 and loads the rest in ``dtype``;
+            ``"fp8_e4m3fn"`` / ``"fp8_e5m2"`` also down-casts every full-precision linear weight
+            (the memory saving of an fp8 file from a bf16 one); ``"dequantize"`` turns fp8
+            layers back into plain ``nn.Linear`` in ``dtype``.
+        config: overrides of the architecture read from the keys (e.g. ``{"zero_cond_t": True}``,
+            which the keys cannot show).
+
+    Returns:
+        ``diffusers.QwenImageTransformer2DModel`` in eval mode, ``requires_grad_(False)``.
+
+    Raises:
+        CheckpointFormatError: unreadable or truncated file, a model of another architecture,
+            an unsupported quantization, missing or unexpected keys, or wrong shapes.
+    """
+    import accelerate
+    from diffusers import QwenImageTransformer2DModel
+
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
+    if os.path.isfile(path) and sniff_file(path) == "gguf":  # one entry point for every MM-DiT file
+        from .gguf_files import load_gguf_transformer
+
+        return load_gguf_transformer(path, dtype=dtype, device=device)
+    ckpt = inspect_transformer(path)
+    cfg = {**ckpt.config, **(config or {})}
+    with accelerate.init_empty_weights(include_buffers=False):
+        model = QwenImageTransformer2DModel(**cfg)
+    where = f"{ckpt.path} ({ckpt.format})"
+
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(ckpt.entries))
+    extra = sorted(set(ckpt.entries) - set(expected))
+    if missing or extra:
+        raise CheckpointFormatError(
+            f"{where}: keys do not match a QwenImageTransformer2DModel with {cfg['num_layers']} blocks: "
+            f"{len(missing)} missing (e.g. {missing[:4]}), {len(extra)} unexpected (e.g. {extra[:4]}); "
+            "expected the complete diffusers key set (the file may be incomplete or of a different variant)"
+        )
+    wrong = [(k, ckpt.entries[k][3], s) for k, s in expected.items() if ckpt.entries[k][3] != s]
+    if wrong:
+        raise CheckpointFormatError(
+            f"{where}: tensor shapes differ from the architecture read from the keys, e.g. {wrong[:3]}"
+        )
+
+    fp8_target = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}.get(weight_dtype)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    device = torch.device(device)
+    handles: dict[str, Any] = {}
+
+    def get(file_key: tuple[str, str]) -> torch.Tensor:
+        f, k = file_key
+        if f not in handles:
+            handles[f] = open(f, "rb")
+        return ckpt.headers[f].read(handles[f], k).to(device)
+
+    def stored_fp8(layer: str) -> torch.dtype | None:
+        if layer in ckpt.quant_formats:
+            return FP8_FORMATS[ckpt.quant_formats[layer]]
+        dt = ST_DTYPES.get(ckpt.entries[layer + ".weight"][2])
+        return dt if dt in FP8_DTYPES else None
+
+    done: set[str] = set()
+    n_fp8 = 0
+    try:
+        for name, lin in linears.items():
+            wkey = name + ".weight"
+            fp8 = stored_fp8(name)
+            if fp8 is None and fp8_target is None:
+                continue
+            w = get(ckpt.entries[wkey][:2])
+            if fp8 is not None and w.dtype not in FP8_DTYPES:
+                w = w.view(fp8)  # comfy_quant files may store fp8 bytes in a uint8 / int8 container
+            scale = get(ckpt.scales[name]) if name in ckpt.scales else None
+            bias = get(ckpt.entries[name + ".bias"][:2]).to(dtype) if lin.bias is not None else None
+            if fp8 is None:  # full-precision weight, down-cast on request
+                if scale is not None:
+                    w, scale = w.to(torch.float32) * scale.to(torch.float32), None
+                w = _downcast_fp8(w, fp8_target)
+            if weight_dtype == "dequantize":
+                deq = w.to(torch.float32) * (scale.to(torch.float32) if scale is not None else 1.0)
+                _set_tensor(model, wkey, deq.to(dtype))
+                if bias is not None:
+                    _set_tensor(model, name + ".bias", bias)
+            else:
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child, FP8Linear(w, bias, scale))
+                n_fp8 += 1
+            done.update((wkey, name + ".bias"))
+        for key, (f, k, _, _) in ckpt.entries.items():
+            if key in done:
+                continue
+            t = get((f, k))
+            layer = key[: -len(".weight")] if key.endswith(".weight") else None
+            if layer in ckpt.scales:
+                t = t.to(torch.float32) * get(ckpt.scales[layer]).to(torch.float32)
+            _set_tensor(model, key, t.to(dtype))
+    finally:
+        for fh in handles.values():
+            fh.close()
+
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise CheckpointFormatError(f"{where}: these tensors were never loaded: {left[:5]}")
+    model.to(device)
+    model.eval().requires_grad_(False)
+    model.firered_source = {"path": ckpt.path, "format": ckpt.format, "fp8_linears": n_fp8}
+    log.info(
+        "loaded the MM-DiT from %s: %d blocks, width %d, %d fp8 linears",
+        where,
+        cfg["num_layers"],
+        cfg["num_attention_heads"] * cfg["attention_head_dim"],
+        n_fp8,
+    )
+    return model
