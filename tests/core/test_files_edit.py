@@ -87,3 +87,19 @@ def test_cli_with_files_and_a_lora(files, tmp_path):
                "--image", str(src), "--prompt", "make it red", "--out", str(out), "--steps", "2",
                "--width", "48", "--height", "32", "--dtype", "fp32"])
     assert rc == 0 and out.is_file()
+
+
+@pytest.mark.parametrize("quant,bound", [("Q8_0", 0.002), ("Q4_0", 0.02)])
+def test_gguf_mmdit_edits_like_the_float_model(tiny_model_dir, tmp_path, reference, quant, bound):
+    # measured mean |pixel difference| to the float model: Q8_0 0.0002, Q4_0 0.004 (bounds: 5-10x)
+    import gguf
+    from test_gguf import write_gguf
+
+    (tr_file,) = (tiny_model_dir / "transformer").glob("*.safetensors")
+    path = tmp_path / f"firered_tiny-{quant}.gguf"
+    write_gguf(path, load_file(tr_file), getattr(gguf.GGMLQuantizationType, quant))
+    ed = FireRedEditor.from_files(tiny_model_dir, transformer=path, dtype="fp32")
+    assert ed.dtype == torch.float32  # the compute dtype, not the uint8 storage of the blocks
+    diff = (edit(ed) - reference).abs().mean().item()
+    print(f"{quant}: mean |diff| {diff:.4f}")
+    assert diff < bound
