@@ -2,7 +2,7 @@
 
 Both load the same random weights (a model made on the spot: by default 4 MM-DiT blocks of width
 512) in one process and run the same edit -- one 512x512 input picture, 8 steps, true CFG 4.0,
-a 512x512 output -- alternately, after one warm-up run each. Printed: the median wall time and the
+a 512x512 output -- alternately, after one warm-up run each. Printed: the best wall time and the
 peak memory of each, their ratios ours / diffusers, and the largest pixel difference between the
 two outputs (they must agree: the comparison is at equal output).
 
