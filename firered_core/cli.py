@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("dir", help="folder to write")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--layers", type=int, default=2, help="MM-DiT blocks")
+    t.add_argument("--layout", default="diffusers", choices=["diffusers", "comfyui"],
+                   help="diffusers: a release folder; comfyui: a ComfyUI models/ folder of single files")
     return p
 
 
@@ -139,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "edit":
         return _edit(args)
     if args.command == "make-tiny":
+        if args.layout == "comfyui":
+            from .tiny import make_tiny_comfyui
+
+            paths = make_tiny_comfyui(args.dir, seed=args.seed, num_layers=args.layers)
+            print(f"wrote a tiny FireRed model as a ComfyUI models/ folder at {args.dir}:")
+            for role, p in paths.items():
+                print(f"  {role:17s} {p}")
+            return 0
         from .tiny import make_tiny
 
         path = make_tiny(args.dir, seed=args.seed, num_layers=args.layers)

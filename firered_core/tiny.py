@@ -598,3 +598,62 @@ def make_tiny(
         },
     )
     return root
+
+
+#: file names of :func:`make_tiny_comfyui`, relative to the ``models/`` folder it writes
+COMFYUI_FILES = {
+    "transformer": "diffusion_models/firered_tiny.safetensors",
+    "transformer_fp8": "diffusion_models/firered_tiny_fp8_scaled.safetensors",
+    "transformer_gguf": "diffusion_models/firered_tiny-Q8_0.gguf",
+    "text_encoder": "text_encoders/qwen_2.5_vl_tiny.safetensors",
+    "tokenizer": "text_encoders/qwen_2.5_vl_tiny_tokenizer",
+    "vae": "vae/qwen_image_vae_tiny.safetensors",
+    "lora": "loras/firered_tiny_lora.safetensors",
+}
+
+
+def make_tiny_comfyui(models_dir: str | os.PathLike, *, seed: int = 0, num_layers: int = 2) -> dict[str, pathlib.Path]:
+    """Write the tiny model as a ComfyUI ``models/`` folder, in the files users hold.
+
+    ``diffusion_models/``: the MM-DiT as a prefixed single file, as scaled fp8 and as GGUF Q8_0;
+    ``text_encoders/``: the Qwen2.5-VL file (ComfyUI's key layout) and, beside it, the tiny
+    tokenizer folder it needs (the tiny vocabulary is not Qwen's); ``vae/``: the VAE in ComfyUI's
+    layout; ``loras/``: a small random LoRA in ComfyUI's ``diffusion_model.`` lora_up / lora_down
+    layout. Returns the paths by role (:data:`COMFYUI_FILES`).
+    """
+    import shutil
+    import tempfile
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from .formats import writers
+
+    root = pathlib.Path(models_dir)
+    paths = {k: root / v for k, v in COMFYUI_FILES.items()}
+    for p in paths.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_tiny(pathlib.Path(tmp) / "tiny", seed=seed, num_layers=num_layers)
+        (tr_file,) = (folder / "transformer").glob("*.safetensors")
+        tr = load_file(tr_file)
+        save_file(writers.transformer_to_comfyui(tr), paths["transformer"])
+        save_file(writers.transformer_to_comfyui(writers.to_scaled_fp8(tr)), paths["transformer_fp8"])
+        writers.write_gguf(tr, paths["transformer_gguf"], "Q8_0")
+        (te_file,) = (folder / "text_encoder").glob("*.safetensors")
+        shutil.copyfile(te_file, paths["text_encoder"])
+        if paths["tokenizer"].exists():
+            shutil.rmtree(paths["tokenizer"])
+        shutil.copytree(folder / "tokenizer", paths["tokenizer"])
+        (vae_file,) = (folder / "vae").glob("*.safetensors")
+        vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
+        save_file(writers.vae_to_comfyui(load_file(vae_file), vae_cfg["num_res_blocks"]), paths["vae"])
+        g = torch.Generator().manual_seed(seed + 7)
+        lora = {}
+        for name in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj"):
+            w = tr[f"{name}.weight"]
+            lora[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(4, w.shape[1], generator=g) * 0.5
+            lora[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(w.shape[0], 4, generator=g) * 0.5
+            lora[f"diffusion_model.{name}.alpha"] = torch.tensor(4.0)
+        save_file(lora, paths["lora"])
+    return paths
