@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._common import FileFormatError
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -61,7 +63,7 @@ __all__ = [
 ]
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(FileFormatError):
     """A weight file is unreadable, of another model, or incomplete. The message names the file,
     what was found in it and what was expected."""
 

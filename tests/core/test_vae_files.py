@@ -1,56 +1,12 @@
 """The Qwen-Image VAE loads from ComfyUI's file layout, from a diffusers-named single file and from
 the diffusers folder, with the same encode/decode as the original; bad files fail clearly."""
 
-import re
 
 import pytest
 import torch
 
 from firered_core.formats.vae_files import VAEFileError, inspect_vae, load_vae
-
-
-def diffusers_to_comfyui(state: dict, num_res_blocks: int) -> dict:
-    """Our own writer of ComfyUI's ``qwen_image_vae.safetensors`` layout, from reading
-    ``comfy/ldm/wan/vae.py`` (``WanVAE``: ``encoder``/``decoder`` with ``conv1``, flat
-    ``downsamples``/``upsamples`` lists of ``ResidualBlock(residual=[RMS_norm, SiLU, conv, RMS_norm,
-    SiLU, Dropout, conv], shortcut)`` / ``Resample``, ``middle=[res, attn, res]``,
-    ``head=[RMS_norm, SiLU, conv]``; the quant convs are the top-level ``conv1`` / ``conv2``)."""
-    leaf = [("norm1.gamma", "residual.0.gamma"), ("conv1.", "residual.2."), ("norm2.gamma", "residual.3.gamma"),
-            ("conv2.", "residual.6."), ("conv_shortcut.", "shortcut.")]  # fmt: skip
-
-    def res(rest):
-        for a, b in leaf:
-            if rest.startswith(a):
-                return b + rest[len(a) :]
-        return rest
-
-    out = {}
-    for k, v in state.items():
-        if k.startswith("quant_conv."):
-            c = "conv1." + k[len("quant_conv.") :]
-        elif k.startswith("post_quant_conv."):
-            c = "conv2." + k[len("post_quant_conv.") :]
-        elif m := re.match(r"(encoder|decoder)\.conv_in\.(.+)", k):
-            c = f"{m[1]}.conv1.{m[2]}"
-        elif m := re.match(r"(encoder|decoder)\.norm_out\.(.+)", k):
-            c = f"{m[1]}.head.0.{m[2]}"
-        elif m := re.match(r"(encoder|decoder)\.conv_out\.(.+)", k):
-            c = f"{m[1]}.head.2.{m[2]}"
-        elif m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.+)", k):
-            c = f"{m[1]}.middle.{2 * int(m[2])}.{res(m[3])}"
-        elif m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", k):
-            c = f"{m[1]}.middle.1.{m[2]}"
-        elif m := re.match(r"encoder\.down_blocks\.(\d+)\.(.+)", k):
-            c = f"encoder.downsamples.{m[1]}.{res(m[2])}"
-        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", k):
-            c = f"decoder.upsamples.{int(m[1]) * (num_res_blocks + 2) + int(m[2])}.{res(m[3])}"
-        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", k):
-            c = f"decoder.upsamples.{int(m[1]) * (num_res_blocks + 2) + num_res_blocks + 1}.{m[2]}"
-        else:
-            raise AssertionError(f"no ComfyUI name for {k}")
-        out[c] = v.contiguous()
-    assert len(out) == len(state)
-    return out
+from firered_core.formats.writers import vae_to_comfyui as diffusers_to_comfyui
 
 
 @pytest.fixture(scope="module")
