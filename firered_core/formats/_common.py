@@ -67,12 +67,12 @@ def sniff(path) -> str:
         return "gguf"
     if head[:4] == b"PK\x03\x04":
         return "zip"
-    if head[:1] == b"\x80":
-        return "pickle"
-    if len(head) >= 9:
+    if len(head) >= 9:  # before pickle: a header length can start with the byte 0x80
         (n,) = struct.unpack("<Q", head[:8])
         if 2 <= n < 100_000_000 and head[8:9] == b"{":
             return "safetensors"
+    if head[:1] == b"\x80":
+        return "pickle"
     return "unknown"
 
 

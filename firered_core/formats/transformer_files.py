@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._common import FileFormatError
+from ._common import FP8_DTYPES, ST_DTYPES, FileFormatError
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +72,6 @@ class CheckpointFormatError(FileFormatError):
 # safetensors headers and content sniffing
 # ---------------------------------------------------------------------------------------------
 
-ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 MAX_HEADER = 100 * 1024 * 1024
 
