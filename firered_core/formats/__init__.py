@@ -1,47 +1,92 @@
 """File formats the users hold, loaded straight into the core's modules.
 
-- :mod:`.transformer_files`: the MM-DiT from one ``.safetensors`` file (bare diffusers keys or
-  ComfyUI's ``model.diffusion_model.`` prefix; bf16 / fp16 / fp32, ``fp8_e4m3fn``, ComfyUI's
-  "scaled fp8" and mixed-precision ``comfy_quant`` files) or from the diffusers ``transformer/``
-  folder (sharded or not). fp8 weights stay fp8 in memory (:class:`FP8Linear`).
-- :mod:`.lora`: LoRA files of every common layout (diffusers / PEFT, kohya, ComfyUI, Lightning,
-  LyCORIS LoHa / LoKr), attached to a loaded transformer with a strength each, changed or
-  removed without reloading.
-- :mod:`.gguf_files`: GGUF MM-DiT files (Q8_0, Q4/Q5, K-quants), kept quantized.
-- :mod:`.vae_files`: the Qwen-Image VAE from ComfyUI's ``qwen_image_vae.safetensors`` layout, a
-  diffusers-named file or the ``vae/`` folder.
-- :mod:`.text_encoder_files`: Qwen2.5-VL-7B from ComfyUI's files (bf16, scaled fp8) or the
-  ``text_encoder/`` folder, and :func:`find_processor` for the tokenizer / image settings.
+Every loader detects the format from the file's content (its first bytes, the safetensors header:
+key names, dtypes, metadata; the GGUF header), never from its name, and fails with a message
+naming the file, what was found and what was expected.
+
+- MM-DiT (transformer), :mod:`.transformer_files` -- :func:`load_transformer`,
+  :func:`inspect_transformer`: one ``.safetensors`` file with the diffusers key names, bare or
+  under a prefix (ComfyUI's ``model.diffusion_model.``, ``diffusion_model.``, ``transformer.``;
+  the other components of an all-in-one checkpoint are ignored), in bf16 / fp16 / fp32,
+  ``float8_e4m3fn`` / ``float8_e5m2``, ComfyUI's "scaled fp8" (``scaled_fp8`` marker +
+  per-layer ``scale_weight``) or mixed precision (per-layer ``comfy_quant`` / ``weight_scale``, or
+  ``_quantization_metadata``); or the diffusers ``transformer/`` folder (sharded or not) or a
+  release folder holding it. fp8 weights stay fp8 in memory (:class:`FP8Linear`). A GGUF file
+  given to :func:`load_transformer` goes to the GGUF loader.
+- GGUF MM-DiT, :mod:`.gguf_files` -- :func:`load_gguf_transformer`, :func:`inspect_gguf`:
+  city96 ComfyUI-GGUF files (``general.architecture = "qwen_image"``, or sd.cpp files judged by
+  their keys): F32 / F16 / BF16, Q8_0, Q4_0 / Q4_1 / Q5_0 / Q5_1, the K-quants, kept quantized and
+  dequantized layer by layer in ``forward``.
+- LoRA, :mod:`.lora` -- :func:`load_lora`, :func:`apply_loras`, :func:`read_lora`,
+  :func:`list_loras`, :func:`set_lora_strength`, :func:`remove_loras`, :func:`parse_lora_spec`:
+  diffusers / PEFT (``lora_A`` / ``lora_B``, ``adapter_config.json`` or
+  ``lora_adapter_metadata``), kohya (``lora_unet_..._lora_down``), ComfyUI (``diffusion_model.``),
+  Lightning (``lora_down`` / ``lora_up`` / ``alpha``), LyCORIS LoHa / LoKr; attached to a loaded
+  transformer (full precision, fp8 or GGUF) with a strength each, changed or removed without
+  reloading it.
+- VAE, :mod:`.vae_files` -- :func:`load_vae`, :func:`inspect_vae`: ComfyUI's
+  ``qwen_image_vae.safetensors`` (the Wan-2.1 layout), the same weights in diffusers names, or the
+  ``vae/`` folder; a ``vae.`` / ``first_stage_model.`` prefix is stripped.
+- Text encoder, :mod:`.text_encoder_files` -- :func:`load_text_encoder`,
+  :func:`inspect_text_encoder`, :func:`find_processor`: Qwen2.5-VL-7B from ComfyUI's files (bf16,
+  scaled fp8; classic or transformers-5 key names, under a prefix or not) or the
+  ``text_encoder/`` folder; the tokenizer and image settings are looked for beside the file, in
+  a ComfyUI install and in a release folder.
 - :mod:`.writers`: the other direction -- writing these layouts (tiny models, tests, benchmarks).
 
-Every error is a :class:`FileFormatError` (a ``ValueError``).
+Errors, all from :mod:`._common`: :class:`FileFormatError` (a ``ValueError``) is the base of
+:class:`CheckpointFormatError` (transformer files; :class:`GGUFFileError` is one),
+:class:`LoraFormatError`, :class:`VAEFileError`, :class:`TextEncoderFileError` and
+:class:`ProcessorNotFoundError` (also a ``FileNotFoundError``).
 
-Everything here detects the format from the file's content (header, keys, dtypes), never from
-its name, and fails with a message naming the file, what was found and what was expected.
-Importing this package is cheap: diffusers / accelerate are imported by the functions.
+Importing this package is cheap: a name is imported from its module on first use, and
+diffusers / transformers / accelerate / gguf are imported by the functions that need them.
 """
 
 from __future__ import annotations
 
 _EXPORTS = {
-    "_common": ("FileFormatError",),
-    "transformer_files": ("CheckpointFormatError", "FP8Linear", "inspect_transformer", "load_transformer",
-                          "model_memory_bytes"),
-    "lora": ("LoraFormatError", "apply_loras", "list_loras", "load_lora", "parse_lora_spec", "read_lora",
-             "remove_loras", "set_lora_strength"),
-    "gguf_files": ("GGUFFileError", "inspect_gguf", "load_gguf_transformer"),
-    "vae_files": ("VAEFileError", "inspect_vae", "load_vae"),
-    "text_encoder_files": ("TextEncoderFileError", "ProcessorNotFoundError", "find_processor", "inspect_text_encoder",
-                           "load_text_encoder"),
+    "_common": (
+        "CheckpointFormatError",
+        "FileFormatError",
+        "GGUFFileError",
+        "LoraFormatError",
+        "ProcessorNotFoundError",
+        "TextEncoderFileError",
+        "VAEFileError",
+        "describe_keys",
+        "read_safetensors_header",
+        "sniff",
+    ),
+    "transformer_files": ("FP8Linear", "inspect_transformer", "load_transformer", "model_memory_bytes"),
+    "gguf_files": ("inspect_gguf", "is_gguf", "load_gguf_transformer", "quantized_linear_count"),
+    "lora": (
+        "apply_loras",
+        "list_loras",
+        "load_lora",
+        "parse_lora_spec",
+        "read_lora",
+        "remove_loras",
+        "set_lora_strength",
+    ),
+    "vae_files": ("inspect_vae", "load_vae"),
+    "text_encoder_files": ("find_processor", "inspect_text_encoder", "load_text_encoder"),
 }
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
-__all__ = sorted(n for names in _EXPORTS.values() for n in names)
+__all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
 
-    for module, names in _EXPORTS.items():
-        if name in names:
-            return getattr(importlib.import_module(f".{module}", __name__), name)
-    raise AttributeError(name)
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -20,7 +20,6 @@ is dequantized once at load.
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -28,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from ._common import FORMAT_WORDS, FileFormatError, describe_keys, sniff
+from ._common import FORMAT_WORDS, GGUFFileError, describe_keys, sniff
+from .transformer_files import config_from_shapes
 
 __all__ = [
     "GGUFFileError",
@@ -37,7 +37,6 @@ __all__ = [
     "is_gguf",
     "load_gguf_transformer",
     "quantized_linear_count",
-    "transformer_config_from_shapes",
 ]
 
 EXPECTED = (
@@ -46,10 +45,6 @@ EXPECTED = (
 IMAGE_ARCHS = {"flux", "sd1", "sdxl", "sd3", "aura", "hidream", "cosmos", "ltxv", "hyvid", "wan", "lumina2"}
 TEXT_ARCHS = {"t5", "t5encoder", "llama", "qwen2vl", "qwen3", "qwen3vl", "clip"}
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
-
-
-class GGUFFileError(FileFormatError):
-    """The file is not a readable Qwen-Image MM-DiT GGUF, or uses a quantization not supported."""
 
 
 @dataclass
@@ -70,10 +65,7 @@ class GGUFInfo:
 
 
 def is_gguf(path) -> bool:
-    try:
-        return sniff(path) == "gguf"
-    except FileFormatError:
-        return False
+    return Path(path).is_file() and sniff(path) == "gguf"
 
 
 def _field(reader, name):
@@ -107,43 +99,6 @@ def _reader(path: Path):
         ) from None
 
 
-def _count(shapes, pattern: str) -> int:
-    rx = re.compile(pattern)
-    idx = {int(m.group(1)) for k in shapes if (m := rx.match(k))}
-    if idx != set(range(len(idx))):
-        raise GGUFFileError(f"block numbers are not contiguous: {sorted(idx)}")
-    return len(idx)
-
-
-def transformer_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict:
-    """``QwenImageTransformer2DModel`` kwargs read from tensor shapes (diffusers names).
-
-    Blocks, widths, heads, text width and channels come from the shapes; the patch size is 2 (all
-    Qwen-Image models); the RoPE split is the real model's ``(16, 56, 56)`` for 128-wide heads,
-    else :func:`firered_core.tiny.default_axes_dims_rope`.
-    """
-    from ..tiny import default_axes_dims_rope
-
-    inner, in_channels = shapes["img_in.weight"]
-    head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
-    if inner % head_dim:
-        raise GGUFFileError(f"width {inner} is not a multiple of the head size {head_dim}")
-    patch = 2
-    out_channels = shapes["proj_out.weight"][0] // (patch * patch)
-    return {
-        "patch_size": patch,
-        "in_channels": in_channels,
-        "out_channels": out_channels,
-        "num_layers": _count(shapes, r"transformer_blocks\.(\d+)\."),
-        "attention_head_dim": head_dim,
-        "num_attention_heads": inner // head_dim,
-        "joint_attention_dim": shapes["txt_in.weight"][1],
-        "guidance_embeds": False,
-        "axes_dims_rope": [16, 56, 56] if head_dim == 128 else list(default_axes_dims_rope(head_dim)),
-        "use_additional_t_cond": "time_text_embed.addition_t_embedding.weight" in shapes,
-    }
-
-
 def _orig_shape(reader, name):
     v = _field(reader, f"comfy.gguf.orig_shape.{name}")
     return tuple(int(x) for x in v) if v else None
@@ -155,10 +110,7 @@ def inspect_gguf(path) -> GGUFInfo:
     Raises :class:`GGUFFileError` naming the file, what it holds and what was expected.
     """
     p = Path(path)
-    try:
-        kind = sniff(p)
-    except FileFormatError as e:
-        raise GGUFFileError(f"{e}; {EXPECTED} was expected") from None
+    kind = sniff(p, error=GGUFFileError, expected=EXPECTED)
     if kind != "gguf":
         raise GGUFFileError(
             f"{str(p)!r} is {FORMAT_WORDS.get(kind, 'a ' + kind + ' file')}, but {EXPECTED} was expected"
@@ -190,10 +142,7 @@ def inspect_gguf(path) -> GGUFInfo:
             else f"a GGUF file holding {describe_keys(shapes)}"
         )
         raise GGUFFileError(f"{str(p)!r} is {found}, but {EXPECTED} was expected")
-    try:
-        config = transformer_config_from_shapes(shapes)
-    except (KeyError, ValueError, IndexError) as e:
-        raise GGUFFileError(f"{str(p)!r} is a Qwen-Image GGUF with an unexpected layout: {e}") from None
+    config = config_from_shapes(shapes, where=f"{str(p)!r} (a Qwen-Image GGUF)", error=GGUFFileError)
     return GGUFInfo(arch, prefix, shapes, qtypes, counts, config)
 
 

@@ -50,7 +50,8 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from .transformer_files import CheckpointFormatError, FP8Linear, read_safetensors_header
+from ._common import LoraFormatError, read_safetensors_header
+from .transformer_files import FP8Linear
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,6 @@ __all__ = [
     "remove_loras",
     "set_lora_strength",
 ]
-
-
-class LoraFormatError(CheckpointFormatError):
-    """A LoRA file is unreadable or matches nothing in the model; the message names the file, what
-    was found and what was expected."""
 
 
 # suffix -> role; the longest suffix that matches wins
@@ -328,12 +324,9 @@ def _resolve(base: str, lookup: Mapping[str, str]) -> tuple[str, str] | None:
 
 def _read_state_dict(path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
     path = str(path)
-    try:
-        header = read_safetensors_header(path)
-        with open(path, "rb") as f:
-            sd = {k: header.read(f, k) for k in header.tensors}
-    except CheckpointFormatError as e:
-        raise LoraFormatError(f"cannot read LoRA: {e}") from None
+    header = read_safetensors_header(path, error=LoraFormatError, expected="a LoRA .safetensors file")
+    with open(path, "rb") as f:
+        sd = {k: header.read(f, k) for k in header.tensors}
     return sd, header.metadata, path
 
 

@@ -42,7 +42,15 @@ from typing import Any
 
 import torch
 
-from ._common import FP8_DTYPES, FileFormatError, common_prefix, describe_keys, safetensors_header, sniff
+from ._common import (
+    FP8_DTYPES,
+    ProcessorNotFoundError,
+    TextEncoderFileError,
+    common_prefix,
+    describe_keys,
+    read_safetensors_header,
+    sniff,
+)
 
 __all__ = [
     "COMFYUI_TOKENIZER_SUBDIR",
@@ -133,14 +141,6 @@ QWEN2VL_IMAGE_PROCESSOR: dict[str, Any] = {
 }
 
 
-class TextEncoderFileError(FileFormatError):
-    """The file is not a Qwen2.5-VL text encoder in a layout this loader knows."""
-
-
-class ProcessorNotFoundError(FileNotFoundError):
-    """No Qwen2.5-VL tokenizer was found; the message lists where it looked and what to do."""
-
-
 # --------------------------------------------------------------------------- key layout
 
 
@@ -171,10 +171,8 @@ def inspect_text_encoder(path) -> dict:
     """Read a text-encoder file's header: ``{"prefix", "shapes" (classic names), "dtypes",
     "scaled" (True for ComfyUI scaled fp8), "quant_formats"}``. Raises :class:`TextEncoderFileError`."""
     p = Path(path)
-    try:
-        header, metadata = safetensors_header(p)
-    except FileFormatError as e:
-        raise TextEncoderFileError(f"{e}; {EXPECTED} was expected") from None
+    h = read_safetensors_header(p, error=TextEncoderFileError, expected=EXPECTED)
+    header, metadata = h.tensors, h.metadata
     prefix = common_prefix([k for k in header if k != "scaled_fp8"], PREFIXES)
     shapes, dtypes = {}, {}
     scaled = "scaled_fp8" in header or "scaled_fp8" in metadata
@@ -390,10 +388,7 @@ def load_text_encoder(
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     p = Path(path)
-    try:
-        kind = sniff(p)
-    except FileFormatError as e:
-        raise TextEncoderFileError(f"{e}; {EXPECTED} was expected") from None
+    kind = sniff(p, error=TextEncoderFileError, expected=EXPECTED)
     if kind == "directory":
         return _load_folder(p, dtype, device)
     if kind == "gguf":

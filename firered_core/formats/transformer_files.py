@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._common import FP8_DTYPES, ST_DTYPES, FileFormatError
+from ._common import (
+    FP8_DTYPES,
+    ST_DTYPES,
+    CheckpointFormatError,
+    SafetensorsHeader,
+    describe_keys,
+    read_safetensors_header,
+    sniff,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,182 +62,17 @@ __all__ = [
     "FP8Linear",
     "TransformerCheckpoint",
     "config_from_shapes",
-    "describe_keys",
     "inspect_transformer",
     "load_transformer",
     "model_memory_bytes",
-    "read_safetensors_header",
-    "sniff_file",
 ]
 
 
-class CheckpointFormatError(FileFormatError):
-    """A weight file is unreadable, of another model, or incomplete. The message names the file,
-    what was found in it and what was expected."""
-
-
-# ---------------------------------------------------------------------------------------------
-# safetensors headers and content sniffing
-# ---------------------------------------------------------------------------------------------
-
 FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
-MAX_HEADER = 100 * 1024 * 1024
-
-
-@dataclass
-class SafetensorsHeader:
-    """What a safetensors file holds, read from its JSON header without loading any tensor.
-
-    tensors: key -> (dtype name as in the header, e.g. ``"BF16"``, shape tuple);
-    metadata: the ``__metadata__`` string table (empty if none);
-    offsets: key -> (start, end) byte offsets of its data, counted from ``data_start``.
-    """
-
-    path: str
-    tensors: dict[str, tuple[str, tuple[int, ...]]]
-    metadata: dict[str, str] = field(default_factory=dict)
-    offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
-    data_start: int = 0
-
-    def read(self, f, key: str) -> torch.Tensor:
-        """Read one tensor from the open file ``f`` into a fresh, aligned CPU tensor.
-
-        Plain reads, not a memory map: the process never holds the file's pages on top of the
-        tensors (a memory map keeps every touched page resident until it is closed, doubling the
-        peak for a full-precision load), and a fresh allocation computes exactly like the original.
-        """
-        dt, shape = self.tensors[key]
-        if dt not in ST_DTYPES:
-            raise CheckpointFormatError(f"{self.path!r}: tensor {key!r} has dtype {dt}, which torch cannot hold")
-        start, end = self.offsets[key]
-        out = torch.empty(shape, dtype=ST_DTYPES[dt])
-        raw = out.reshape(-1).view(torch.uint8)
-        if raw.numel() != end - start:
-            raise CheckpointFormatError(
-                f"{self.path!r}: tensor {key!r} ({dt} {list(shape)}) has {end - start} bytes of data"
-            )
-        f.seek(self.data_start + start)
-        if raw.numel() and f.readinto(memoryview(raw.numpy())) != raw.numel():
-            raise CheckpointFormatError(f"{self.path!r}: truncated while reading {key!r}")
-        return out
-
-
-def sniff_file(path) -> str:
-    """The container format of a file from its first bytes: ``"safetensors"``, ``"gguf"``,
-    ``"torch-zip"`` (``torch.save`` / ``.ckpt``), ``"pickle"``, ``"empty"`` or ``"unknown"``."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if not head:
-        return "empty"
-    if head[:4] == b"GGUF":
-        return "gguf"
-    if head[:4] == b"PK\x03\x04":
-        return "torch-zip"
-    if len(head) >= 9 and head[8:9] == b"{":  # before pickle: a header length can start with 0x80
-        return "safetensors"
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return "pickle"
-    return "unknown"
-
-
-_CONTAINER_NAMES = {
-    "gguf": "a GGUF file",
-    "torch-zip": "a PyTorch pickle checkpoint (torch.save zip)",
-    "pickle": "a raw pickle file",
-    "empty": "an empty file",
-    "unknown": "no known weight-file header",
-}
-
-
-def read_safetensors_header(path) -> SafetensorsHeader:
-    """Read and validate a safetensors header; :class:`CheckpointFormatError` if the file is not
-    safetensors, its header is corrupt, or its data is truncated."""
-    path = str(path)
-    if not os.path.isfile(path):
-        raise CheckpointFormatError(f"{path!r} does not exist or is not a file; expected a .safetensors weight file")
-    size = os.path.getsize(path)
-    kind = sniff_file(path)
-    if kind != "safetensors":
-        raise CheckpointFormatError(
-            f"{path!r} is not a safetensors file: found {_CONTAINER_NAMES[kind]} ({size} bytes); "
-            "expected a .safetensors file (8-byte header length, then a JSON header)"
-            + ("; load GGUF files with load_transformer() / load_gguf_transformer()" if kind == "gguf" else "")
-            + (
-                "; pickle checkpoints are not loaded because they can run code"
-                if kind in ("torch-zip", "pickle")
-                else ""
-            )
-        )
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > MAX_HEADER or 8 + n > size:
-            raise CheckpointFormatError(
-                f"{path!r}: truncated or corrupt safetensors file: the header claims {n} bytes but the file has "
-                f"{size} bytes; expected a complete .safetensors file (re-download it)"
-            )
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointFormatError(
-            f"{path!r}: corrupt safetensors header ({e}); expected a JSON table of tensors"
-        ) from None
-    metadata = header.pop("__metadata__", None) or {}
-    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
-    offsets: dict[str, tuple[int, int]] = {}
-    data_size = size - 8 - n
-    end_max = 0
-    for k, v in header.items():
-        try:
-            dtype, shape, (_start, end) = v["dtype"], tuple(int(s) for s in v["shape"]), v["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointFormatError(f"{path!r}: corrupt safetensors header entry {k!r}: {v!r}") from None
-        tensors[k] = (dtype, shape)
-        offsets[k] = (int(_start), int(end))
-        end_max = max(end_max, int(end))
-    if end_max > data_size:
-        raise CheckpointFormatError(
-            f"{path!r}: truncated safetensors file: its tensors need {end_max} bytes of data but only {data_size} "
-            "are present; expected a complete file (the download or copy was probably cut off)"
-        )
-    return SafetensorsHeader(path, tensors, dict(metadata), offsets, 8 + n)
-
-
-# ---------------------------------------------------------------------------------------------
-# what model a key set belongs to
-# ---------------------------------------------------------------------------------------------
-
-
-def _has(keys, *parts) -> bool:
-    return any(any(p in k for p in parts) for k in keys)
-
-
-def describe_keys(keys) -> str:
-    """A short human name for the model a set of state-dict keys most likely belongs to."""
-    keys = list(keys)
-    if not keys:
-        return "no tensors at all"
-    if _has(keys, "lora_A", "lora_B", "lora_down", "lora_up", "hada_w1", "lokr_w1", ".lora."):
-        return "a LoRA / LyCORIS adapter (load it as a LoRA, not as a model)"
-    if _has(keys, "txt_norm.weight") and _has(
-        keys, "img_mod.1.weight", "img_mod.1.comfy_quant", "img_mod.1.scale_weight"
-    ):
-        return "a Qwen-Image / Qwen-Image-Edit / FireRed MM-DiT"
-    if _has(keys, "double_blocks.", "single_blocks.", "single_transformer_blocks."):
-        return "a Flux-style DiT (Flux / Chroma / HiDream)"
-    if _has(keys, "joint_blocks."):
-        return "an SD3 / SD3.5 MM-DiT"
-    if _has(keys, "input_blocks.", "down_blocks.", "conditioner.embedders", "cond_stage_model."):
-        return "a Stable Diffusion / SDXL UNet checkpoint"
-    if _has(keys, "patch_embedding.", "blocks.0.self_attn.q.", "blocks.0.cross_attn."):
-        return "a Wan-style video DiT"
-    if _has(keys, "visual.blocks.", "model.layers.", "language_model.", "embed_tokens."):
-        return "a language / vision-language model (e.g. the Qwen2.5-VL text encoder)"
-    if _has(keys, "decoder.", "encoder.", "post_quant_conv", "conv1."):
-        return "a VAE"
-    return f"an unknown model (first keys: {sorted(keys)[:4]})"
+EXPECTED = (
+    "a Qwen-Image / FireRed MM-DiT: a .safetensors file (diffusers keys, bare or under a prefix such as "
+    "'model.diffusion_model.') or a diffusers transformer/ folder"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,42 +191,61 @@ def _decode_quant_conf(value: torch.Tensor, where: str) -> dict:
 
 
 def config_from_shapes(
-    shapes: dict[str, tuple[int, ...]], base: dict[str, Any] | None = None, where: str = ""
+    shapes: dict[str, tuple[int, ...]],
+    base: dict[str, Any] | None = None,
+    *,
+    where: str = "",
+    error: type[CheckpointFormatError] = CheckpointFormatError,
 ) -> dict[str, Any]:
-    """``QwenImageTransformer2DModel`` arguments from the shapes of its (prefix-free) keys.
+    """``QwenImageTransformer2DModel`` arguments from the shapes of its (prefix-free) keys; shared by
+    the safetensors and the GGUF loader.
 
     Read: ``in_channels`` and the width from ``img_in``, ``joint_attention_dim`` from ``txt_in``,
     the head size from ``attn.norm_q`` (so ``num_attention_heads = width / head size``),
-    ``num_layers`` by counting ``transformer_blocks.N``, ``out_channels`` from ``proj_out``.
-    Not in the keys (parameter-free): ``patch_size`` (2) and ``axes_dims_rope``
-    ((16, 56, 56) for 128-wide heads), taken from ``base`` (a config.json) when given.
+    ``num_layers`` by counting ``transformer_blocks.N`` (which must be numbered 0..N-1),
+    ``out_channels`` from ``proj_out``, ``use_additional_t_cond`` from its embedding.
+    Not in the keys (parameter-free): ``patch_size`` (2), ``axes_dims_rope`` ((16, 56, 56) for
+    128-wide heads, :func:`firered_core.tiny.default_axes_dims_rope` otherwise), ``zero_cond_t``,
+    ``use_layer3d_rope`` and ``guidance_embeds`` (False), taken from ``base`` (a config.json) when
+    given. Raises ``error`` naming ``where`` when a key it needs is missing or the shapes disagree.
     """
     from ..tiny import default_axes_dims_rope
 
     need = ("img_in.weight", "txt_in.weight", "proj_out.weight", "transformer_blocks.0.attn.norm_q.weight")
     missing = [k for k in need if k not in shapes]
     if missing:
-        raise CheckpointFormatError(
-            f"{where}: a Qwen-Image MM-DiT but the keys {missing} are missing; the file is incomplete"
+        raise error(
+            f"{where}: a Qwen-Image MM-DiT but the keys {missing} are missing; expected the complete key set "
+            "(the file is incomplete)"
         )
-    cfg: dict[str, Any] = {}
+    cfg: dict[str, Any] = {"guidance_embeds": False}
     for k in ("patch_size", "axes_dims_rope", "zero_cond_t", "use_layer3d_rope", "guidance_embeds"):
         if base and k in base:
             cfg[k] = tuple(base[k]) if k == "axes_dims_rope" else base[k]
     patch = int(cfg.get("patch_size", 2))
-    width, in_channels = shapes["img_in.weight"]
-    head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
+    try:
+        width, in_channels = shapes["img_in.weight"]
+        (head_dim,) = shapes["transformer_blocks.0.attn.norm_q.weight"]
+        text_dim = shapes["txt_in.weight"][1]
+    except (ValueError, IndexError):
+        found = {k: shapes[k] for k in need}
+        raise error(
+            f"{where}: unexpected shapes {found}; expected 2-D img_in / txt_in and 1-D norm_q weights"
+        ) from None
     if width % head_dim:
-        raise CheckpointFormatError(f"{where}: width {width} is not a multiple of the head size {head_dim}")
-    blocks = {int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks.")}
+        raise error(f"{where}: width {width} is not a multiple of the head size {head_dim}; expected whole heads")
+    blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"transformer_blocks\.(\d+)\.", k))}
+    if blocks != set(range(len(blocks))):
+        gaps = sorted(set(range(max(blocks) + 1)) - blocks)
+        raise error(f"{where}: transformer blocks {gaps} are missing; expected blocks numbered 0..{max(blocks)}")
     cfg.update(
         patch_size=patch,
         in_channels=in_channels,
         out_channels=shapes["proj_out.weight"][0] // (patch * patch),
-        num_layers=max(blocks) + 1,
+        num_layers=len(blocks),
         attention_head_dim=head_dim,
         num_attention_heads=width // head_dim,
-        joint_attention_dim=shapes["txt_in.weight"][1],
+        joint_attention_dim=text_dim,
         use_additional_t_cond="time_text_embed.addition_t_embedding.weight" in shapes,
     )
     if "axes_dims_rope" not in cfg or sum(cfg["axes_dims_rope"]) != head_dim:
@@ -396,7 +258,7 @@ def inspect_transformer(path) -> TransformerCheckpoint:
     prefix, quantization and architecture, without loading tensors."""
     p = Path(path)
     files, weight_map, file_config, layout = _resolve_files(p)
-    headers = [read_safetensors_header(f) for f in files]
+    headers = [read_safetensors_header(f, error=CheckpointFormatError, expected=EXPECTED) for f in files]
     where = str(p)
     all_keys: dict[str, tuple[str, str, tuple[int, ...]]] = {}
     metadata: dict[str, str] = {}
@@ -469,7 +331,7 @@ def inspect_transformer(path) -> TransformerCheckpoint:
             raise CheckpointFormatError(f"{where}: quantization info for layer {layer!r} but no {layer}.weight tensor")
 
     shapes = {k: v[3] for k, v in entries.items()}
-    config = config_from_shapes(shapes, file_config, where)
+    config = config_from_shapes(shapes, file_config, where=where)
 
     dtypes = sorted({v[2] for k, v in entries.items() if k.endswith(".weight") and len(v[3]) == 2})
     if scales and is_scaled_fp8:
@@ -612,7 +474,7 @@ def load_transformer(
 
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
-    if os.path.isfile(path) and sniff_file(path) == "gguf":  # one entry point for every MM-DiT file
+    if os.path.isfile(path) and sniff(path) == "gguf":  # one entry point for every MM-DiT file
         from .gguf_files import load_gguf_transformer
 
         return load_gguf_transformer(path, dtype=dtype, device=device)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ._common import FORMAT_WORDS, FileFormatError, common_prefix, describe_keys, safetensors_header, sniff
+from ._common import FORMAT_WORDS, VAEFileError, common_prefix, describe_keys, read_safetensors_header, sniff
 
 __all__ = ["VAEFileError", "VAELayout", "comfy_to_diffusers_keys", "inspect_vae", "load_vae"]
 
@@ -40,10 +40,6 @@ EXPECTED = (
     "diffusers names, or a diffusers vae/ folder"
 )
 PREFIXES = ("vae.", "first_stage_model.", "model.vae.")
-
-
-class VAEFileError(FileFormatError):
-    """The file is not a Qwen-Image VAE in a layout this loader knows."""
 
 
 @dataclass(frozen=True)
@@ -185,7 +181,7 @@ def comfy_to_diffusers_keys(keys, num_res_blocks: int, num_stages: int) -> dict[
 def inspect_vae(path) -> VAELayout:
     """Detect the layout of a VAE ``.safetensors`` file and read its config from the shapes."""
     p = Path(path)
-    header, _ = safetensors_header(p)
+    header = read_safetensors_header(p, error=VAEFileError, expected=EXPECTED).tensors
     prefix = common_prefix(header, PREFIXES)
     shapes = {k[len(prefix) :]: v[1] for k, v in header.items()}
     if "decoder.middle.0.residual.0.gamma" in shapes and "encoder.conv1.weight" in shapes:
@@ -241,20 +237,12 @@ def load_vae(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu"):
     from ..tiny import LATENTS_MEAN, LATENTS_STD
 
     p = Path(path)
-    try:
-        kind = sniff(p)
-    except FileFormatError as e:
-        raise VAEFileError(str(e)) from None
+    kind = sniff(p, error=VAEFileError, expected=EXPECTED)
     if kind == "directory":
         return _load_folder(p, dtype, device)
     if kind != "safetensors":
         raise VAEFileError(f"{str(p)!r} is {FORMAT_WORDS.get(kind, kind)}, but {EXPECTED} was expected")
-    try:
-        info = inspect_vae(p)
-    except VAEFileError:
-        raise
-    except FileFormatError as e:
-        raise VAEFileError(str(e)) from None
+    info = inspect_vae(p)
     cfg = info.config
     with safe_open(str(p), "pt", device="cpu") as f:
         names = [k for k in f.keys() if k.startswith(info.prefix)]

@@ -5,6 +5,7 @@ the float model, and bad files fail clearly."""
 import numpy as np
 import pytest
 import torch
+from formats_helpers import rel
 
 from firered_core.formats.gguf_files import GGUFFileError, inspect_gguf, load_gguf_transformer, quantized_linear_count
 
@@ -80,10 +81,6 @@ def run(model, seed=0, text_dim=None):
         return model(**kw)[0]
 
 
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
     from diffusers import QwenImageTransformer2DModel
@@ -139,7 +136,7 @@ def test_k_quants_as_users_hold_them(tmp_path):
     model = load_gguf_transformer(path, dtype=torch.float32)
     info = inspect_gguf(path)
     assert {"Q4_K", "Q5_K", "Q6_K", "F32"} <= set(info.type_counts)
-    assert info.config["axes_dims_rope"] == [16, 56, 56]
+    assert tuple(info.config["axes_dims_rope"]) == (16, 56, 56)
     kinds = {
         m.weight.quant_type
         for m in model.modules()

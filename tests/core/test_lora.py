@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from formats_helpers import run, tiny_transformer
 from safetensors.torch import save_file
 
 from firered_core.formats.lora import (
@@ -20,8 +21,8 @@ from firered_core.formats.lora import (
     set_lora_strength,
 )
 from firered_core.formats.transformer_files import FP8Linear, load_transformer
+from firered_core.formats.writers import write_gguf
 
-JOINT = 32
 RANK = 4
 # The layers FireRed's trainer targets, plus top-level ones some trainers add.
 TARGETS = [
@@ -43,41 +44,6 @@ TARGETS = [
         "txt_mod.1",
     )
 ] + ["img_in", "txt_in", "proj_out", "norm_out.linear", "time_text_embed.timestep_embedder.linear_1"]
-
-
-def tiny_transformer(seed=0):
-    from diffusers import QwenImageTransformer2DModel
-
-    torch.manual_seed(seed)
-    return (
-        QwenImageTransformer2DModel(
-            patch_size=2,
-            in_channels=64,
-            out_channels=16,
-            num_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=JOINT,
-            axes_dims_rope=(4, 6, 6),
-        )
-        .eval()
-        .requires_grad_(False)
-    )
-
-
-def run(model, dtype=torch.float32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 32, 64, generator=g)
-    e = torch.randn(1, 7, JOINT, generator=g)
-    with torch.no_grad():
-        return model(
-            hidden_states=x.to(dtype),
-            encoder_hidden_states=e.to(dtype),
-            encoder_hidden_states_mask=torch.ones(1, 7, dtype=torch.long),
-            timestep=torch.tensor([0.6], dtype=dtype),
-            img_shapes=[[(1, 4, 4), (1, 4, 4)]],
-            return_dict=False,
-        )[0].float()
 
 
 def random_lora(model, seed, alpha=2.0, targets=TARGETS):
@@ -385,21 +351,12 @@ def test_lora_of_another_size_and_bad_files(tmp_path, model):
 def test_lora_on_a_gguf_base(tmp_path, base):
     """GGUF layers (diffusers' GGUFLinear, weights kept quantized) take LoRAs like any linear: the
     result is the base with its dequantized weights plus the hand merge; removal restores it."""
-    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("gguf")
     from diffusers.quantizers.gguf.utils import GGUFLinear, dequantize_gguf_tensor
 
     from firered_core.formats.gguf_files import load_gguf_transformer
 
-    f = tmp_path / "tiny-Q8_0.gguf"
-    w = gguf.GGUFWriter(str(f), arch="qwen_image")
-    for k, v in base.state_dict().items():
-        a = v.float().numpy()
-        q = gguf.GGMLQuantizationType.Q8_0 if a.ndim == 2 and a.shape[1] % 32 == 0 else gguf.GGMLQuantizationType.F32
-        w.add_tensor(k, gguf.quants.quantize(a, q), raw_dtype=q)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    f = write_gguf(base.state_dict(), tmp_path / "tiny-Q8_0.gguf")
     m = load_gguf_transformer(f, dtype=torch.float32)
     ref_base = copy.deepcopy(base)
     layers = [n for n, x in m.named_modules() if isinstance(x, GGUFLinear)]

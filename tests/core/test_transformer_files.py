@@ -9,6 +9,7 @@ import struct
 
 import pytest
 import torch
+from formats_helpers import linear_names, rel, run, state, tiny_transformer
 from safetensors.torch import save_file
 
 from firered_core.formats.transformer_files import (
@@ -18,52 +19,9 @@ from firered_core.formats.transformer_files import (
     load_transformer,
     model_memory_bytes,
 )
+from firered_core.formats.writers import write_gguf
 
 FP8 = torch.float8_e4m3fn
-JOINT = 32
-
-
-def tiny_transformer(seed=0, num_layers=2, heads=2, head_dim=16, joint=JOINT, axes=(4, 6, 6)):
-    from diffusers import QwenImageTransformer2DModel
-
-    torch.manual_seed(seed)
-    return (
-        QwenImageTransformer2DModel(
-            patch_size=2,
-            in_channels=64,
-            out_channels=16,
-            num_layers=num_layers,
-            attention_head_dim=head_dim,
-            num_attention_heads=heads,
-            joint_attention_dim=joint,
-            axes_dims_rope=axes,
-        )
-        .eval()
-        .requires_grad_(False)
-    )
-
-
-def run(model, dtype=torch.float32, joint=JOINT, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 16 + 16, 64, generator=g)  # a 4x4 target and a 4x4 reference latent
-    e = torch.randn(1, 7, joint, generator=g)
-    with torch.no_grad():
-        return model(
-            hidden_states=x.to(dtype),
-            encoder_hidden_states=e.to(dtype),
-            encoder_hidden_states_mask=torch.ones(1, 7, dtype=torch.long),
-            timestep=torch.tensor([0.6], dtype=dtype),
-            img_shapes=[[(1, 4, 4), (1, 4, 4)]],
-            return_dict=False,
-        )[0].float()
-
-
-def linear_names(model):
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-
-
-def state(model, prefix=""):
-    return {prefix + k: v.contiguous() for k, v in model.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
@@ -159,13 +117,12 @@ def test_tiny_release_folder_matches_diffusers(tiny_model_dir):
 
     ref = QwenImageTransformer2DModel.from_pretrained(tiny_model_dir / "transformer").eval()
     m = load_transformer(tiny_model_dir, dtype=torch.float32)
-    joint = ref.config.joint_attention_dim
     # not bit-equal: diffusers computes on memory-mapped tensors, whose offsets change matmul rounding
     arch = [k for k in ref.config if not k.startswith("_")]
     assert {k: m.config[k] for k in arch} == {
         k: tuple(v) if isinstance(v, list) else v for k, v in ref.config.items() if k in arch
     }
-    assert torch.allclose(run(m, joint=joint), run(ref, joint=joint), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(run(m), run(ref), atol=1e-5, rtol=1e-5)
 
 
 def test_architecture_is_read_from_the_keys(tmp_path):
@@ -182,7 +139,7 @@ def test_architecture_is_read_from_the_keys(tmp_path):
     assert (cfg["in_channels"], cfg["out_channels"]) == (64, 16)
     m = load_transformer(f, dtype=torch.float32)
     assert len(m.transformer_blocks) == 3
-    assert torch.equal(run(m, joint=24), run(other, joint=24))
+    assert torch.equal(run(m), run(other))
 
 
 def test_weights_are_never_held_twice_and_nothing_stays_on_meta(tmp_path, base):
@@ -226,10 +183,6 @@ def test_fp8_files_stay_fp8_and_equal_their_dequantized_weights(tmp_path, base, 
     # and within the quantization error of the full-precision model (measured: plain ~3e-2, scaled ~2e-2 of max)
     err = (run(m) - ref_out).abs().max() / ref_out.abs().max()
     assert err < (0.06 if not scaled else 0.04)
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_scaled_fp8_is_closer_than_plain_fp8(tmp_path, base):
@@ -424,19 +377,10 @@ def test_incomplete_sharded_folder(tmp_path, base):
 
 
 def test_gguf_files_go_to_the_gguf_loader(tmp_path, base, ref_out):
-    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("gguf")
     from diffusers.quantizers.gguf.utils import GGUFLinear
 
-    f = tmp_path / "firered-q8_0.safetensors"  # a misleading name: the content decides
-    w = gguf.GGUFWriter(str(f), arch="qwen_image")
-    for k, v in base.state_dict().items():
-        a = v.float().numpy()
-        q = gguf.GGMLQuantizationType.Q8_0 if a.ndim == 2 and a.shape[1] % 32 == 0 else gguf.GGMLQuantizationType.F32
-        w.add_tensor(k, gguf.quants.quantize(a, q), raw_dtype=q)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    f = write_gguf(base.state_dict(), tmp_path / "firered-q8_0.safetensors")  # a misleading name: the content decides
     m = load_transformer(f, dtype=torch.float32)
     assert isinstance(m.transformer_blocks[0].attn.to_q, GGUFLinear)
     assert rel(run(m), ref_out) < 0.02  # Q8_0
