@@ -136,12 +136,12 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"edit: one {args.size}x{args.size} picture, {args.steps} steps, true CFG {args.cfg}, {args.repeats} timed runs each")
     # the fastest run: other load on the machine only ever adds time
-    med = {k: min(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
     peak = {k: max(v) for k, v in peaks.items()}
     for k in runs:
-        print(f"  {k:13s} best time {med[k]:8.2f} s (runs: {', '.join(f'{t:.2f}' for t in times[k])})   peak memory {peak[k] / 2**20:9.1f} MiB")
+        print(f"  {k:13s} best time {best[k]:8.2f} s (runs: {', '.join(f'{t:.2f}' for t in times[k])})   peak memory {peak[k] / 2**20:9.1f} MiB")
     diff = float(np.abs(outs["firered_core"] - outs["diffusers"]).max())
-    print(f"ratio ours/diffusers: time {med['firered_core'] / med['diffusers']:.3f}   "
+    print(f"ratio ours/diffusers: time {best['firered_core'] / best['diffusers']:.3f}   "
           f"peak memory {peak['firered_core'] / max(peak['diffusers'], 1):.3f}   (max pixel difference {diff:.2e})")
     return 0
 

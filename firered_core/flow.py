@@ -25,7 +25,7 @@ T = TypeVar("T", float, torch.Tensor)
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-def _bcast(sigma, like: torch.Tensor):
+def broadcast_sigma(sigma, like: torch.Tensor):
     """Shape ``sigma`` (float, 0-d or [B]) so that it broadcasts against ``like`` ([B, ...])."""
     if not isinstance(sigma, torch.Tensor):
         return sigma
@@ -42,7 +42,7 @@ def _bcast(sigma, like: torch.Tensor):
 
 def add_noise(x0: torch.Tensor, eps: torch.Tensor, sigma) -> torch.Tensor:
     """x_sigma = (1 - sigma) x0 + sigma eps."""
-    s = _bcast(sigma, x0)
+    s = broadcast_sigma(sigma, x0)
     return (1 - s) * x0 + s * eps
 
 
@@ -53,28 +53,28 @@ def velocity(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 
 def v_to_x0(x: torch.Tensor, v: torch.Tensor, sigma) -> torch.Tensor:
     """One-step clean estimate x0_hat = x_sigma - sigma v."""
-    return x - _bcast(sigma, x) * v
+    return x - broadcast_sigma(sigma, x) * v
 
 
 def v_to_eps(x: torch.Tensor, v: torch.Tensor, sigma) -> torch.Tensor:
     """Noise estimate eps_hat = x_sigma + (1 - sigma) v."""
-    return x + (1 - _bcast(sigma, x)) * v
+    return x + (1 - broadcast_sigma(sigma, x)) * v
 
 
 def x0_to_v(x: torch.Tensor, x0: torch.Tensor, sigma) -> torch.Tensor:
     """Velocity from a clean estimate: v = (x_sigma - x0) / sigma (sigma > 0)."""
-    return (x - x0) / _bcast(sigma, x)
+    return (x - x0) / broadcast_sigma(sigma, x)
 
 
 def x0_to_eps(x: torch.Tensor, x0: torch.Tensor, sigma) -> torch.Tensor:
     """Noise from a clean estimate: eps = (x_sigma - (1 - sigma) x0) / sigma (sigma > 0)."""
-    s = _bcast(sigma, x)
+    s = broadcast_sigma(sigma, x)
     return (x - (1 - s) * x0) / s
 
 
 def eps_to_x0(x: torch.Tensor, eps: torch.Tensor, sigma) -> torch.Tensor:
     """Clean estimate from a noise estimate: x0 = (x_sigma - sigma eps) / (1 - sigma) (sigma < 1)."""
-    s = _bcast(sigma, x)
+    s = broadcast_sigma(sigma, x)
     return (x - s * eps) / (1 - s)
 
 

@@ -101,8 +101,8 @@ def sde_step_with_logprob(
     xf, vf = x.to(torch.float32), v.to(torch.float32)
     s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
     s_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=x.device)
-    s_b = flow._bcast(s.expand(x.shape[0]) if s.dim() == 0 else s, xf)
-    sn_b = flow._bcast(s_next.expand(x.shape[0]) if s_next.dim() == 0 else s_next, xf)
+    s_b = flow.broadcast_sigma(s.expand(x.shape[0]) if s.dim() == 0 else s, xf)
+    sn_b = flow.broadcast_sigma(s_next.expand(x.shape[0]) if s_next.dim() == 0 else s_next, xf)
     dt = sn_b - s_b  # negative
     ratio = s_b / (1 - s_b).clamp_min(1e-3)
     std = eta * torch.sqrt(ratio.clamp_min(0))

@@ -109,14 +109,13 @@ def choose_instruction(sample, rng: random.Random, *, chinese_prob: float = 0.5,
 
     Returns ``(text, sources, target)`` as paths.
     """
-    cands = [(sample.instruction, False)]
+    text, inverse = sample.instruction, False
     if sample.instruction_cn and rng.random() < chinese_prob:
-        cands = [(sample.instruction_cn, False)]
+        text = sample.instruction_cn
     if sample.n_sources == 1 and rng.random() < inverse_prob:
         inv = [t for t in (sample.inverse_instruction, sample.inverse_instruction_cn) if t]
         if inv:
-            cands = [(rng.choice(inv), True)]
-    text, inverse = cands[0]
+            text, inverse = rng.choice(inv), True
     sources, target = list(sample.sources), sample.target
     if inverse:
         sources, target = [sample.target], sample.sources[0]

@@ -17,7 +17,7 @@ M, C = 0.7, 0.3
 
 
 def toy_model(x, sigma):
-    s = flow._bcast(sigma.to(torch.float64), x.to(torch.float64))
+    s = flow.broadcast_sigma(sigma.to(torch.float64), x.to(torch.float64))
     std = torch.sqrt((1 - s) ** 2 * C**2 + s**2)
     dstd = (s - (1 - s) * C**2) / std
     z = (x.to(torch.float64) - (1 - s) * M) / std

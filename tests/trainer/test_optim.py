@@ -18,10 +18,13 @@ def problem(seed=0):
     return x, y
 
 
-def train(name, steps=60, lr=3e-3, state=None, seed=0):
+def mlp(seed=0):
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
-    opt = build_optimizer(name, model.parameters(), lr=lr)
+    return torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+
+
+def steps_of(model, opt, steps):
+    """Run ``steps`` optimizer steps on the regression problem; return the losses."""
     x, y = problem()
     losses = []
     for _ in range(steps):
@@ -30,7 +33,13 @@ def train(name, steps=60, lr=3e-3, state=None, seed=0):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    return losses, model, opt
+    return losses
+
+
+def train(name, steps=60, lr=3e-3, seed=0):
+    model = mlp(seed)
+    opt = build_optimizer(name, model.parameters(), lr=lr)
+    return steps_of(model, opt, steps), model, opt
 
 
 @pytest.mark.parametrize("name", ["adamw8bit", "paged_adamw8bit"])
@@ -48,17 +57,8 @@ def test_lion8bit_tracks_32bit_lion():
     import bitsandbytes as bnb
 
     got, _, _ = train("lion8bit", lr=1e-3)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
-    opt = bnb.optim.Lion(model.parameters(), lr=1e-3, weight_decay=0.01, optim_bits=32)
-    x, y = problem()
-    ref = []
-    for _ in range(60):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        ref.append(loss.item())
+    model = mlp(0)
+    ref = steps_of(model, bnb.optim.Lion(model.parameters(), lr=1e-3, weight_decay=0.01, optim_bits=32), 60)
     assert got[-1] < 0.5 * got[0]
     # Lion's sign update amplifies the 8-bit state's rounding: within 12% of the 32-bit curve at
     # every step (measured: at most 5-6%, with the 8-bit curve ending slightly lower)
@@ -75,19 +75,11 @@ def test_state_survives_a_save_load_round_trip(name):
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
     buf.seek(0)
     saved = torch.load(buf, weights_only=False)
-    torch.manual_seed(123)
-    model2 = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+    model2 = mlp(123)
     model2.load_state_dict(saved["model"])
     opt2 = build_optimizer(name, model2.parameters(), lr=3e-3)
     opt2.load_state_dict(saved["opt"])
-    x, y = problem()
-    rest = []
-    for _ in range(30):
-        opt2.zero_grad()
-        loss = torch.nn.functional.mse_loss(model2(x), y)
-        loss.backward()
-        opt2.step()
-        rest.append(loss.item())
+    rest = steps_of(model2, opt2, 30)
     assert first + rest == pytest.approx(full, rel=1e-6)
 
 
