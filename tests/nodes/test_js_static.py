@@ -3,34 +3,19 @@ every node id, widget name, model folder, ui key and server event it names exist
 side, and it patches nothing global (every hook is scoped to the pack's own nodes)."""
 
 import importlib
-import importlib.util
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 JS_FILES = sorted((ROOT / "js").rglob("*.js"))
-PACK = "firered_pack_js_test"
 
 #: node ids the JS handles whose Python node has not landed yet -> why. An id leaves this table
 #: when its node lands (test_pending_ids_are_still_missing fails until it does).
 PENDING = {"FireRedTrainLoRA": "the LoRA training node (trainer issue) is not in the pack yet"}
-
-
-@pytest.fixture(scope="module")
-def pack():
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
-        )
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[PACK]
 
 
 def js_source() -> str:
@@ -143,7 +128,7 @@ def test_pending_ids_are_still_missing(pack):
 
 
 def test_file_info_widgets_and_folders_exist(pack):
-    FOLDERS = importlib.import_module(f"{PACK}.nodes.routes").FOLDERS
+    FOLDERS = importlib.import_module(f"{pack.__name__}.nodes.routes").FOLDERS
     for node_id, (widget, folder) in file_info_nodes().items():
         assert folder in FOLDERS, f"{node_id}: folder {folder!r} is not served by /firered/file_info"
         cls = pack.NODE_CLASS_MAPPINGS.get(node_id)

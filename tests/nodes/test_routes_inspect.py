@@ -4,7 +4,6 @@ the ``/firered/file_info`` route's logic (folders, path traversal, 404, cache) w
 
 import asyncio
 import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -19,17 +18,6 @@ from safetensors.torch import load_file, save_file
 from firered_core.formats import writers
 from firered_core.formats.inspect import describe_file, human_size
 
-ROOT = Path(__file__).resolve().parents[2]
-PACK = "firered_pack_routes_test"
-
-
-@pytest.fixture(scope="module")
-def comfy_models(tmp_path_factory):
-    from firered_core.tiny import make_tiny_comfyui
-
-    root = tmp_path_factory.mktemp("comfy_models")
-    return root, make_tiny_comfyui(root)
-
 
 @pytest.fixture(scope="module")
 def transformer_state(comfy_models):
@@ -40,16 +28,9 @@ def transformer_state(comfy_models):
 
 
 @pytest.fixture(scope="module")
-def routes():
-    """nodes/routes.py imported the way ComfyUI imports the pack: as a package under a folder name."""
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
-        )
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = mod
-        spec.loader.exec_module(mod)
-    return importlib.import_module(f"{PACK}.nodes.routes")
+def routes(pack):
+    """nodes/routes.py of the pack imported the way ComfyUI imports it (conftest's ``pack``)."""
+    return importlib.import_module(f"{pack.__name__}.nodes.routes")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,13 +206,17 @@ def test_human_size():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_file_info_resolves_describes_and_checks_the_folder(routes, comfy_models):
+def test_file_info_resolves_describes_and_checks_the_folder(routes, comfy_models, tmp_path):
     root, p = comfy_models
     routes.clear_cache()
+    (tmp_path / "diffusion_models").mkdir()
 
     def resolve(folder, name):
-        f = root / folder / name
-        return str(f) if f.exists() else None
+        for base in (root, tmp_path):
+            f = base / folder / name
+            if f.exists():
+                return str(f)
+        return None
 
     status, body = routes.file_info("diffusion_models", Path(p["transformer_gguf"]).name, resolve)
     assert status == 200 and body["kind"] == "mmdit" and body["matches"] is True
@@ -239,7 +224,7 @@ def test_file_info_resolves_describes_and_checks_the_folder(routes, comfy_models
     assert str(root) not in json.dumps(body)
 
     # a LoRA put in diffusion_models: answered, flagged as not what that loader takes
-    (root / "diffusion_models" / "oops.safetensors").write_bytes(Path(p["lora"]).read_bytes())
+    (tmp_path / "diffusion_models" / "oops.safetensors").write_bytes(Path(p["lora"]).read_bytes())
     status, body = routes.file_info("diffusion_models", "oops.safetensors", resolve)
     assert status == 200 and body["kind"] == "lora" and body["expected_kind"] == "mmdit" and body["matches"] is False
 
