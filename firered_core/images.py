@@ -158,3 +158,23 @@ def plan_sizes(
     else:
         raise ValueError(f"ref_mode must be 'own_aspect' or 'match_output', got {ref_mode!r}")
     return (out_w, out_h), vl, refs
+
+
+def comparison_pairs(before: torch.Tensor, after: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Pair ``IMAGE`` batches for a before/after view: ``[(before_i, after_i)]``, each ``[1, H, W, 3]``.
+    A single source pairs with every result; ``after`` is resized to its source's size when they differ."""
+    for name, t in (("before", before), ("after", after)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[-1] not in (3, 4):
+            raise ValueError(f"{name}: expected an IMAGE [B, H, W, 3], got {getattr(t, 'shape', type(t).__name__)}")
+    nb, na = before.shape[0], after.shape[0]
+    if nb not in (1, na):
+        raise ValueError(f"before has {nb} pictures and after has {na}: give one source, or one per result")
+    out = []
+    for i in range(na):
+        b = before[min(i, nb - 1) : min(i, nb - 1) + 1, ..., :3].float()
+        a = after[i : i + 1, ..., :3].float()
+        if a.shape[1:3] != b.shape[1:3]:
+            a = torch.nn.functional.interpolate(a.permute(0, 3, 1, 2), size=tuple(b.shape[1:3]), mode="bilinear", align_corners=False, antialias=True)
+            a = a.permute(0, 2, 3, 1).clamp(0, 1)
+        out.append((b.cpu(), a.cpu()))
+    return out
