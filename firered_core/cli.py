@@ -48,8 +48,26 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--vae", help="VAE file (e.g. qwen_image_vae.safetensors) instead of the folder's")
     e.add_argument("--tokenizer", help="Qwen2.5-VL tokenizer folder (default: the model folder's or ComfyUI's)")
     e.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="LoRA to apply (repeatable)")
-    e.add_argument("--weight-dtype", default="auto", choices=["auto", "fp8_e4m3fn", "fp8_e5m2", "dequantize"],
-                   help="MM-DiT weight storage: auto keeps fp8 files in fp8; fp8_* stores bf16 weights in fp8")
+    e.add_argument("--weight-dtype", default="auto",
+                   choices=["auto", "fp8_e4m3fn", "fp8_e5m2", "dequantize", "fp8_scaled", "int8"],
+                   help="MM-DiT weight storage: auto keeps fp8 files in fp8; fp8_* stores bf16 weights in fp8 (plain "
+                        "down-cast); fp8_scaled: fp8 with per-channel scales (pick this with Lightning LoRAs); int8: "
+                        "int8 weight-only with per-channel scales")
+    s = e.add_argument_group("speed and memory (see firered_core/memory.py and speed.py)")
+    s.add_argument("--memory", choices=["auto", "resident", "offload_encoders", "block_swap", "sequential"],
+                   help="memory plan (default: everything where it was loaded; auto = chosen from the free GPU memory)")
+    s.add_argument("--blocks-resident", type=int, help="MM-DiT blocks kept on the GPU with --memory block_swap")
+    s.add_argument("--memory-budget", type=float, metavar="GB", help="plan for this many GB instead of the free memory")
+    s.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode / encode in tiles (default: automatic for large pictures and tight memory)")
+    s.add_argument("--cache-threshold", type=float, default=0.0,
+                   help="step cache threshold (relative L1 of the first blocks' residual); 0 = off; 0.05-0.15")
+    s.add_argument("--cache-warmup", type=int, default=3, help="full steps before the step cache may skip")
+    s.add_argument("--cache-blocks", type=int, default=8, help="MM-DiT blocks always computed by the step cache")
+    s.add_argument("--attention", default="sdpa", choices=["sdpa", "flash", "sage", "auto"],
+                   help="attention backend (falls back to sdpa with a log line when not installed)")
+    s.add_argument("--compile", action="store_true", help="torch.compile the repeated MM-DiT block (slow first step)")
+    s.add_argument("--fp8-matmul", action="store_true", help="fp8 layers as fp8 matmuls on Ada / Hopper GPUs")
 
     t = sub.add_parser("make-tiny", help="write a tiny random FireRed model folder (for tests and demos)")
     t.add_argument("dir", help="folder to write")
@@ -85,14 +103,17 @@ def _edit(args) -> int:
         return 2
     try:
         t0 = time.perf_counter()
+        speed, memory = _speed_memory(args)
         if files or args.lora or args.weight_dtype != "auto":
             from .formats.lora import parse_lora_spec
 
             loras = [parse_lora_spec(spec) for spec in args.lora]
             editor = FireRedEditor.from_files(model, device=device, dtype=dtype, loras=loras,
-                                              weight_dtype=args.weight_dtype, **files)
+                                              weight_dtype=args.weight_dtype, speed=speed, memory=memory, **files)
         else:
-            editor = FireRedEditor.from_pretrained(model, device=device, dtype=dtype)
+            editor = FireRedEditor.from_pretrained(model, device=device, dtype=dtype, speed=speed, memory=memory)
+        if memory is not None:
+            print(f"memory plan: {editor.memory.plan.describe()}", file=sys.stderr)
         t_load = time.perf_counter() - t0
         bar = None
 
@@ -126,6 +147,10 @@ def _edit(args) -> int:
         result.images[0].save(tmp_out)
         tmp_out.replace(out)
         w, h = result.info["size"]
+        if "cache" in result.info:
+            c = result.info["cache"]
+            print(f"step cache: {c['cached_forwards']} of {c['forwards']} forwards cached, "
+                  f"{c['blocks_skipped']} block evaluations skipped", file=sys.stderr)
         print(f"wrote {out} ({w}x{h}) in {time.perf_counter() - t1:.1f}s (model load {t_load:.1f}s)")
         return 0
     except (ValueError, FileNotFoundError, TypeError) as e:
@@ -134,6 +159,24 @@ def _edit(args) -> int:
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _speed_memory(args):
+    """SpeedOptions / MemoryOptions from the flags (None where every flag of the group is default)."""
+    from .memory import MemoryOptions
+    from .speed import SpeedOptions
+
+    speed = None
+    if args.cache_threshold or args.attention != "sdpa" or args.compile or args.fp8_matmul:
+        speed = SpeedOptions(attention=args.attention, cache_threshold=args.cache_threshold,
+                             cache_warmup=args.cache_warmup, cache_compute_blocks=args.cache_blocks,
+                             compile=args.compile, fp8_matmul=args.fp8_matmul)
+    memory = None
+    if args.memory or args.blocks_resident is not None or args.memory_budget or args.vae_tiling is not None:
+        plan = args.memory or ("block_swap" if args.blocks_resident is not None else "auto")
+        memory = MemoryOptions(plan=plan, blocks_resident=args.blocks_resident, budget_gb=args.memory_budget,
+                               vae_tiling=args.vae_tiling)
+    return speed, memory
 
 
 def main(argv: list[str] | None = None) -> int:

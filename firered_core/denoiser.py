@@ -13,8 +13,9 @@ transformer's joint attention honours exactly.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -69,11 +70,15 @@ class Denoiser:
 
     ``predict(x, sigma, texts)`` -> one velocity per text, each ``[B, N, 64]`` in the compute dtype.
     ``model_fn(text)`` -> the plain ``(x, sigma) -> v`` function for a single text.
+    ``step_cache``: an optional :class:`firered_core.step_cache.StepCache` (installed by the
+    caller); each forward runs in its own stream, keyed by the texts and the batch size.
     """
 
-    def __init__(self, transformer: torch.nn.Module, cond: EditCondition, *, dtype: torch.dtype | None = None):
+    def __init__(self, transformer: torch.nn.Module, cond: EditCondition, *, dtype: torch.dtype | None = None,
+                 step_cache: Any = None):
         self.transformer = transformer
         self.cond = cond
+        self.step_cache = step_cache
         self.device = module_device(transformer)
         self.dtype = dtype or compute_dtype(transformer)
         self._refs = cond.ref_tokens.to(self.device, self.dtype) if cond.ref_tokens is not None else None
@@ -111,14 +116,20 @@ class Denoiser:
         timestep = timestep.repeat(k) / flow.NUM_TRAIN_TIMESTEPS
         # texts are repeated text-major ([t0] * B + [t1] * B ...) and the latent batch k times,
         # so row i pairs text i // B with latent i % B.
-        out = self.transformer(
-            hidden_states=hidden,
-            encoder_hidden_states=embeds,
-            encoder_hidden_states_mask=mask,
-            timestep=timestep,
-            img_shapes=[self.cond.img_shapes] * (k * b),
-            return_dict=False,
-        )[0]
+        stream = (
+            self.step_cache.stream((tuple(id(t) for t in texts), b), float(sig[0]))
+            if self.step_cache is not None
+            else contextlib.nullcontext()
+        )
+        with stream:
+            out = self.transformer(
+                hidden_states=hidden,
+                encoder_hidden_states=embeds,
+                encoder_hidden_states_mask=mask,
+                timestep=timestep,
+                img_shapes=[self.cond.img_shapes] * (k * b),
+                return_dict=False,
+            )[0]
         self.forward_calls += 1
         out = out[:, :n]
         return list(out.chunk(k, dim=0)) if k > 1 else [out]

@@ -12,6 +12,7 @@ Each stage is a function of its own module; this file only wires them.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -84,25 +85,111 @@ class EditResult:
 
 
 class FireRedEditor:
-    """A loaded FireRed-Image-Edit model (MM-DiT, VAE, Qwen2.5-VL and its processor)."""
+    """A loaded FireRed-Image-Edit model (MM-DiT, VAE, Qwen2.5-VL and its processor).
 
-    def __init__(self, components: FireRedComponents):
+    Speed and memory settings (:meth:`configure`, or ``speed=`` / ``memory=`` when loading):
+    :class:`firered_core.speed.SpeedOptions`, :class:`firered_core.memory.MemoryOptions`.
+    Without them every part stays where it was loaded and nothing changes.
+    """
+
+    def __init__(self, components: FireRedComponents, *, device=None):
         self.c = components
+        self.target_device = torch.device(device) if device is not None else module_device(components.transformer)
+        self.speed = None  # SpeedOptions, set by configure()
+        self.memory = None  # MemoryManager, set by configure()
+        self.last_cache_stats = None  # StepCacheStats of the last sampling run with caching on
 
     @classmethod
-    def from_pretrained(cls, path, *, device="cpu", dtype="bf16") -> "FireRedEditor":
-        return cls(load_pretrained(path, device=device, dtype=resolve_dtype(dtype)))
+    def from_pretrained(cls, path, *, device="cpu", dtype="bf16", speed=None, memory=None) -> "FireRedEditor":
+        load_device = "cpu" if memory is not None else device
+        editor = cls(load_pretrained(path, device=load_device, dtype=resolve_dtype(dtype)), device=device)
+        if speed is not None or memory is not None:
+            editor.configure(speed=speed, memory=memory)
+        return editor
 
     @classmethod
-    def from_files(cls, model=None, *, device="cpu", dtype="bf16", **files) -> "FireRedEditor":
+    def from_files(cls, model=None, *, device="cpu", dtype="bf16", speed=None, memory=None, **files) -> "FireRedEditor":
         """Load from the files users hold: any of ``transformer=``, ``text_encoder=``, ``vae=``,
         ``tokenizer=`` (paths; ComfyUI single files, fp8, GGUF, diffusers folders), ``loras=``
         (``[(path, strength), ...]``) and ``weight_dtype=``, with the rest from the release folder
-        ``model`` (see :func:`firered_core.loading.load_components`)."""
-        return cls(load_components(model, device=device, dtype=resolve_dtype(dtype), **files))
+        ``model`` (see :func:`firered_core.loading.load_components`). ``weight_dtype="int8"`` or
+        ``"fp8_scaled"`` quantizes the MM-DiT's block linears after loading (see
+        :mod:`firered_core.precision`). With ``memory=`` the parts are loaded on the CPU and then
+        placed by the memory plan."""
+        from . import precision
+
+        quant = files.get("weight_dtype") if files.get("weight_dtype") in precision.WEIGHT_MODES else None
+        if quant:
+            files["weight_dtype"] = "auto"
+        load_device = "cpu" if (memory is not None or quant) else device
+        comps = load_components(model, device=load_device, dtype=resolve_dtype(dtype), **files)
+        if quant:
+            precision.quantize_weights(comps.transformer, quant)
+            if memory is None:
+                for m in (comps.transformer, comps.text_encoder, comps.vae):
+                    m.to(device)
+        editor = cls(comps, device=device)
+        if speed is not None or memory is not None:
+            editor.configure(speed=speed, memory=memory)
+        return editor
+
+    # -- speed and memory ---------------------------------------------------------------------
+
+    def configure(self, speed=None, memory=None, *, width: int = 1024, height: int = 1024, refs: int = 1) -> dict:
+        """Apply :class:`~firered_core.speed.SpeedOptions` and / or
+        :class:`~firered_core.memory.MemoryOptions` (``None`` leaves that part as it is).
+        The memory plan is chosen for a ``width`` x ``height`` edit with ``refs`` pictures (the
+        free memory of the device, or ``memory.budget_gb``). Returns what is in effect:
+        ``{"attention", "memory_plan", ...}``."""
+        from . import memory as mem
+        from .speed import apply_speed
+
+        info: dict[str, Any] = {}
+        if speed is not None:
+            info.update(apply_speed(self.c.transformer, speed))
+            self.speed = speed
+        if memory is not None:
+            if self.memory is not None:
+                self.memory.remove()
+                self.memory = None
+            device = self.target_device
+            free = int(memory.budget_gb * mem.GB) if memory.budget_gb else mem.free_device_bytes(device)
+            sizes = mem.ModelSizes.of(self.c.transformer, self.c.text_encoder, self.c.vae)
+            if free is None and memory.plan == "auto":  # the CPU: nothing to plan
+                plan = mem.MemoryPlan("resident", vae_tiling=bool(memory.vae_tiling), reason="auto: CPU")
+            else:
+                plan = mem.plan_memory(free or 1 << 62, sizes, width=width, height=height, refs=refs, plan=memory.plan,
+                                       blocks_resident=memory.blocks_resident, vae_tiling=memory.vae_tiling,
+                                       prefetch=memory.prefetch)
+            self.memory = mem.MemoryManager(self.c, plan, device, memory)
+            self.memory.apply()
+            info["memory_plan"] = plan.describe()
+        return info
+
+    def offload(self) -> None:
+        """Move every part to the offload device (the CPU), freeing the GPU, e.g. when a ComfyUI node
+        finishes; the next edit (or :meth:`to_device`) puts the memory plan back in place."""
+        if self.memory is None:
+            from . import memory as mem
+
+            self.memory = mem.MemoryManager(self.c, mem.MemoryPlan("resident", reason="offload()"), self.target_device)
+        self.memory.offload()
+
+    def to_device(self) -> None:
+        """Put the parts back on the device as the memory plan says (all of them without a plan)."""
+        if self.memory is not None:
+            self.memory.to_device()
+        else:
+            for m in (self.c.transformer, self.c.text_encoder, self.c.vae):
+                m.to(self.target_device)
+
+    def _stage(self, part: str):
+        return self.memory.stage(part) if self.memory is not None else contextlib.nullcontext()
 
     @property
     def device(self) -> torch.device:
+        if self.memory is not None:
+            return self.memory.device
         return module_device(self.c.transformer)
 
     @property
@@ -121,14 +208,16 @@ class FireRedEditor:
         vl = [images.resize(p, *s) for p, s in zip(pils, vl_sizes)]
         te = self.c.text_encoder
         te_dtype = compute_dtype(te)
-        positive = conditioning.encode_prompt(te, self.c.processor, req.prompt, vl, dtype=te_dtype)
-        negative = None
-        if req.cfg > 1.0 and req.negative_prompt is not None:
-            negative = conditioning.encode_prompt(te, self.c.processor, req.negative_prompt, vl, dtype=te_dtype)
+        with self._stage("text_encoder"):
+            positive = conditioning.encode_prompt(te, self.c.processor, req.prompt, vl, dtype=te_dtype)
+            negative = None
+            if req.cfg > 1.0 and req.negative_prompt is not None:
+                negative = conditioning.encode_prompt(te, self.c.processor, req.negative_prompt, vl, dtype=te_dtype)
         refs = []
-        for p, (rw, rh) in zip(pils, ref_sizes):
-            z = vae_mod.encode(self.c.vae, images.pil_to_tensor(images.resize(p, rw, rh)))
-            refs.append(latents.pack(z))
+        with self._stage("vae"):
+            for p, (rw, rh) in zip(pils, ref_sizes):
+                z = vae_mod.encode(self.c.vae, images.pil_to_tensor(images.resize(p, rw, rh)))
+                refs.append(latents.pack(z))
         cond = EditCondition(
             ref_tokens=torch.cat(refs, dim=1) if refs else None,
             img_shapes=[latents.token_grid(h, w)] + [latents.token_grid(rh, rw) for rw, rh in ref_sizes],
@@ -172,19 +261,28 @@ class FireRedEditor:
         sig = self.sigmas(req, enc.size)
         te_dtype = enc.positive.embeds.dtype
         x = noise if noise is not None else self.initial_noise(enc.size, generator, te_dtype)
-        den = Denoiser(self.c.transformer, enc.cond)
-        batched = req.cfg_batched if req.cfg_batched is not None else self.device.type == "cuda"
-        model_fn = guidance.true_cfg(
-            den, enc.positive, enc.negative, req.cfg, norm_rescale=req.cfg_norm_rescale, batched=batched
-        )
-        if guide is not None:
-            model_fn = guide(model_fn, enc, sig)
-        x = samplers.get_sampler(req.sampler)(model_fn, x, sig, callback=callback, generator=generator)
+        with self._stage("transformer"):
+            cache = self.speed.step_cache(self.c.transformer) if self.speed is not None else None
+            den = Denoiser(self.c.transformer, enc.cond, step_cache=cache)
+            batched = req.cfg_batched if req.cfg_batched is not None else self.device.type == "cuda"
+            if batched and self.speed is not None:
+                from .attention import current_attention, supports_mask
+
+                batched = supports_mask(current_attention(self.c.transformer))  # flash / sage take no mask
+            model_fn = guidance.true_cfg(
+                den, enc.positive, enc.negative, req.cfg, norm_rescale=req.cfg_norm_rescale, batched=batched
+            )
+            if guide is not None:
+                model_fn = guide(model_fn, enc, sig)
+            with cache.installed() if cache is not None else contextlib.nullcontext():
+                x = samplers.get_sampler(req.sampler)(model_fn, x, sig, callback=callback, generator=generator)
+            self.last_cache_stats = cache.stats if cache is not None else None
         return latents.unpack(x, h // 8, w // 8), sig
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> ``[B, H, W, 3]`` float pixels in [0, 1]."""
-        return images.tensor_to_unit(vae_mod.decode(self.c.vae, z))
+        with self._stage("vae"):
+            return images.tensor_to_unit(vae_mod.decode(self.c.vae, z))
 
     # -- the one call -------------------------------------------------------------------------
 
@@ -214,4 +312,9 @@ class FireRedEditor:
             enc = self.encode(pictures, req)
             z, sig = self.sample(enc, req, generator=generator, callback=callback, guide=guide)
             pixels = self.decode(z)
-        return EditResult(images.unit_to_pil(pixels), pixels, z, sig, req.seed, {"size": enc.size})
+        info: dict[str, Any] = {"size": enc.size}
+        if self.memory is not None:
+            info["memory_plan"] = self.memory.plan.describe()
+        if self.last_cache_stats is not None:
+            info["cache"] = self.last_cache_stats.as_dict()
+        return EditResult(images.unit_to_pil(pixels), pixels, z, sig, req.seed, info)
