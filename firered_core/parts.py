@@ -252,8 +252,14 @@ def to_raw_latent(z: torch.Tensor, mean: Sequence[float], std: Sequence[float]) 
     return latents.denormalize(z.float().cpu(), mean, std).unsqueeze(2)
 
 
-def from_raw_latent(samples: torch.Tensor, mean: Sequence[float], std: Sequence[float], *, name: str = "latent") -> torch.Tensor:
-    """A raw Qwen-Image latent ``[B, 16, 1, h, w]`` or ``[B, 16, h, w]`` -> normalised ``[B, 16, h, w]``."""
+def from_raw_latent(
+    samples: torch.Tensor, mean: Sequence[float], std: Sequence[float], *, name: str = "latent", crop_odd: bool = False
+) -> torch.Tensor:
+    """A raw Qwen-Image latent ``[B, 16, 1, h, w]`` or ``[B, 16, h, w]`` -> normalised ``[B, 16, h, w]``.
+
+    crop_odd: the MM-DiT works on 2x2 latent patches (pictures a multiple of 16 px), while ComfyUI's
+    VAEEncode only crops pictures to a multiple of 8; an odd last row / column is dropped (with a
+    log line) instead of refusing the latent."""
     if not isinstance(samples, torch.Tensor):
         raise TypeError(f"{name}: expected a LATENT tensor, got {type(samples).__name__}")
     x = samples
@@ -266,8 +272,10 @@ def from_raw_latent(samples: torch.Tensor, mean: Sequence[float], std: Sequence[
             f"{name}: expected a 16-channel Qwen-Image latent [B, 16, 1, h, w], got shape {tuple(samples.shape)} "
             "(a latent from another model's VAE?)"
         )
-    if x.shape[-1] % 2 or x.shape[-2] % 2:
-        raise ValueError(f"{name}: latent height and width must be even (pictures a multiple of 16 px), got {tuple(x.shape[-2:])}")
+    if crop_odd and (x.shape[-1] % 2 or x.shape[-2] % 2):
+        h2, w2 = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+        log.info("FireRed: %s of %dx%d px cropped to %dx%d px (a multiple of 16)", name, x.shape[-1] * 8, x.shape[-2] * 8, w2 * 8, h2 * 8)
+        x = x[..., :h2, :w2]
     return latents.normalize(x.float(), mean, std)
 
 
@@ -380,7 +388,7 @@ def _sample_with_hook(
             "re-encode with a negative prompt, or set cfg to 1"
         )
     if latent is not None:
-        start = from_raw_latent(latent, cond.latent_mean, cond.latent_std)
+        start = from_raw_latent(latent, cond.latent_mean, cond.latent_std, crop_odd=True)
         lat_size = (start.shape[-1] * latents.VAE_SCALE, start.shape[-2] * latents.VAE_SCALE)
         if size is not None and tuple(size) != lat_size:
             raise ValueError(f"the given size {tuple(size)} differs from the input latent's picture size {lat_size}")

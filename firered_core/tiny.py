@@ -612,14 +612,42 @@ COMFYUI_FILES = {
 }
 
 
-def make_tiny_comfyui(models_dir: str | os.PathLike, *, seed: int = 0, num_layers: int = 2) -> dict[str, pathlib.Path]:
+#: the release file names the shipped workflows (``workflows/*.json``) load; :func:`make_tiny_comfyui`
+#: links them to the tiny files so every workflow runs unchanged on the tiny model
+WORKFLOW_FILES = {
+    "transformer": "diffusion_models/FireRed-Image-Edit-1.1-transformer.safetensors",
+    "text_encoder": "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors",
+    "tokenizer": "text_encoders/qwen_2.5_vl_7b_fp8_scaled_tokenizer",
+    "vae": "vae/qwen_image_vae.safetensors",
+    "lora": "loras/FireRed-Image-Edit-1.0-Lightning-8steps-v1.1.safetensors",
+}
+
+
+def _link(target: pathlib.Path, link: pathlib.Path) -> None:
+    """A relative symlink ``link -> target`` (a copy where symlinks are not allowed)."""
+    import shutil
+
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.is_dir():
+        shutil.rmtree(link)
+    try:
+        link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=target.is_dir())
+    except OSError:
+        (shutil.copytree if target.is_dir() else shutil.copyfile)(target, link)
+
+
+def make_tiny_comfyui(
+    models_dir: str | os.PathLike, *, seed: int = 0, num_layers: int = 2, workflow_names: bool = True
+) -> dict[str, pathlib.Path]:
     """Write the tiny model as a ComfyUI ``models/`` folder, in the files users hold.
 
     ``diffusion_models/``: the MM-DiT as a prefixed single file, as scaled fp8 and as GGUF Q8_0;
     ``text_encoders/``: the Qwen2.5-VL file (ComfyUI's key layout) and, beside it, the tiny
     tokenizer folder it needs (the tiny vocabulary is not Qwen's); ``vae/``: the VAE in ComfyUI's
     layout; ``loras/``: a small random LoRA in ComfyUI's ``diffusion_model.`` lora_up / lora_down
-    layout. Returns the paths by role (:data:`COMFYUI_FILES`).
+    layout. With ``workflow_names``, the release file names the shipped workflows use
+    (:data:`WORKFLOW_FILES`) link to the tiny files. Returns the paths by role (:data:`COMFYUI_FILES`).
     """
     import shutil
     import tempfile
@@ -656,4 +684,7 @@ def make_tiny_comfyui(models_dir: str | os.PathLike, *, seed: int = 0, num_layer
             lora[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(w.shape[0], 4, generator=g) * 0.5
             lora[f"diffusion_model.{name}.alpha"] = torch.tensor(4.0)
         save_file(lora, paths["lora"])
+    if workflow_names:
+        for role, name in WORKFLOW_FILES.items():
+            _link(paths[role], root / name)
     return paths
