@@ -69,7 +69,7 @@ function addStyle() {
 .firered-bar button { font: 11px sans-serif; padding: 0 6px; cursor: pointer; color: var(--input-text, #ddd);
   background: var(--comfy-input-bg, #222); border: 1px solid var(--border-color, #444); border-radius: 4px; }
 .firered-bar button:disabled { opacity: 0.4; cursor: default; }
-.firered-info { box-sizing: border-box; width: 100%; height: 100%; padding: 2px 6px; font: 11px sans-serif;
+.firered-info { box-sizing: border-box; width: 100%; height: 100%; padding: 1px 12px; font: 11px sans-serif;
   color: var(--descrip-text, #999); white-space: nowrap; overflow: hidden; text-overflow: ellipsis; line-height: 18px; }
 .firered-info.firered-warn { color: #e0a040; }
 .firered-info.firered-error { color: #e06060; }
@@ -78,7 +78,7 @@ function addStyle() {
 }
 
 // A DOM widget that is never serialized (neither into the workflow's widgets_values nor the prompt).
-function addPanel(node, name, element, { minHeight, maxHeight }) {
+function addPanel(node, name, element, { minHeight, maxHeight, margin }) {
   if (typeof node.addDOMWidget !== "function") return null;
   const widget = node.addDOMWidget(name, `firered_${name}`, element, {
     serialize: false,
@@ -86,6 +86,7 @@ function addPanel(node, name, element, { minHeight, maxHeight }) {
     getValue: () => undefined,
     setValue: () => {},
     getMinHeight: () => minHeight,
+    ...(margin != null ? { margin } : {}),
     ...(maxHeight ? { getMaxHeight: () => maxHeight } : {}),
   });
   widget.serialize = false;
@@ -93,6 +94,16 @@ function addPanel(node, name, element, { minHeight, maxHeight }) {
   // a fixed-height line: sized like an ordinary widget (the panels with no maximum grow with the node)
   if (maxHeight) widget.computeSize = (width) => [width ?? node.size[0], maxHeight];
   return widget;
+}
+
+// Make room for the widgets (ours included): a node made before the panel was added, or saved by a
+// workflow without it, would otherwise hide it below its bottom edge.
+function fitNode(node) {
+  const min = node.computeSize?.();
+  if (!min) return;
+  if (node.size[0] < min[0] || node.size[1] < min[1]) {
+    node.setSize?.([Math.max(node.size[0], min[0]), Math.max(node.size[1], min[1])]);
+  }
 }
 
 function redrawGraph() {
@@ -156,7 +167,7 @@ class ComparePanel {
     this.next.textContent = "›";
     this.next.title = "next pair";
     this.canvas = el("canvas", "", this.root);
-    this.canvas.dataset.fireredCompare = String(node.id);
+    this.canvas.dataset.fireredCompare = "";
     this.prev.addEventListener("click", (e) => (e.stopPropagation(), this.select(this.index - 1)));
     this.next.addEventListener("click", (e) => (e.stopPropagation(), this.select(this.index + 1)));
     const follow = (e) => {
@@ -255,6 +266,7 @@ class ComparePanel {
       if (r.x + r.w - sx > 50 * dpr) label(ctx, "after", r.x + r.w - 4 * dpr, r.y + 4 * dpr, true, dpr);
     }
     this.drawCount += 1;
+    c.dataset.fireredCompare = String(this.node.id);
     c.dataset.drawn = String(this.drawCount);
     c.dataset.split = this.split.toFixed(3);
     c.dataset.index = String(this.index);
@@ -272,6 +284,9 @@ function setupCompare(nodeType) {
     addPanel(this, "firered_compare", this.fireredCompare.root, { minHeight: 160 });
     const [w, h] = this.size;
     this.setSize?.([Math.max(w, 320), Math.max(h, 300)]);
+  });
+  chain(nodeType.prototype, "onConfigure", function () {
+    fitNode(this);
   });
   chain(nodeType.prototype, "onExecuted", function (output) {
     const pairs = output?.[COMPARE_OUTPUT];
@@ -356,7 +371,7 @@ function setupFileInfo(nodeType, spec) {
     addStyle();
     const panel = new FileInfoPanel(this, spec);
     this.fireredInfo = panel;
-    addPanel(this, "firered_file_info", panel.root, { minHeight: 22, maxHeight: 22 });
+    addPanel(this, "firered_file_info", panel.root, { minHeight: 20, maxHeight: 20, margin: 2 });
     const w = panel.widget();
     if (w) {
       const cb = w.callback;
@@ -366,9 +381,11 @@ function setupFileInfo(nodeType, spec) {
         return r;
       };
     }
+    fitNode(this);
     setTimeout(() => panel.update(), 0);
   });
   chain(nodeType.prototype, "onConfigure", function () {
+    fitNode(this);
     setTimeout(() => this.fireredInfo?.update(), 0);
   });
   // values set without a callback (a workflow loaded, the model list refreshed) are caught here
@@ -389,7 +406,7 @@ class LossPanel {
     this.total = null;
     this.root = el("div", "firered-panel firered-loss");
     this.canvas = el("canvas", "", this.root);
-    this.canvas.dataset.fireredLoss = String(node.id);
+    this.canvas.dataset.fireredLoss = "";
     this.resizer = typeof ResizeObserver === "function" ? new ResizeObserver(() => this.draw()) : null;
     this.resizer?.observe(this.canvas);
   }
@@ -484,6 +501,7 @@ class LossPanel {
     ctx.textBaseline = "bottom";
     ctx.fillText(lo.toPrecision(3), W - 6 * dpr, H - 2 * dpr);
     ctx.textAlign = "start";
+    c.dataset.fireredLoss = String(this.node.id);
     c.dataset.points = String(pts.length);
   }
 
@@ -499,6 +517,9 @@ function setupTrain(nodeType) {
     addPanel(this, "firered_loss", this.fireredLoss.root, { minHeight: 120 });
     const [w, h] = this.size;
     this.setSize?.([Math.max(w, 320), h]);
+  });
+  chain(nodeType.prototype, "onConfigure", function () {
+    fitNode(this);
   });
   chain(nodeType.prototype, "onExecuted", function (output) {
     const pts = output?.[LOSS_OUTPUT];
