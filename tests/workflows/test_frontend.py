@@ -25,6 +25,8 @@ pytestmark = pytest.mark.comfyui
 EXTENSION = "FireRed.ImageEdit"
 APP = "window.comfyAPI.app.app"
 API = "window.comfyAPI.api.api"
+#: the page has loaded the node definitions (the pack's included) and the extensions
+READY = f"() => {APP}?.graph && window.LiteGraph?.registered_node_types?.FireRedCompare && {APP}.extensions?.length"
 #: a model name the file-info test asks for on purpose; the browser logs its 404, which is expected
 EXPECTED_MISSING = "firered_fe_expected_missing.safetensors"
 
@@ -84,7 +86,7 @@ def browser_page(request):
         page.on("requestfailed", lambda r: log.failed.append(f"{r.url} {r.failure}"))
         page.on("response", lambda r: r.status >= 400 and log.failed.append(f"{r.url} HTTP {r.status}"))
         page.goto(server.url)
-        page.wait_for_function(f"() => {APP}?.graph && window.LiteGraph && {APP}.extensions?.length", timeout=90_000)
+        page.wait_for_function(READY, timeout=90_000)
         yield page, log, server
         browser.close()
 
@@ -293,6 +295,6 @@ def test_training_node_draws_a_live_loss_chart(browser_page):
 def test_no_console_errors_from_the_pack(browser_page):
     page, log, _ = browser_page
     page.reload()
-    page.wait_for_function(f"() => {APP}?.graph && {APP}.extensions?.length", timeout=90_000)
+    page.wait_for_function(READY, timeout=90_000)
     page.wait_for_timeout(1000)
     assert not log.from_pack(), "\n".join(log.from_pack())
