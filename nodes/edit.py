@@ -200,13 +200,13 @@ class FireRedEdit:
                 **_encoder_inputs(),
                 **_sampling_inputs(),
             },
-            "optional": _picture_inputs(),
+            "optional": {**_picture_inputs(), **_reference_inputs()},
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def edit(self, dit, text_encoder, vae, prompt, negative_prompt, seed, steps, cfg, sampler, schedule, shift, width, height,
-             image1=None, image2=None, image3=None, unique_id=None):
-        req = _request(prompt, negative_prompt)
+             image1=None, image2=None, image3=None, unique_id=None, **ref):
+        req = _request(prompt, negative_prompt, **ref)
         with host.on_device(dit, text_encoder, vae):
             pixels, samples = parts.edit(
                 dit, text_encoder, vae, [image1, image2, image3], req, seed=seed, steps=steps, cfg=cfg, sampler=sampler,

@@ -38,8 +38,20 @@ def comfy_models(tmp_path_factory, tiny_model_dir):
     return root, files
 
 
-@pytest.fixture
-def models_env(comfy_models, monkeypatch):
+@pytest.fixture(scope="module")
+def models_env(comfy_models):
     root, files = comfy_models
-    monkeypatch.setenv("FIRERED_MODELS_DIR", str(root))
-    return root, files
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FIRERED_MODELS_DIR", str(root))
+        yield root, files
+
+
+@pytest.fixture(scope="module")
+def loaded(pack, models_env):
+    """The tiny model through the three loader nodes, in float32 (once per test module)."""
+    root, files = models_env
+    m = pack.NODE_CLASS_MAPPINGS
+    dit = m["FireRedModelLoader"]().load(files["transformer"].name, "auto", "fp32", False)[0]
+    te = m["FireRedTextEncoderLoader"]().load(files["text_encoder"].name, "fp32", False)[0]
+    vae = m["FireRedVAELoader"]().load(files["vae"].name, "fp32", False)[0]
+    return dit, te, vae
