@@ -13,12 +13,13 @@ chromium``; or ``$FIRERED_CHROMIUM``): Playwright's own browser download is not 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
-from comfy_server import PACK_DIR_NAME
+from comfy_server import PACK_DIR_NAME, REPO, write_test_picture
 
 pytestmark = pytest.mark.comfyui
 
@@ -289,6 +290,50 @@ def test_training_node_draws_a_live_loss_chart(browser_page):
     got = page.evaluate(LOSS)
     assert got["live"]["points"] == "40" and got["live"]["w"] > 100 and got["live"]["h"] > 50, got
     assert got["executed"] == "3" and got["restarted"] == "1", got
+    assert not log.from_pack(), log.from_pack()
+
+
+FILE_INFO_TYPES = {"FireRedModelLoader", "FireRedTextEncoderLoader", "FireRedVAELoader", "FireRedLoraLoader"}
+WORKFLOWS = sorted(p for p in (REPO / "workflows").glob("*.json") if "nodes" in json.loads(p.read_text()))
+
+LOAD_WORKFLOW = """
+async ([wf]) => {
+  const app = %(app)s;
+  await app.loadGraphData(wf);
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  const nodes = () => app.graph._nodes;
+  const pending = () => nodes().filter((n) => n.fireredInfo && ["", "…"].includes(n.fireredInfo.root.textContent));
+  for (let i = 0; i < 300 && pending().length; i++) await sleep(50);
+  return {
+    infos: nodes().filter((n) => n.fireredInfo).map((n) => [n.type, n.fireredInfo.root.textContent]),
+    compares: nodes().filter((n) => n.fireredCompare).length,
+    clipped: nodes().filter((n) => n.type.startsWith("FireRed") && n.computeSize()[1] > n.size[1] + 1).map((n) => n.type),
+    saved: Object.fromEntries(nodes().map((n) => [n.id, n.serialize().widgets_values ?? null])),
+  };
+}
+""" % {"app": APP}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_shared_workflows_load_with_the_extension(browser_page, path):
+    """Each shipped workflow opens with the extension active: the loaders say what their files are,
+    the panels fit in their nodes, and saving gives back exactly the workflow's widget values."""
+    page, log, server = browser_page
+    wf = json.loads(path.read_text())
+    for n in wf["nodes"]:  # the pictures the workflow opens, as a user has them in input/
+        if n["type"] == "LoadImage" and n.get("widgets_values"):
+            picture = server.input_dir / str(n["widgets_values"][0]).split(" [")[0]
+            if not picture.exists():
+                write_test_picture(picture)
+    got = page.evaluate(LOAD_WORKFLOW, [wf])
+    loaders = [n for n in wf["nodes"] if n["type"] in FILE_INFO_TYPES]
+    assert len(got["infos"]) == len(loaders), got["infos"]
+    for node_type, text in got["infos"]:
+        assert text and not text.startswith("⚠"), f"{path.name}: {node_type} says {text!r}"
+    assert not got["clipped"], f"{path.name}: panels cut off in {got['clipped']}"
+    for n in wf["nodes"]:
+        if n["type"].startswith("FireRed") and "widgets_values" in n:
+            assert got["saved"][str(n["id"])] == n["widgets_values"], f"{path.name}: node {n['id']} ({n['type']})"
     assert not log.from_pack(), log.from_pack()
 
 
