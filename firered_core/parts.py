@@ -24,14 +24,15 @@ loaded MM-DiT may feed a branch with a LoRA and a branch without.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from . import images, latents, samplers, schedules
+from . import images, latents, samplers
 from . import vae as vae_mod
 from .loading import FireRedComponents, ModelFolderError, check_model_folder, load_scheduler_config, resolve_dtype
 from .modules import module_device
@@ -41,17 +42,15 @@ from .schedules import FlowMatchConfig
 log = logging.getLogger(__name__)
 
 
-class Interrupted(RuntimeError):
-    """Raised by a progress callback to stop sampling (the user pressed Cancel)."""
-
-
 @dataclass(frozen=True)
 class DiT:
     """A loaded MM-DiT (``QwenImageTransformer2DModel``) with the LoRAs to apply when it runs.
 
     loras: ``((path, strength), ...)`` in stacking order; scheduler_config: the release's sigma
     schedule settings; source: the file it came from; keep_loaded: a host application should leave
-    it on the compute device after use instead of offloading it (same field on every part).
+    it on the compute device after use instead of offloading it (same field on every part);
+    speed: :class:`~firered_core.speed.SpeedOptions` for its runs (attention, step cache, compile);
+    memory: :class:`~firered_core.memory.MemoryOptions` for its placement (see :func:`placed`).
     """
 
     transformer: torch.nn.Module
@@ -59,6 +58,8 @@ class DiT:
     source: str = ""
     loras: tuple[tuple[str, float], ...] = ()
     keep_loaded: bool = False
+    speed: Any = None
+    memory: Any = None
 
     def with_lora(self, path, strength: float = 1.0) -> "DiT":
         """A new part with one more LoRA on the stack (the module is shared, not copied)."""
@@ -348,7 +349,7 @@ def sample_edit(
         schedule); with ``denoise = 1`` only its size and batch are used.
     seed: one CPU generator seeded once draws every picture's noise in turn, so picture 0 of a
         batch equals the single edit with that seed (and the reference pipeline's picture).
-    callback(Progress) after every step; raise (e.g. :class:`Interrupted`) in it to cancel.
+    callback(Progress) after every step; raise in it to cancel.
     guidance: consistency guidance toward the input picture ``guidance.source`` (needs pictures).
     """
     hook = guidance_hook(guidance, cond) if guidance is not None else None
@@ -400,24 +401,28 @@ def _sample_with_hook(
     if batch < 1:
         raise ValueError(f"batch size must be at least 1, got {batch}")
     enc = with_output_size(cond.enc, size) if size is not None and tuple(size) != cond.enc.size else cond.enc
-    req = replace(cond.request, steps=int(steps), cfg=float(cfg), sampler=sampler, schedule=schedule, shift=shift, seed=seed)
+    req = replace(
+        cond.request, steps=int(steps), cfg=float(cfg), sampler=sampler, schedule=schedule, shift=shift, seed=seed, denoise=float(denoise)
+    )
     w, h = enc.size
     editor = FireRedEditor(
         FireRedComponents(dit.transformer, None, None, None, dit.scheduler_config, dit.source), device=module_device(dit.transformer)
     )
-    sig = editor.sigmas(req, enc.size)
-    if denoise < 1.0:
-        sig = schedules.truncate_for_denoise(sig, denoise)
+    from .speed import SpeedOptions, apply_speed
+
+    # the module may be shared with a branch that had other settings: always set this part's own
+    editor.speed = dit.speed or SpeedOptions()
+    apply_speed(dit.transformer, editor.speed)
+    per = len(editor.sigmas(req, enc.size)) - 1
     sync_loras(dit)
     gen = torch.Generator("cpu").manual_seed(int(seed))
     dtype = enc.positive.embeds.dtype
-    per = len(sig) - 1
     outs = []
     with torch.inference_mode():
         for b in range(batch):
             noise = editor.initial_noise(enc.size, gen, dtype)
             if start is not None and denoise < 1.0:
-                s0 = float(sig[0])
+                s0 = float(editor.sigmas(req, enc.size)[0])
                 x0 = latents.pack(start[b : b + 1].to(noise.device, noise.dtype))
                 noise = s0 * noise + (1.0 - s0) * x0
             step_cb = None
@@ -426,9 +431,8 @@ def _sample_with_hook(
                 def step_cb(info: samplers.StepInfo, b=b):
                     callback(Progress(b * per + info.i + 1, batch * per, latents.unpack(info.x0, h // 8, w // 8)))
 
-            model_fn = _model_fn(editor, enc, req, hook, sig)
-            x = samplers.get_sampler(req.sampler)(model_fn, noise, sig, callback=step_cb, generator=gen)
-            outs.append(latents.unpack(x, h // 8, w // 8))
+            z, _ = editor.sample(enc, req, generator=gen, noise=noise, callback=step_cb, guide=hook)
+            outs.append(z)
     return torch.cat(outs)
 
 
@@ -500,16 +504,6 @@ def estimate_edit_mask(
     return hook.guider.edit_mask((h, w)).float().cpu()
 
 
-def _model_fn(editor: FireRedEditor, enc: EncodedEdit, req: EditRequest, guide, sig: torch.Tensor):
-    from . import guidance
-    from .denoiser import Denoiser
-
-    den = Denoiser(editor.c.transformer, enc.cond)
-    batched = req.cfg_batched if req.cfg_batched is not None else editor.device.type == "cuda"
-    fn = guidance.true_cfg(den, enc.positive, enc.negative, req.cfg, norm_rescale=req.cfg_norm_rescale, batched=batched)
-    return guide(fn, enc, sig) if guide is not None else fn
-
-
 def decode(vae: VAE, samples: torch.Tensor) -> torch.Tensor:
     """Raw latents ``[B, 16, 1, h, w]`` -> ``IMAGE`` ``[B, H, W, 3]`` float32 in 0..1 on the CPU."""
     mean, std = vae_mod.latent_stats(vae.model)
@@ -548,14 +542,54 @@ def edit(
     return decode(vae, samples), samples
 
 
-def preview_rgb(x0: torch.Tensor) -> torch.Tensor:
-    """A rough RGB preview ``[h, w, 3]`` in 0..1 of a normalised latent ``[1, 16, h, w]``, with no
-    VAE: the first three principal directions of the latent's channels. Used when no previewer of
-    the host application is available."""
-    z = x0[0].float().flatten(1)  # [16, N]
-    z = z - z.mean(1, keepdim=True)
-    u = torch.linalg.svd(z @ z.T)[0][:, :3]
-    rgb = (u.T @ z).T.reshape(*x0.shape[-2:], 3)
-    lo, hi = rgb.amin((0, 1)), rgb.amax((0, 1))
-    return ((rgb - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
+@contextlib.contextmanager
+def placed(dit: DiT, device, offload_device="cpu") -> Iterator[str]:
+    """Run a block with ``dit``'s MM-DiT placed on ``device`` as its memory options say; afterwards
+    it goes to ``offload_device`` unless ``dit.keep_loaded``. Yields the plan used:
 
+    * no memory options or plan ``resident``: the whole MM-DiT on the device;
+    * ``block_swap``: ``blocks_resident`` blocks stay on the device, the others are streamed from
+      the offload device ahead of use (:class:`firered_core.memory.BlockSwapper`); with
+      ``blocks_resident=None`` as many as fit in the free memory (or ``budget_gb``) beside 20%
+      headroom for activations;
+    * ``sequential``: every block streamed;
+    * ``auto``: resident when the MM-DiT fits in 80% of the free memory, else block swap.
+    On the CPU every plan computes the same numbers (tested bit for bit).
+    """
+    from . import memory as mem
+
+    device, offload_device = torch.device(device), torch.device(offload_device)
+    tr = dit.transformer
+    opts = dit.memory
+    plan = "resident" if opts is None else opts.plan
+    resident_blocks = None if opts is None else opts.blocks_resident
+    if plan in ("auto", "block_swap") and resident_blocks is None:
+        free = int(opts.budget_gb * mem.GB) if opts.budget_gb else mem.free_device_bytes(device)
+        total = mem.module_bytes(tr)
+        if free is None or (plan == "auto" and total <= 0.8 * free):
+            plan = "resident"
+        else:
+            blocks = list(tr.transformer_blocks)
+            per = max(mem.module_bytes(b) for b in blocks)
+            outside = total - sum(mem.module_bytes(b) for b in blocks)
+            resident_blocks = max(0, min(len(blocks), int((0.8 * free - outside) // per)))
+            plan = "block_swap"
+    elif plan == "auto":
+        plan = "block_swap"
+    elif plan in ("offload_encoders",):
+        plan = "resident"
+    swapper = None
+    if plan in ("block_swap", "sequential"):
+        swapper = mem.BlockSwapper(
+            tr, resident=0 if plan == "sequential" else int(resident_blocks or 0), device=device,
+            offload_device=offload_device, prefetch=opts.prefetch, pin_memory=opts.pin_memory,
+        ).install()
+    else:
+        tr.to(device)
+    try:
+        yield plan
+    finally:
+        if swapper is not None:  # streamed weights never stay on the device (keep_loaded or not)
+            swapper.uninstall(offload_device)
+        if swapper is not None or not dit.keep_loaded:
+            tr.to(offload_device)

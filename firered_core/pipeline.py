@@ -35,6 +35,8 @@ class EditRequest:
     sampler: "euler", "heun", "dpmpp_2m", "euler_sde".
     ref_mode: "own_aspect" (each reference at ~1024^2, its own aspect) or "match_output".
     ref_area / vl_area: pixel area of each reference for the VAE (1024^2) and for Qwen2.5-VL (384^2).
+    denoise: keep the last ``round(denoise * steps)`` steps of the schedule (img2img-style partial
+        denoising from a given starting latent; 1 = the whole schedule).
     cfg_batched: run cond and uncond in one forward pass (texts of different lengths are padded
         and masked). ``None`` = automatic: batched on CUDA, where it saves most of the second
         pass; one after the other on the CPU, where a measured batched pass is no faster
@@ -56,6 +58,7 @@ class EditRequest:
     vl_area: int = images.VL_AREA
     cfg_batched: bool | None = None
     cfg_norm_rescale: bool = True
+    denoise: float = 1.0
 
 
 @dataclass
@@ -231,7 +234,8 @@ class FireRedEditor:
             opts = {"image_seq_len": (h // 16) * (w // 16), "config": self.c.scheduler_config}
         elif req.schedule == "linear_shift" and req.shift is not None:
             opts = {"shift": req.shift}
-        return schedules.get_schedule(req.schedule)(req.steps, **opts)
+        sig = schedules.get_schedule(req.schedule)(req.steps, **opts)
+        return schedules.truncate_for_denoise(sig, req.denoise) if req.denoise < 1.0 else sig
 
     def initial_noise(self, size: tuple[int, int], generator: torch.Generator | None, dtype: torch.dtype) -> torch.Tensor:
         """Packed noise drawn exactly as the reference pipeline draws it (shape ``[1, 1, 16, h, w]``,

@@ -148,7 +148,7 @@ class FireRedSampler:
         batch = samples.shape[0] if samples is not None else batch_size
         total = batch * (max(1, round(steps * denoise)) if denoise < 1 else steps)
         vae_part = cond.vae if guidance is not None else None
-        with host.on_device(dit, vae_part):
+        with host.dit_placed(dit), host.on_device(vae_part):
             out = parts.sample_edit(
                 dit, cond, seed=seed, steps=steps, cfg=cfg, sampler=sampler, schedule=schedule, shift=shift or None,
                 size=_size(width, height), latent=samples, denoise=denoise, batch_size=batch_size,

@@ -210,6 +210,28 @@ def on_device(*items) -> Iterator[torch.device]:
             soft_empty_cache()
 
 
+@contextlib.contextmanager
+def dit_placed(dit) -> Iterator[str]:
+    """:func:`on_device` for a ``FIRERED_DIT`` with memory options: ComfyUI frees room, then the
+    MM-DiT is placed by its plan (resident, block swap, sequential; ``firered_core.parts.placed``)."""
+    from ..firered_core import parts
+
+    if dit.memory is None:
+        with on_device(dit):
+            yield "resident"
+        return
+    device = load_device()
+    free_memory_for(module_bytes(dit.transformer), device)
+    _resident.add(dit.transformer)
+    try:
+        with parts.placed(dit, device, offload_device()) as plan:
+            yield plan
+    finally:
+        _resident.discard(dit.transformer)
+        if device.type == "cuda":
+            soft_empty_cache()
+
+
 def resident_models() -> list[torch.nn.Module]:
     """The models this pack holds on the compute device (``keep_loaded`` ones, or a node running)."""
     return list(_resident)
