@@ -272,6 +272,25 @@ def check_interrupt() -> None:
         raise InterruptedByUser("cancelled")
 
 
+def interrupt_requested() -> bool:
+    """True when the user asked to stop, without raising (for loops that save state first)."""
+    if in_comfyui():
+        import comfy.model_management as mm
+
+        if mm.processing_interrupted():
+            return True
+    return _interrupt.is_set()
+
+
+def output_dir() -> Path:
+    """ComfyUI's output folder (``./output`` outside ComfyUI)."""
+    if in_comfyui():
+        import folder_paths
+
+        return Path(folder_paths.get_output_directory())
+    return Path(os.environ.get("FIRERED_OUTPUT_DIR", "output"))
+
+
 def _previewer():
     try:
         import comfy.latent_formats
@@ -304,20 +323,30 @@ def progress_callback(total: int, node_id: str | None = None) -> Callable[[Any],
     return callback
 
 
-def step_progress(total: int, node_id: str | None = None) -> Callable[[int], None]:
-    """A plain step counter for loops without latents (training): Cancel + progress bar."""
+def step_progress(total: int, node_id: str | None = None) -> Callable[..., None]:
+    """A plain step counter for loops without latents (training): moves ComfyUI's progress bar,
+    with an optional PIL picture as the preview. Cancel is left to the loop (see
+    :func:`interrupt_requested`), so it can save its state first."""
     bar = None
     if in_comfyui():
         import comfy.utils
 
         bar = comfy.utils.ProgressBar(total, node_id=node_id)
 
-    def update(step: int) -> None:
-        check_interrupt()
+    def update(step: int, preview=None) -> None:
         if bar is not None:
-            bar.update_absolute(step, total)
+            bar.update_absolute(step, total, ("JPEG", preview, 512) if preview is not None else None)
 
     return update
+
+
+def input_dir() -> Path:
+    """ComfyUI's input folder (``./input`` outside ComfyUI)."""
+    if in_comfyui():
+        import folder_paths
+
+        return Path(folder_paths.get_input_directory())
+    return Path(os.environ.get("FIRERED_INPUT_DIR", "input"))
 
 
 def temp_dir() -> Path:
