@@ -27,6 +27,7 @@ const FILE_INFO_NODES = {
   FireRedTextEncoderLoader: { widget: "text_encoder_name", folder: "text_encoders" },
   FireRedVAELoader: { widget: "vae_name", folder: "vae" },
   FireRedLoraLoader: { widget: "lora_name", folder: "loras" },
+  FireRedDiffusersLoader: { widget: "folder_name", folder: "diffusers" },
 };
 const COMPARE_OUTPUT = "firered_compare";
 const LOSS_OUTPUT = "firered_loss";

@@ -1,8 +1,9 @@
 """The pack's server route: what a model file is, for the loaders' front end.
 
-``GET /firered/file_info?folder=<diffusion_models|text_encoders|vae|loras>&name=<file>`` answers the
-JSON of :func:`firered_core.formats.inspect.describe_file` for the file ComfyUI lists under that
-name (``folder_paths.get_full_path``), plus ``folder`` and ``expected_kind`` / ``matches`` (does the
+``GET /firered/file_info?folder=<diffusion_models|text_encoders|vae|loras|diffusers>&name=<file>``
+answers the JSON of :func:`firered_core.formats.inspect.describe_file` for the file ComfyUI lists
+under that name (``folder_paths.get_full_path``; for ``diffusers``, the release folder of that name
+in one of the ``diffusers`` model folders), plus ``folder`` and ``expected_kind`` / ``matches`` (does the
 file hold what this folder's loader loads). Bad requests get HTTP 400, an unknown file 404, both
 with ``{"error": ...}``. Answers are cached by (path, mtime, size): headers are read once per file
 version.
@@ -24,7 +25,13 @@ log = logging.getLogger(__name__)
 
 ROUTE = "/firered/file_info"
 #: the ComfyUI model folders the route answers for -> the kind of file their loader loads
-FOLDERS = {"diffusion_models": "mmdit", "text_encoders": "text_encoder", "vae": "vae", "loras": "lora"}
+FOLDERS = {
+    "diffusion_models": "mmdit",
+    "text_encoders": "text_encoder",
+    "vae": "vae",
+    "loras": "lora",
+    "diffusers": "mmdit",
+}
 _MAX_NAME = 1024
 _CACHE_SIZE = 256
 
@@ -103,6 +110,18 @@ def file_info(
     return 200, body
 
 
+def comfy_resolve(folder_paths, folder: str, name: str) -> str | None:
+    """The path ComfyUI's loaders would open: ``get_full_path`` for files; for ``diffusers``, the
+    first model folder holding a sub-folder ``name`` (``get_full_path`` only finds files)."""
+    if folder == "diffusers":
+        for base in folder_paths.get_folder_paths(folder):
+            path = os.path.join(base, name)
+            if os.path.isdir(path):
+                return path
+        return None
+    return folder_paths.get_full_path(folder, name)
+
+
 def clear_cache() -> None:
     with _lock:
         _cache.clear()
@@ -129,7 +148,7 @@ def register() -> bool:
         q = request.rel_url.query
         loop = asyncio.get_running_loop()
         status, body = await loop.run_in_executor(
-            None, file_info, q.get("folder", ""), q.get("name", ""), folder_paths.get_full_path
+            None, file_info, q.get("folder", ""), q.get("name", ""), lambda f, n: comfy_resolve(folder_paths, f, n)
         )
         return web.json_response(body, status=status)
 

@@ -299,7 +299,7 @@ def _summary(info: dict[str, Any]) -> str:
         if info["container"] == "safetensors":
             prec = f"safetensors {prec}"
         elif info["container"] == "folder":
-            prec = f"folder {prec}"
+            prec = f"diffusers folder {prec}"
         parts.append(prec)
         if info.get("layers"):
             parts.append(f"{info['layers']} layers")

@@ -118,6 +118,13 @@ def test_diffusers_transformer_folder(tmp_path, transformer_state):
     assert d["size"] == os.path.getsize(folder / "diffusion_pytorch_model.safetensors")
 
 
+def test_release_folder(tiny_model_dir):
+    d = describe_file(tiny_model_dir)
+    assert (d["container"], d["kind"], d["layers"], d["error"]) == ("folder", "mmdit", 2, None)
+    assert d["summary"].startswith("MM-DiT · diffusers folder fp32 · 2 layers · ")
+    assert d["size"] == sum(f.stat().st_size for f in Path(tiny_model_dir).rglob("*") if f.is_file())
+
+
 # ---------------------------------------------------------------------------------------------
 # LoRA layouts
 # ---------------------------------------------------------------------------------------------
@@ -261,6 +268,25 @@ def test_file_info_allows_subfolders(routes, tmp_path):
         "loras", "style/a.safetensors", lambda fo, n: seen.append(n) or str(tmp_path / n), lambda p: {"kind": "lora"}
     )
     assert status == 200 and seen == ["style/a.safetensors"]
+
+
+def test_comfy_resolve_finds_files_and_release_folders(routes, tmp_path, tiny_model_dir):
+    (tmp_path / "diffusers").mkdir()
+    (tmp_path / "diffusers" / "FireRed-tiny").symlink_to(tiny_model_dir, target_is_directory=True)
+    (tmp_path / "diffusers" / "a-file").write_bytes(b"x")
+    folder_paths = types.SimpleNamespace(
+        get_folder_paths=lambda f: [str(tmp_path / "elsewhere"), str(tmp_path / f)],
+        get_full_path=lambda f, n: f"{f}/{n}",
+    )
+    assert routes.comfy_resolve(folder_paths, "diffusers", "FireRed-tiny") == str(
+        tmp_path / "diffusers" / "FireRed-tiny"
+    )
+    assert routes.comfy_resolve(folder_paths, "diffusers", "a-file") is None  # loaders take folders there
+    assert routes.comfy_resolve(folder_paths, "diffusers", "nope") is None
+    assert routes.comfy_resolve(folder_paths, "loras", "x.safetensors") == "loras/x.safetensors"
+    routes.clear_cache()
+    status, body = routes.file_info("diffusers", "FireRed-tiny", lambda f, n: routes.comfy_resolve(folder_paths, f, n))
+    assert status == 200 and body["container"] == "folder" and body["matches"] is True, body
 
 
 def test_file_info_cache_follows_mtime_and_size(routes, tmp_path):

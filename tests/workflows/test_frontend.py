@@ -244,6 +244,9 @@ def test_loaders_show_what_the_file_is(browser_page):
     assert got["text"].startswith("LoRA · ComfyUI · rank 4"), got
     got = page.evaluate(FILE_INFO, ["FireRedVAELoader", "vae_name", name["vae"], "vae"])
     assert got["text"].startswith("VAE · safetensors"), got
+    release = sorted(p.name for p in (server.models / "diffusers").iterdir() if p.is_dir())[0]
+    got = page.evaluate(FILE_INFO, ["FireRedDiffusersLoader", "folder_name", release, "diffusers"])
+    assert got["text"].startswith("MM-DiT · diffusers folder"), got
     # a file that is not there (deleted since the list was made): said so, in the error colour
     got = page.evaluate(FILE_INFO, ["FireRedModelLoader", "model_name", EXPECTED_MISSING, "diffusion_models"])
     assert got["text"].startswith("⚠") and "not in the diffusion_models folder" in got["text"], got
@@ -293,7 +296,13 @@ def test_training_node_draws_a_live_loss_chart(browser_page):
     assert not log.from_pack(), log.from_pack()
 
 
-FILE_INFO_TYPES = {"FireRedModelLoader", "FireRedTextEncoderLoader", "FireRedVAELoader", "FireRedLoraLoader"}
+FILE_INFO_TYPES = {
+    "FireRedModelLoader",
+    "FireRedTextEncoderLoader",
+    "FireRedVAELoader",
+    "FireRedLoraLoader",
+    "FireRedDiffusersLoader",
+}
 WORKFLOWS = sorted(p for p in (REPO / "workflows").glob("*.json") if "nodes" in json.loads(p.read_text()))
 
 LOAD_WORKFLOW = """
