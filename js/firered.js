@@ -349,9 +349,11 @@ class FileInfoPanel {
     fetchFileInfo(this.spec.folder, value).then(({ status, body }) => {
       if (seq !== this.seq) return; // the user picked another file meanwhile
       if (status === 200) {
-        const warn = body.matches === false;
         const expected = KIND_WORDS[body.expected_kind] ?? body.expected_kind;
-        const text = warn ? `⚠ ${body.summary} — not ${expected}` : body.summary;
+        let text = body.summary;
+        if (body.matches === false) text = `⚠ ${body.summary} — not ${expected}`;
+        else if (body.loadable === false) text = `⚠ ${body.summary} — the FireRed loader cannot read it`;
+        const warn = text !== body.summary;
         const tip = [body.what, body.error, body.path].filter(Boolean).join("\n");
         this.show(text, warn ? "firered-warn" : "", tip);
       } else {

@@ -18,7 +18,9 @@ size       bytes (a folder: its files added up); ``size_human``: ``"20.4 GB"``
 layers     transformer blocks of an MM-DiT (``None`` otherwise)
 lora       for a LoRA: ``{"format": "PEFT"|"kohya"|"ComfyUI"|"LoHa"|"LoKr"|..., "layout": the
            prefix in words, "rank", "alpha", "modules"}`` (``None`` otherwise)
-error      why the file could not be read (``None`` when it could)
+error      why the file could not be read, or why the pack's loader for its kind cannot load it
+           (``None`` when it can)
+loadable   ``True`` when the pack's loader for ``kind`` reads the file (a known kind, no ``error``)
 summary    one short line: ``"GGUF Q4_K · 60 layers · 10.8 GB"``, ``"LoRA · PEFT · rank 16 · 295 MB"``
 ========== ===================================================================================
 
@@ -356,6 +358,7 @@ def describe_file(path) -> dict[str, Any]:
 
             info["what"] = FORMAT_WORDS.get(container, container)
             info["error"] = f"{str(p)!r} is {info['what']}; expected a .safetensors or .gguf file"
+    info["loadable"] = info["kind"] != "unknown" and info["error"] is None
     info["size_human"] = human_size(info["size"])
     info["summary"] = _summary(info)
     return json.loads(json.dumps(info))  # plain JSON types only (no tuples, no numpy scalars)

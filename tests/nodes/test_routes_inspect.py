@@ -42,7 +42,7 @@ def test_tiny_comfyui_files_are_described(comfy_models):
     _, p = comfy_models
     d = describe_file(p["transformer"])
     assert (d["kind"], d["container"], d["precision"], d["layers"]) == ("mmdit", "safetensors", "fp32", 2)
-    assert d["error"] is None and d["size"] == os.path.getsize(p["transformer"])
+    assert d["error"] is None and d["loadable"] and d["size"] == os.path.getsize(p["transformer"])
     assert d["summary"] == f"MM-DiT · safetensors fp32 · 2 layers · {human_size(d['size'])}"
 
     d = describe_file(p["transformer_fp8"])
@@ -194,6 +194,17 @@ def test_broken_and_foreign_files_are_reported(tmp_path, comfy_models):
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(4, 4)}, tmp_path / "flux.safetensors")
     d = describe_file(tmp_path / "flux.safetensors")
     assert d["kind"] == "unknown" and "Flux" in d["what"] and "Flux" in d["summary"]
+
+    # GGUF files of other models: what they are, and that the pack's loaders do not read them
+    te = {"blk.0.attn_k.bias": torch.zeros(32), "blk.0.attn_k.weight": torch.randn(32, 64)}
+    writers.write_gguf(te, tmp_path / "te.gguf", "Q8_0", arch="qwen2vl")
+    d = describe_file(tmp_path / "te.gguf")
+    assert (d["kind"], d["precision"], d["loadable"]) == ("text_encoder", "GGUF Q8_0", False) and d["error"]
+    writers.write_gguf(
+        {"double_blocks.0.img_attn.qkv.weight": torch.randn(32, 64)}, tmp_path / "f.gguf", "Q4_0", arch="flux"
+    )
+    d = describe_file(tmp_path / "f.gguf")
+    assert (d["kind"], d["loadable"]) == ("unknown", False) and "Flux" in d["summary"]
 
     (tmp_path / "empty.safetensors").write_bytes(b"")
     assert describe_file(tmp_path / "empty.safetensors")["container"] == "empty"

@@ -251,6 +251,37 @@ def test_loaders_show_what_the_file_is(browser_page):
     got = page.evaluate(FILE_INFO, ["FireRedModelLoader", "model_name", EXPECTED_MISSING, "diffusion_models"])
     assert got["text"].startswith("⚠") and "not in the diffusion_models folder" in got["text"], got
     assert "firered-error" in got["cls"], got
+
+    # how the line warns, for answers the tiny models folder does not give (the route's answer mocked)
+    answers = {
+        "firered_fe_mock_lora.safetensors": {
+            "summary": "LoRA · kohya · rank 8 · 1 MB",
+            "kind": "lora",
+            "matches": False,
+        },
+        "firered_fe_mock_nvfp4.safetensors": {
+            "summary": "MM-DiT · safetensors mixed · 60 layers",
+            "matches": True,
+            "loadable": False,
+        },
+    }
+
+    def fulfill(route):
+        q = route.request.url.split("name=")[-1]
+        route.fulfill(json={"expected_kind": "mmdit", **answers[q]})
+
+    page.route("**/firered/file_info?*name=firered_fe_mock_*", fulfill)
+    try:
+        got = page.evaluate(
+            FILE_INFO, ["FireRedModelLoader", "model_name", "firered_fe_mock_lora.safetensors", "diffusion_models"]
+        )
+        assert got["text"] == "⚠ LoRA · kohya · rank 8 · 1 MB — not an MM-DiT" and "firered-warn" in got["cls"], got
+        got = page.evaluate(
+            FILE_INFO, ["FireRedModelLoader", "model_name", "firered_fe_mock_nvfp4.safetensors", "diffusion_models"]
+        )
+        assert got["text"].endswith("— the FireRed loader cannot read it") and "firered-warn" in got["cls"], got
+    finally:
+        page.unroute("**/firered/file_info?*name=firered_fe_mock_*")
     assert not log.from_pack(), log.from_pack()
 
 
