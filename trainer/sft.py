@@ -1,0 +1,537 @@
+"""The SFT stage (and, with other defaults, the pretrain stage): flow matching on edit pairs, as a
+LoRA or a full fine-tune, on one card or many.
+
+Launch::
+
+    # a LoRA on one 24 GB card (fp8 base, gradient checkpointing, AdamW8bit, bf16)
+    python -m trainer sft --config trainer/configs/sft_lora_24gb.yaml \\
+        model.path=models/FireRed-Image-Edit-1.1 data.jsonl=data/pairs.jsonl output_dir=runs/my_lora
+
+    # several GPUs, data-parallel (DDP) -- the same config
+    accelerate launch --num_processes 4 -m trainer sft --config trainer/configs/sft_lora_24gb.yaml ...
+
+    # a full fine-tune sharded with FSDP (the wrap unit is QwenImageTransformerBlock)
+    accelerate launch --config_file fsdp.yaml -m trainer sft --config trainer/configs/sft_full_multigpu.yaml ...
+
+    # from Python (what the ComfyUI nodes call)
+    from trainer import sft
+    result = sft.run(cfg, progress=lambda step, total, loss, samples: ..., should_stop=lambda: False)
+
+The run reads top to bottom: **setup** (data and buckets, the frozen encoders' features cached on
+disk, the MM-DiT with LoRA / fp8 base / checkpointing, optimizer, accelerate, resume), the
+**loop** (homogeneous batches, stochastic instruction alignment, stratified timesteps, weighted
+velocity loss, EMA, checkpoints, sample edits) and **save** (the LoRA in ComfyUI and diffusers
+formats, or the full transformer; the loss curve).
+
+Determinism: every random choice of a step (SIA, timesteps, noise) comes from a generator seeded by
+``(seed, step, micro-batch, rank)``, and the sampler's position, optimizer, LR schedule, EMA and RNG
+states are in every checkpoint -- a resumed run computes the same losses as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from firered_core import flow, latents
+from firered_core.denoiser import batch_texts
+from firered_core.images import fit_to_area
+
+from . import cache as cache_mod
+from . import checkpoint as ckpt
+from .buckets import BucketBatchSampler, aspect_bucket, bucket_key
+from .config import DatasetEntry, StageConfig, load_config
+from .data import LoadReport, load_dataset
+from .lora import add_lora, load_lora_weights_into, quantize_frozen_base, save_lora
+from .objective import EMA, flow_matching_loss, stratified_uniform, training_sigmas
+from .optim import build_optimizer
+from .sia import choose_instruction, shuffle_and_drop
+from .validation import LossLog, plot_loss, sample_edits
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, float, "list | None"], None]
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``lora`` / ``lora_diffusers``: the LoRA files (LoRA runs);
+    ``transformer``: the saved MM-DiT folder (full runs); ``stopped``: ended by ``should_stop``
+    (a resumable checkpoint was saved first)."""
+
+    output_dir: Path
+    step: int
+    total: int
+    stopped: bool = False
+    losses: list[float] = field(default_factory=list)
+    lora: Path | None = None
+    lora_diffusers: Path | None = None
+    transformer: Path | None = None
+    checkpoint: Path | None = None
+    samples: list[Path] = field(default_factory=list)
+    eval_loss_before: float = float("nan")
+    eval_loss_after: float = float("nan")
+    data_loaded: int = 0
+    data_skipped: int = 0
+    data_errors: list[str] = field(default_factory=list)
+
+
+def run(config, *, overrides: list[str] = (), progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Train from a :class:`StageConfig` or a YAML path (+ ``key=value`` overrides)."""
+    cfg = config if isinstance(config, StageConfig) else load_config(config, list(overrides), stage="sft")
+    return train(cfg, progress=progress, should_stop=should_stop)
+
+
+# ---------------------------------------------------------------------------------------------
+# setup helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def load_data(cfg: StageConfig):
+    """(samples, dataset names, dataset weights, report) of every configured dataset."""
+    entries = cfg.data.mix or [DatasetEntry(path=cfg.data.jsonl)]
+    report = LoadReport()
+    samples, weights = [], {}
+    for e in entries:
+        ds = load_dataset(e.path, dataset=e.name or None, max_bad=cfg.data.max_bad, report=report)
+        samples.extend(ds)
+        weights[ds[0].dataset] = e.weight
+    report.loaded = len(samples)
+    return samples, [s.dataset for s in samples], weights, report
+
+
+def _fingerprint(folder: Path) -> str:
+    """A cheap content fingerprint of a model part (config + head and tail of each weight file)."""
+    h = hashlib.sha256()
+    files = sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")) if folder.is_dir() else [folder]
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            size = f.stat().st_size
+            if size > 1 << 20:
+                fh.seek(max(size - (1 << 20), 1 << 20))
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def part_path(cfg: StageConfig, part: str) -> Path:
+    given = getattr(cfg.model, part, "")
+    if given:
+        return Path(given)
+    if not cfg.model.path:
+        raise ValueError(f"model.path: no model folder (and no model.{part} file) given")
+    return Path(cfg.model.path) / part
+
+
+def model_id(cfg: StageConfig) -> str:
+    name = cfg.model.id or Path(cfg.model.path or cfg.model.transformer).name
+    return f"{name}:{_fingerprint(part_path(cfg, 'text_encoder'))}:{_fingerprint(part_path(cfg, 'vae'))}"
+
+
+def target_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """Training size of a picture of ``size``: about ``resolution^2`` pixels at its aspect bucket."""
+    return fit_to_area(resolution**2, aspect_bucket(*size))
+
+
+def latent_jobs(sample, cfg: StageConfig) -> list[tuple[str, int, int]]:
+    sizes = {sample.target: sample.target_size, **dict(zip(sample.sources, sample.source_sizes))}
+    jobs = []
+    for _, sources, target in cache_mod.instruction_choices(sample, cfg.sia):
+        jobs.append((target, *target_size(sizes[target], cfg.data.resolution)))
+        jobs.extend((s, *target_size(sizes[s], cfg.data.ref_resolution)) for s in sources)
+    return jobs
+
+
+def validation_variants(cfg: StageConfig) -> tuple[list, list]:
+    pos = [cache_mod.TextVariant(tuple(p.pictures), p.prompt) for p in cfg.validation.prompts]
+    neg = [cache_mod.TextVariant(tuple(p.pictures), " ") for p in cfg.validation.prompts]
+    return pos, neg
+
+
+def extract_features(cfg: StageConfig, samples, accelerator, feature_cache, mid: str, dtype, vae) -> None:
+    """Fill the cache (texts, and latents when configured), split across processes; the text
+    encoder is loaded only when something is missing and freed afterwards."""
+    from firered_core import conditioning
+    from firered_core import vae as vae_mod
+    from firered_core.formats.text_encoder_files import find_processor, load_text_encoder
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = samples[rank::world]
+    pos, neg = validation_variants(cfg)
+    extra = (pos + neg) if rank == 0 else []
+    vl = cfg.data.vl_resolution
+    missing = any(
+        not feature_cache.has("text", cache_mod.text_key(v, model_id=mid, vl_resolution=vl))
+        for v in [v for s in mine for v in cache_mod.text_variants(s, cfg.sia)] + extra
+    )
+    if missing:
+        te_path = part_path(cfg, "text_encoder")
+        processor = find_processor(model_dir=Path(cfg.model.path) if cfg.model.path else None)
+        te = load_text_encoder(te_path, dtype=dtype, device=accelerator.device, processor=processor).eval()
+
+        def encode(text, pics):
+            return conditioning.encode_prompt(te, processor, text, pics, dtype=dtype)
+
+        stats = cache_mod.extract_texts(mine, cfg.sia, feature_cache, encode, model_id=mid, vl_resolution=vl, extra=extra)
+        log.info("rank %d: %d of %d text variants encoded", rank, stats["encoded"], stats["total"])
+        del te
+    if cfg.data.cache_latents:
+        jobs = [j for s in mine for j in latent_jobs(s, cfg)]
+        cache_mod.extract_latents(jobs, feature_cache, lambda px: vae_mod.encode(vae, px), model_id=mid)
+    accelerator.wait_for_everyone()
+
+
+def build_transformer(cfg: StageConfig, dtype, device):
+    """The MM-DiT ready to train: LoRA adapters (float32) or all weights trainable (float32
+    master weights), fp8 frozen base, gradient checkpointing."""
+    from firered_core.formats.transformer_files import load_transformer
+
+    tr = load_transformer(part_path(cfg, "transformer"), dtype=dtype, device="cpu", weight_dtype="dequantize")
+    if cfg.train_mode == "lora":
+        add_lora(tr, rank=cfg.lora.rank, alpha=cfg.lora.alpha, modules=cfg.lora_modules(), dropout=cfg.lora.dropout)
+        if cfg.lora.init_from:
+            load_lora_weights_into(tr, cfg.lora.init_from)
+        if cfg.model.base_precision == "fp8":
+            quantize_frozen_base(tr)
+    else:
+        tr.float().requires_grad_(True)
+    if cfg.model.gradient_checkpointing:
+        tr.enable_gradient_checkpointing()
+    return tr.to(device).train()
+
+
+def lr_lambda(cfg: StageConfig):
+    warm, total, kind = cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.scheduler
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if kind == "constant":
+            return 1.0
+        frac = min(1.0, (step - warm) / max(1, total - warm))
+        return 1.0 - frac if kind == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+
+    return f
+
+
+# ---------------------------------------------------------------------------------------------
+# one training example and the loss of a batch
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    """One collated sample: x0 ``[N, 64]`` packed target latent, refs ``[N_ref, 64]`` or None,
+    text (cached :class:`TextCond`), img_shapes (target's grid first)."""
+
+    x0: torch.Tensor
+    refs: torch.Tensor | None
+    text: object
+    img_shapes: list
+
+    @property
+    def shape_key(self):
+        return tuple(self.img_shapes)
+
+
+class Collator:
+    """Turns a sample into an :class:`Example`: stochastic instruction alignment (instruction
+    variant, reference shuffle & drop, renumbered text), then the cached embeddings and latents."""
+
+    def __init__(self, cfg: StageConfig, feature_cache, mid: str, vae=None):
+        self.cfg, self.cache, self.mid, self.vae = cfg, feature_cache, mid, vae
+
+    def latent(self, path: str, w: int, h: int) -> torch.Tensor:
+        key = cache_mod.latent_key(path, w, h, model_id=self.mid)
+        if self.cache.has("latents", key):
+            return self.cache.get_latent(key)
+        if self.vae is None:
+            raise KeyError(f"no cached latent for {path} at {w}x{h}")
+        from firered_core import images
+        from firered_core import vae as vae_mod
+
+        px = images.pil_to_tensor(cache_mod.crop_resize(images.to_pil(path), w, h))
+        return vae_mod.encode(self.vae, px)[0].float().cpu()
+
+    def __call__(self, sample, rng: random.Random) -> Example:
+        c = self.cfg
+        text, sources, target = choose_instruction(sample, rng, chinese_prob=c.sia.chinese_prob,
+                                                   inverse_prob=c.sia.inverse_prob, text_dropout=c.sia.text_dropout)
+        al = shuffle_and_drop(text, len(sources), rng, drop_prob=c.sia.drop_prob, shuffle=c.sia.shuffle)
+        pics = tuple(sources[i] for i in al.order)
+        variant = cache_mod.TextVariant(pics, al.text)
+        cond = self.cache.get_text(cache_mod.text_key(variant, model_id=self.mid, vl_resolution=c.data.vl_resolution))
+        sizes = {sample.target: sample.target_size, **dict(zip(sample.sources, sample.source_sizes))}
+        tw, th = target_size(sizes[target], c.data.resolution)
+        x0 = latents.pack(self.latent(target, tw, th).unsqueeze(0))[0]
+        shapes = [latents.token_grid(th, tw)]
+        refs = []
+        for p in pics:
+            rw, rh = target_size(sizes[p], c.data.ref_resolution)
+            refs.append(latents.pack(self.latent(p, rw, rh).unsqueeze(0))[0])
+            shapes.append(latents.token_grid(rh, rw))
+        return Example(x0, torch.cat(refs, 0) if refs else None, cond, shapes)
+
+
+def predict_velocity(model, x_t, sigma, refs, texts, img_shapes, dtype):
+    """The MM-DiT's velocity for target tokens ``x_t`` ``[B, N, 64]`` (the same call the inference
+    :class:`firered_core.denoiser.Denoiser` makes, one condition per row)."""
+    n = x_t.shape[1]
+    embeds, mask = batch_texts([t.to(x_t.device, dtype) for t in texts])
+    hidden = x_t.to(dtype) if refs is None else torch.cat([x_t, refs], 1).to(dtype)
+    timestep = (flow.sigma_to_timestep(sigma) / flow.NUM_TRAIN_TIMESTEPS).to(dtype)
+    out = model(hidden_states=hidden, encoder_hidden_states=embeds, encoder_hidden_states_mask=mask,
+                timestep=timestep, img_shapes=[img_shapes] * x_t.shape[0], return_dict=False)[0]
+    return out[:, :n]
+
+
+def _seed_of(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def batch_loss_backward(model, examples: list[Example], *, accelerator, cfg: StageConfig, sched_cfg, step: int,
+                        micro: int, dtype) -> float:
+    """Loss of one micro-batch, back-propagated group by group (examples whose token layout
+    differs after SIA run as separate forwards); returns the batch's mean loss."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    gen = torch.Generator().manual_seed(_seed_of(cfg.seed, "noise", step, micro, rank))
+    u = stratified_uniform(len(examples), rank=rank, world_size=world, step=step * cfg.grad_accum + micro, generator=gen)
+    groups: dict[tuple, list[int]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(ex.shape_key, []).append(i)
+    total, dev = 0.0, accelerator.device
+    for gi, idx in enumerate(groups.values()):
+        exs = [examples[i] for i in idx]
+        x0 = torch.stack([e.x0 for e in exs]).float()
+        eps = torch.randn(x0.shape, generator=gen)
+        sigma = training_sigmas(u[idx], image_seq_len=x0.shape[1], config=sched_cfg)
+        x_t = flow.add_noise(x0, eps, sigma)
+        refs = torch.stack([e.refs for e in exs]).to(dev) if exs[0].refs is not None else None
+        last = gi == len(groups) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with accelerator.autocast():
+                v = predict_velocity(model, x_t.to(dev), sigma.to(dev), refs, [e.text for e in exs], exs[0].img_shapes, dtype)
+            loss = flow_matching_loss(v, x0.to(dev), eps.to(dev), sigma.to(dev), weighting=cfg.objective.weighting,
+                                      clip=cfg.objective.clip or None)
+            accelerator.backward(loss * (len(exs) / len(examples)))
+        total += loss.detach().item() * len(exs) / len(examples)
+    return total
+
+
+@torch.no_grad()
+def eval_loss(model, examples: list[Example], *, sched_cfg, dtype, device, sigmas=(0.25, 0.5, 0.75), seed: int = 0) -> float:
+    """Velocity MSE on fixed examples at fixed sigmas with fixed noise: a loss that only changes
+    when the model does (the training loss also moves with the random timesteps)."""
+    gen = torch.Generator().manual_seed(seed)
+    total, n = 0.0, 0
+    for ex in examples:
+        x0 = ex.x0.unsqueeze(0).float()
+        for s in sigmas:
+            eps = torch.randn(x0.shape, generator=gen)
+            sigma = torch.tensor([s])
+            x_t = flow.add_noise(x0, eps, sigma)
+            refs = ex.refs.unsqueeze(0).to(device) if ex.refs is not None else None
+            v = predict_velocity(model, x_t.to(device), sigma.to(device), refs, [ex.text], ex.img_shapes, dtype)
+            total += flow_matching_loss(v, x0.to(device), eps.to(device), sigma.to(device), clip=None).item()
+            n += 1
+    return total / max(n, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+# ---------------------------------------------------------------------------------------------
+
+
+def train(cfg: StageConfig, *, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import set_seed
+
+    from firered_core.formats.vae_files import load_vae
+    from firered_core.loading import load_scheduler_config, resolve_dtype
+    from firered_core.modules import compute_dtype
+
+    # ---- setup: processes, output folder -------------------------------------------------------
+    # cpu=True on a machine without CUDA lets torchrun / mpirun start a multi-CPU (gloo) run.
+    # The last block's text-stream layers (to_add_out, txt_mlp) feed nothing the loss sees, so DDP
+    # must be told that some parameters get no gradient.
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                              step_scheduler_with_optimizer=False, cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    set_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_partial(out)
+        (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    accelerator.wait_for_everyone()
+    dtype = resolve_dtype(cfg.model.dtype)
+
+    # ---- data: samples, buckets ------------------------------------------------------------------
+    samples, names, weights, report = load_data(cfg)
+    sampler = BucketBatchSampler([bucket_key(s) for s in samples], names, cfg.data.batch_size,
+                                 dataset_weights=weights, count_weights=cfg.data.count_weights, seed=cfg.seed,
+                                 rank=accelerator.process_index, world_size=accelerator.num_processes)
+
+    # ---- frozen encoders -> feature cache ---------------------------------------------------------
+    mid = model_id(cfg)
+    feature_cache = cache_mod.FeatureCache(cfg.data.cache_dir or out / "cache")
+    vae = load_vae(part_path(cfg, "vae"), dtype=dtype, device=accelerator.device).eval().requires_grad_(False)
+    extract_features(cfg, samples, accelerator, feature_cache, mid, dtype, vae)
+    sched_cfg = load_scheduler_config(Path(cfg.model.path)) if cfg.model.path else None
+    collate = Collator(cfg, feature_cache, mid, vae=None if cfg.data.cache_latents else vae)
+    need_vae = not cfg.data.cache_latents or bool(cfg.validation.every and cfg.validation.prompts)
+    if not need_vae:
+        vae = None
+
+    # ---- model, optimizer, schedule, EMA -----------------------------------------------------------
+    transformer = build_transformer(cfg, dtype, accelerator.device)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = build_optimizer(cfg.optim.name, params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    ema = EMA(transformer, cfg.objective.ema_decay) if cfg.objective.ema_decay > 0 else None
+    model, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
+    compute = compute_dtype(transformer)
+    state = ckpt.TrainState()
+    ckpt.install_hooks(accelerator)
+    accelerator.register_for_checkpointing(state, ckpt.StatefulSampler(sampler), ckpt.EMAState(ema))
+
+    # ---- resume --------------------------------------------------------------------------------
+    loss_log = LossLog(out / "loss.csv")
+    resume = None if cfg.checkpoint.resume == "none" else (
+        ckpt.latest_checkpoint(out) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume))
+    if resume is not None:
+        ckpt.load_checkpoint(accelerator, resume)
+        log.info("resumed from %s at step %d", resume, state.step)
+    if accelerator.is_main_process:
+        loss_log.truncate(state.step)
+
+    result = TrainResult(out, state.step, cfg.max_steps, data_loaded=report.loaded, data_skipped=report.skipped,
+                         data_errors=list(report.errors))
+    val_pos, val_neg = validation_variants(cfg)
+    vl = cfg.data.vl_resolution
+
+    def lora_files(folder: Path, step: int) -> dict:
+        return save_lora(accelerator.unwrap_model(model), folder / f"{cfg.name}.safetensors",
+                         folder / "diffusers" / "pytorch_lora_weights.safetensors", rank=cfg.lora.rank,
+                         alpha=cfg.lora.alpha, modules=cfg.lora_modules(), base_model=mid.split(":")[0],
+                         steps=step, config=cfg.to_dict())
+
+    def save(step: int, loss: float | None) -> Path:
+        extra = (lambda tmp: lora_files(tmp, step)) if cfg.train_mode == "lora" else None
+        return ckpt.save_checkpoint(accelerator, out, step, config_yaml=cfg.to_yaml(), meta={"loss": loss},
+                                    keep_last=cfg.checkpoint.keep_last, extra=extra)
+
+    def samples_now(step: int) -> list:
+        if not accelerator.is_main_process:
+            return []
+        get = feature_cache.get_text
+        pos = [get(cache_mod.text_key(v, model_id=mid, vl_resolution=vl)) for v in val_pos]
+        neg = [get(cache_mod.text_key(v, model_id=mid, vl_resolution=vl)) for v in val_neg]
+        v = cfg.validation
+        pics = sample_edits(accelerator.unwrap_model(model), vae, sched_cfg, v.prompts, positive=pos, negative=neg,
+                            steps=v.steps, cfg=v.cfg, seed=v.seed, resolution=v.resolution,
+                            ref_resolution=cfg.data.ref_resolution)
+        for i, pic in enumerate(pics):
+            p = out / "samples" / f"step-{step:08d}-{i}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            pic.save(p)
+            result.samples.append(p)
+        return pics
+
+    # a fixed evaluation set: the first samples, collated without randomness beyond a fixed seed
+    eval_examples = [collate(s, random.Random(_seed_of(cfg.seed, "eval", k))) for k, s in enumerate(samples[:4])]
+
+    def evaluate() -> float:
+        m = accelerator.unwrap_model(model)
+        m.eval()
+        try:
+            with accelerator.autocast():
+                return eval_loss(m, eval_examples, sched_cfg=sched_cfg, dtype=compute, device=accelerator.device)
+        finally:
+            m.train()
+
+    result.eval_loss_before = evaluate()
+
+    # ---- loop ----------------------------------------------------------------------------------
+    model.train()
+    loss = float("nan")
+    while state.step < cfg.max_steps:
+        if should_stop is not None and should_stop():
+            result.checkpoint = save(state.step, None)
+            result.stopped = True
+            break
+        t0 = time.perf_counter()
+        step_loss = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = sampler.next_batch()
+            examples = [collate(samples[i], random.Random(_seed_of(cfg.seed, "sia", state.step, micro,
+                                                                     accelerator.process_index, j)))
+                        for j, i in enumerate(batch.indices)]
+            with accelerator.accumulate(model):
+                step_loss += batch_loss_backward(model, examples, accelerator=accelerator, cfg=cfg,
+                                                 sched_cfg=sched_cfg, step=state.step, micro=micro, dtype=compute)
+                if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
+                    accelerator.clip_grad_norm_(params, cfg.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(model))
+        state.step += 1
+        loss = accelerator.reduce(torch.tensor(step_loss / cfg.grad_accum, device=accelerator.device), "mean").item()
+        result.losses.append(loss)
+        if accelerator.is_main_process:
+            loss_log.append(state.step, loss, scheduler.get_last_lr()[0], time.perf_counter() - t0)
+            if state.step % cfg.log_every == 0:
+                log.info("step %d/%d loss %.5f", state.step, cfg.max_steps, loss)
+        pics = None
+        if cfg.validation.every and cfg.validation.prompts and state.step % cfg.validation.every == 0:
+            pics = samples_now(state.step)
+        if state.step % cfg.checkpoint.every == 0 or state.step == cfg.max_steps:
+            result.checkpoint = save(state.step, loss)
+        if progress is not None:
+            progress(state.step, cfg.max_steps, loss, pics)
+
+    # ---- save ----------------------------------------------------------------------------------
+    result.step = state.step
+    result.eval_loss_after = evaluate()
+    log.info("eval loss (fixed samples, sigmas, noise): %.5f -> %.5f", result.eval_loss_before, result.eval_loss_after)
+    if accelerator.is_main_process:
+        plot_loss(loss_log.losses(), out / "loss.png", title=f"{cfg.stage} loss")
+    if not result.stopped:
+        unwrapped = accelerator.unwrap_model(model)
+        if cfg.train_mode == "lora":
+            if accelerator.is_main_process:
+                files = lora_files(out, state.step)
+                result.lora, result.lora_diffusers = files["comfyui"], files["diffusers"]
+                if ema is not None:
+                    ema.copy_to(unwrapped)
+                    save_lora(unwrapped, out / f"{cfg.name}_ema.safetensors", rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                              modules=cfg.lora_modules(), base_model=mid.split(":")[0], steps=state.step,
+                              config=cfg.to_dict())
+        else:
+            state_dict = accelerator.get_state_dict(model)
+            if accelerator.is_main_process:
+                unwrapped.save_pretrained(out / "transformer", state_dict=state_dict, safe_serialization=True)
+                result.transformer = out / "transformer"
+    if accelerator.is_main_process:
+        summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()
+                   if k not in ("samples",)}
+        summary["world_size"] = accelerator.num_processes
+        (out / "result.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
