@@ -454,9 +454,10 @@ class BlockSwapper:
         for i in self.streamed:
             masters = []
             for owner, kind, name, t in _tensors(self.order[i]):
-                m = t if t.device == self.offload_device else _moved(t, self.offload_device)
-                if self.pin:
-                    m = _pinned(m)
+                if self.pin and type(t) in (torch.Tensor, nn.Parameter):
+                    m = _pinned(t)  # straight into page-locked memory, one tensor at a time
+                else:
+                    m = t if t.device == self.offload_device else _moved(t, self.offload_device)
                 _set(owner, kind, name, m)
                 masters.append((owner, kind, name, m))
             self._masters[i] = masters

@@ -223,3 +223,19 @@ def test_attention_fallback_logs(editor, caplog):
     assert current_attention(editor.c.transformer) == "native"
     with pytest.raises(ValueError, match="unknown"):
         set_attention(editor.c.transformer, "fastest")
+
+
+def test_cli_speed_memory_flags():
+    """The flags become the options FireRedEditor.configure takes (a whole CLI edit runs at the
+    1024^2 reference area and is covered by tests/core/test_cli.py)."""
+    from firered_core.cli import _parser, _speed_memory
+
+    args = _parser().parse_args(["edit", "--prompt", "x", "--out", "o.png", "--blocks-resident", "3",
+                                 "--cache-threshold", "0.1", "--attention", "sage", "--compile",
+                                 "--weight-dtype", "int8", "--memory-budget", "24"])
+    speed, memory = _speed_memory(args)
+    assert (memory.plan, memory.blocks_resident, memory.budget_gb) == ("block_swap", 3, 24.0)
+    assert (speed.cache_threshold, speed.attention, speed.compile) == (0.1, "sage", True)
+    assert args.weight_dtype == "int8"
+    plain = _parser().parse_args(["edit", "--prompt", "x", "--out", "o.png"])
+    assert _speed_memory(plain) == (None, None)  # no flags: the editor is left as loaded

@@ -1,0 +1,129 @@
+"""Benchmark: each speed / memory option against the plain path, on the CPU, in one run.
+
+A mid-size random model is made on the spot (default 8 MM-DiT blocks of width 512, 4 heads), one
+edit is encoded once (a 256x256 picture, 256x256 output), and its sampling (8 steps, true CFG 4)
+is timed with each option -- best of ``--repeats`` after one warm-up run -- and printed as a ratio
+to the plain path measured in the same run, with the deviation of the latents from the plain
+result (relative L2):
+
+- block swap (``--resident`` blocks resident, the rest streamed; on the CPU the copies are
+  synchronous, so this is the copy overhead, not the overlap a GPU gets);
+- step caching at two thresholds (ratio, deviation, block evaluations skipped);
+- int8 weight-only and scaled fp8 (dequantized per layer on the CPU: memory, not speed);
+- torch.compile of the repeated block: warm-up seconds and the steady-state ratio
+  (``--no-compile`` leaves it out; it needs a C++ compiler).
+
+    python bench/speed_options.py [--layers 8 --width 512 --size 256 --steps 8 --repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from firered_core import FireRedEditor, precision  # noqa: E402
+from firered_core.memory import MemoryOptions  # noqa: E402
+from firered_core.pipeline import EditRequest  # noqa: E402
+from firered_core.speed import SpeedOptions  # noqa: E402
+from firered_core.tiny import make_tiny  # noqa: E402
+
+
+def _realign(module: torch.nn.Module) -> None:
+    """Fresh (aligned) copies of mmapped weights, as block swap computes with (see the tests)."""
+    for p in module.parameters():
+        p.data = p.data.clone()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--resident", type=int, default=2, help="blocks resident under block swap")
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    tmp = tempfile.TemporaryDirectory()
+    model = make_tiny(Path(tmp.name) / "m", num_layers=args.layers, width=args.width,
+                      num_attention_heads=max(1, args.width // 128))
+    ed = FireRedEditor.from_pretrained(model, device="cpu", dtype="fp32")
+    for m in (ed.c.transformer, ed.c.text_encoder, ed.c.vae):
+        _realign(m)
+    from PIL import Image
+
+    pic = Image.radial_gradient("L").convert("RGB").resize((args.size, args.size))
+    req = EditRequest(prompt="make the centre red", steps=args.steps, cfg=4.0, seed=1, width=args.size,
+                      height=args.size, ref_area=args.size * args.size, vl_area=128 * 128)
+    with torch.inference_mode():
+        enc = ed.encode(pic, req)
+
+    def sample(editor) -> tuple[float, torch.Tensor]:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            z, _ = editor.sample(enc, req, generator=torch.Generator().manual_seed(1))
+        return time.perf_counter() - t, z
+
+    def best(editor) -> tuple[float, torch.Tensor]:
+        sample(editor)  # warm-up
+        runs = [sample(editor) for _ in range(args.repeats)]
+        return min(r[0] for r in runs), runs[-1][1]
+
+    t_plain, z_plain = best(ed)
+    rows = [("plain", t_plain, 0.0, "")]
+
+    def dev(z):
+        return ((z - z_plain).norm() / z_plain.norm()).item()
+
+    def add(name, t, z, note=""):
+        rows.append((name, t, dev(z), note))
+
+    ed.configure(memory=MemoryOptions(plan="block_swap", blocks_resident=args.resident))
+    t, z = best(ed)
+    add(f"block swap ({args.resident}/{args.layers} resident)", t, z,
+        "bit-identical" if torch.equal(z, z_plain) else "DIFFERS")
+    ed.configure(memory=MemoryOptions(plan="resident"))
+
+    for thr in (0.1, 0.2):
+        ed.configure(speed=SpeedOptions(cache_threshold=thr, cache_compute_blocks=max(1, args.layers // 4),
+                                        cache_warmup=2, cache_max_skips=2))
+        t, z = best(ed)
+        s = ed.last_cache_stats
+        add(f"step cache thr {thr}", t, z, f"{s.blocks_skipped}/{s.blocks_run + s.blocks_skipped} block evals skipped")
+    ed.configure(speed=SpeedOptions())
+
+    for mode in ("int8", "fp8_scaled"):
+        q = FireRedEditor.from_pretrained(model, device="cpu", dtype="fp32")
+        precision.quantize_weights(q.c.transformer, mode)
+        t, z = best(q)
+        add(f"{mode} weights", t, z, "dequantized per layer")
+        del q
+
+    if not args.no_compile:
+        ed.configure(speed=SpeedOptions(compile=True))
+        t0 = time.perf_counter()
+        _, _ = sample(ed)
+        warm = time.perf_counter() - t0
+        runs = [sample(ed) for _ in range(args.repeats)]
+        add("torch.compile blocks", min(r[0] for r in runs), runs[-1][1],
+            f"warm-up {warm:.1f}s (first sampling run, vs {t_plain:.1f}s plain)")
+        ed.configure(speed=SpeedOptions())
+
+    print(f"model: {args.layers} blocks, width {args.width}; {args.size}x{args.size}, {args.steps} steps, true CFG 4; "
+          f"CPU float32, {torch.get_num_threads()} threads; best of {args.repeats}")
+    print(f"{'option':34s} {'s/sample':>9s} {'ratio':>7s} {'deviation':>10s}  note")
+    for name, t, d, note in rows:
+        print(f"{name:34s} {t:9.2f} {t / t_plain:7.2f} {d:10.2e}  {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
