@@ -1,0 +1,155 @@
+"""The RL stages on the tiny model: NFT learns a cheap reward (fresh samples get brighter), DPO moves
+the model toward the preferred side of synthetic pairs, and a run killed with SIGKILL resumes on
+the same reward curve."""
+
+import copy
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_picture
+from PIL import Image
+
+from trainer.rl import common, dpo, nft
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _prompts(tmp: Path, with_source: bool = True) -> Path:
+    make_picture(32, 32, seed=1).save(tmp / "src.png")
+    lines = [{"instruction": "a bright picture", "source_image": None}]
+    if with_source:
+        lines.insert(0, {"instruction": "make it brighter", "source_image": "src.png"})
+    p = tmp / "prompts.jsonl"
+    p.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return p
+
+
+def _nft_cfg(model, prompts, out, **kw):
+    base = dict(
+        model=str(model), prompts=str(prompts), output_dir=str(out), reward="brightness", steps=30, group_size=8,
+        sample_steps=3, width=32, height=32, ref_area=32 * 32, vl_area=56 * 56, lr=3e-2, lora_rank=4, lora_alpha=8,
+        dtype="fp32", device="cpu", save_every=0, resume=False, micro_batch=8, validation_seeds=8,
+    )  # fmt: skip
+    base.update(kw)
+    return common.load_config(nft.NFTConfig, None, base)
+
+
+def test_nft_raises_the_reward_of_fresh_samples(tiny_model_dir, tmp_path):
+    """30 NFT steps (LoRA r4, brightness reward, groups of 8, CFG 1, 3 Euler steps) raise the mean
+    brightness of fresh samples (fixed seeds, 16 per run) for each training seed. The tiny random
+    VAE maps latents to a narrow brightness band (samples: 0.490 +- 0.008), so the margin is small
+    in absolute terms: measured +0.010 to +0.016; asserted > +0.004 (about 4 standard errors of the
+    16-sample mean) for every seed."""
+    from firered_core import FireRedEditor
+
+    prompts = _prompts(tmp_path)
+    base = FireRedEditor.from_pretrained(tiny_model_dir, dtype="fp32")
+    base_tr = copy.deepcopy(base.c.transformer)
+    encoded = None
+    gains = []
+    for seed in (0, 1):
+        ed = FireRedEditor(dataclasses.replace(base.c, transformer=copy.deepcopy(base_tr)))
+        run = nft.NFTRun(_nft_cfg(tiny_model_dir, prompts, tmp_path / f"o{seed}", seed=seed), editor=ed, encoded=encoded)
+        encoded = run.encoded
+        before, _ = run.validate()
+        rows = [run.iteration() for _ in range(run.cfg.steps)]
+        after, _ = run.validate()
+        gains.append(after - before)
+        assert all(np.isfinite(r["loss"]) for r in rows)
+    print("NFT brightness gains over seeds:", [round(g, 4) for g in gains])
+    assert min(gains) > 0.004, gains
+
+
+def test_dpo_moves_toward_the_preferred_side(tiny_model_dir, tmp_path):
+    """Synthetic pairs: the preferred edit is a light version of the source, the rejected a dark one.
+    Fresh samples (16 fixed seeds, CFG 1, 4 Euler steps) are projected on the line from the
+    rejected latent (0) to the preferred one (1); 20 DPO-AGO steps (default beta 100, omega 1.5,
+    lam 1) move them toward the preferred end. Measured +0.105 (and +0.088 with lam = 0, the DPO
+    term alone); asserted > +0.03."""
+    from firered_core import samplers
+    from firered_core.denoiser import Denoiser
+
+    src = make_picture(32, 32, seed=1)
+    src.save(tmp_path / "src.png")
+    a = np.asarray(src).astype(np.float32)
+    Image.fromarray(np.clip(a * 0.2 + 200, 0, 255).astype(np.uint8)).save(tmp_path / "win.png")
+    Image.fromarray(np.clip(a * 0.2, 0, 255).astype(np.uint8)).save(tmp_path / "lose.png")
+    rec = {"source_image": "src.png", "instruction": "make it brighter", "preferred": "win.png", "rejected": "lose.png"}
+    (tmp_path / "prefs.jsonl").write_text(json.dumps(rec) + "\n")
+    cfg = common.load_config(dpo.DPOConfig, None, dict(
+        model=str(tiny_model_dir), data=str(tmp_path / "prefs.jsonl"), output_dir=str(tmp_path / "dpo"), steps=20,
+        width=32, height=32, ref_area=32 * 32, vl_area=56 * 56, lr=3e-3, warmup_steps=1, lora_rank=4, lora_alpha=8,
+        dtype="fp32", device="cpu", save_every=0, resume=False,
+    ))  # fmt: skip
+    run = dpo.DPORun(cfg)
+
+    @torch.no_grad()
+    def side():
+        enc, zw, zl = run.encoded(0)
+        sig = run.editor.sigmas(dataclasses.replace(run.req, steps=4), enc.size)
+        x = torch.randn(16, *zw.shape[1:], generator=torch.Generator().manual_seed(123))
+        x0 = samplers.sample_euler(Denoiser(run.editor.c.transformer, enc.cond).model_fn(enc.positive), x, sig)
+        d = zw - zl
+        return float(((x0 - zl) * d).sum((1, 2)).mean() / (d**2).sum())
+
+    before = side()
+    rows = [run.iteration() for _ in range(cfg.steps)]
+    after = side()
+    print(f"DPO: samples moved {after - before:+.3f} toward the preferred latent; last step {rows[-1]}")
+    assert after - before > 0.03
+    assert rows[-1]["accuracy"] == 1.0 and rows[-1]["win_diff"] < 0  # the preferred error fell below the reference's
+
+
+_CHILD = r"""
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from trainer.rl import nft
+def progress(step, total, row):
+    if step == {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)
+nft.run({cfg!r}, progress=progress)
+"""
+
+
+def test_resume_after_sigkill_continues_the_same_curve(tiny_model_dir, tmp_path):
+    """A run checkpointing every 2 steps is SIGKILLed after step 5; the resumed run (from step 4)
+    writes the same per-step rewards and losses as an uninterrupted run."""
+    prompts = _prompts(tmp_path, with_source=False)
+    kw = dict(
+        model=str(tiny_model_dir), prompts=str(prompts), reward="brightness", steps=7, group_size=4, sample_steps=2,
+        width=32, height=32, vl_area=56 * 56, lr=3e-2, lora_rank=4, lora_alpha=8, dtype="fp32", device="cpu",
+        save_every=2, micro_batch=4,
+    )  # fmt: skip
+    ref = nft.run({**kw, "output_dir": str(tmp_path / "ref"), "resume": False})
+    want = common.Curve(ref["curve"]).read()
+    out = tmp_path / "killed"
+    code = _CHILD.format(root=str(ROOT), kill_at=5, cfg={**kw, "output_dir": str(out)})
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert common.latest_checkpoint(out / "checkpoints").name == "step_4.pt"
+    res = nft.run({**kw, "output_dir": str(out), "resume": True})
+    got = common.Curve(res["curve"]).read()
+    assert [r["step"] for r in got] == list(range(1, 8))
+    for a, b in zip(got, want):
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-6) and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_configs_load_and_reject_bad_keys(tmp_path):
+    for name, cls in (("dpo_lora.yaml", dpo.DPOConfig), ("nft_ocr_lora.yaml", nft.NFTConfig)):
+        cfg = common.load_config(cls, ROOT / "trainer" / "configs" / name, ["model=/m", "output_dir=/o"])
+        assert cfg.lora_rank == 32 and cfg.lora_alpha == 64
+    ocr = common.load_config(nft.NFTConfig, ROOT / "trainer" / "configs" / "nft_ocr_lora.yaml", [])
+    assert ocr.nft_beta == 0.1 and ocr.kl_weight == 1e-4 and ocr.old_decay == "ocr"
+    with pytest.raises(common.ConfigError, match="unknown"):
+        common.load_config(nft.NFTConfig, None, {"model": "m", "prompts": "p", "output_dir": "o", "betta": 1})
+    with pytest.raises(common.ConfigError, match="group_size"):
+        common.load_config(nft.NFTConfig, None, {"model": "m", "prompts": "p", "output_dir": "o", "group_size": 1})

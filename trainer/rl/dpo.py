@@ -1,0 +1,263 @@
+"""The DPO stage with Asymmetric Gradient Optimization (FireRed report section 3.6.1, eq. 2).
+
+Launch::
+
+    python -m trainer dpo --config trainer/configs/dpo_lora.yaml data=prefs.jsonl output_dir=runs/dpo
+
+Data: JSONL, one preference pair a line (paths relative to the file)::
+
+    {"source_image": "src/001.png", "instruction": "make the sky pink",
+     "preferred": "win/001.png", "rejected": "lose/001.png"}
+
+Each step: a batch of pairs; both edits of a pair are VAE-encoded (cached), noised with the *same*
+sigma and noise; the policy's and the reference's velocity errors give
+:func:`trainer.rl.losses.dpo_loss` (beta, omega, lam); one optimizer step. The **reference** is
+the base with the LoRA switched off, so no second model is held (full fine-tuning keeps a frozen
+copy). The report trains 5K steps with 500 warm-up steps at 1024^2 with AdamW (0.9, 0.999),
+weight decay 0.01 and clip 1 (Table 1): those are the defaults here except the step count
+(1000) and the size (512^2); beta / omega / lam are not published (see :mod:`trainer.rl.losses`
+for the defaults chosen). Every random draw comes from a generator seeded by ``(seed, step)``, so
+a resumed run continues the same curve. Under ``accelerate launch`` / ``torchrun`` each process
+takes its own pairs and gradients are averaged before the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import common, losses
+
+
+@dataclasses.dataclass
+class DPOConfig:
+    """Every option of the DPO stage (YAML keys; ``key=value`` overrides)."""
+
+    model: str
+    data: str  # preference JSONL
+    output_dir: str
+    steps: int = 1000
+    batch_size: int = 1  # pairs per step and process
+    width: int = 512
+    height: int = 512
+    ref_area: int = 512 * 512
+    vl_area: int = 384 * 384
+    beta: float = 100.0
+    omega: float = 1.5
+    lam: float = 1.0
+    optimizer: str = "adamw"
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 500
+    grad_clip: float = 1.0
+    lora_rank: int = 32
+    lora_alpha: float = 64.0
+    dtype: str = "bf16"
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    save_every: int = 250
+    resume: bool = True
+
+    def check(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise common.ConfigError("steps and batch_size must be >= 1")
+        if self.width % 16 or self.height % 16:
+            raise common.ConfigError(f"width / height must be multiples of 16, got {self.width}x{self.height}")
+        if self.beta <= 0 or self.omega <= 0 or self.lam < 0:
+            raise common.ConfigError(f"need beta > 0, omega > 0, lam >= 0; got {self.beta}, {self.omega}, {self.lam}")
+
+
+class DPORun:
+    """One DPO run's state (editor, policy, cached encodings, optimizer)."""
+
+    def __init__(self, cfg: DPOConfig, *, editor=None):
+        from firered_core import FireRedEditor
+        from firered_core.pipeline import EditRequest
+        from trainer.optim import build_optimizer
+
+        from .nft import _device, _dist
+
+        self.cfg = cfg
+        self.rank, self.world = _dist()
+        self.editor = editor or FireRedEditor.from_pretrained(cfg.model, device=_device(cfg.device), dtype=cfg.dtype)
+        self.pairs = common.read_preferences(cfg.data)
+        tr = self.editor.c.transformer
+        self.policy = common.Policy(tr, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, need_reference=True, seed=cfg.seed)
+        for p in self.policy.parameters():
+            p.data = p.data.float()
+        if cfg.gradient_checkpointing and hasattr(tr, "enable_gradient_checkpointing"):
+            tr.enable_gradient_checkpointing()
+        self.opt = build_optimizer(cfg.optimizer, self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
+        self.req = EditRequest(prompt="-", cfg=1.0, width=cfg.width, height=cfg.height, ref_area=cfg.ref_area,
+                               vl_area=cfg.vl_area, negative_prompt=None)
+        self._cache: dict[int, tuple] = {}
+        self.step = 0
+
+    @torch.no_grad()
+    def encoded(self, i: int):
+        """(EncodedEdit, preferred tokens [1, N, 64], rejected tokens) of pair ``i``, computed once."""
+        if i not in self._cache:
+            from firered_core import images, latents
+            from firered_core import vae as vae_mod
+
+            s = self.pairs[i]
+            enc = self.editor.encode([s.source] if s.source else None, dataclasses.replace(self.req, prompt=s.instruction))
+            w, h = enc.size
+
+            def lat(path):
+                px = images.pil_to_tensor(images.resize(images.to_pil(path), w, h))
+                return latents.pack(vae_mod.encode(self.editor.c.vae, px)).float()
+
+            self._cache[i] = (enc, lat(s.preferred), lat(s.rejected))
+        return self._cache[i]
+
+    def errors(self, i: int, sigma: torch.Tensor, eps: torch.Tensor, *, reference: bool = False):
+        """Velocity errors ``[2]`` (preferred, rejected) of the policy (or the reference) on pair ``i``
+        noised to ``sigma`` with the shared noise ``eps`` ``[1, N, 64]``."""
+        from firered_core import flow
+        from firered_core.denoiser import Denoiser
+
+        enc, zw, zl = self.encoded(i)
+        x0 = torch.cat([zw, zl]).to(self.editor.device)
+        e = eps.expand_as(x0).to(x0.device)
+        s2 = sigma.reshape(1).expand(2).to(x0.device)
+        xt = flow.add_noise(x0, e, flow.broadcast_sigma(s2, x0)).to(self.editor.dtype)
+        tr = self.editor.c.transformer
+        if reference:
+            with torch.no_grad(), self.policy.reference() as ref:
+                v = Denoiser(ref, enc.cond).predict(xt, s2, [enc.positive])[0]
+        else:
+            v = Denoiser(tr, enc.cond).predict(xt, s2, [enc.positive])[0]
+        return losses.velocity_errors(v, x0, e)
+
+    def draw(self, i: int, gen: torch.Generator):
+        from trainer.objective import training_sigmas
+
+        _, zw, _ = self.encoded(i)
+        u = torch.rand(1, generator=gen, dtype=torch.float64).float() * 0.99 + 0.005
+        sigma = training_sigmas(u, image_seq_len=zw.shape[1], config=self.editor.c.scheduler_config)
+        return sigma, torch.randn(zw.shape, generator=gen)
+
+    def iteration(self) -> dict:
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + self.step * 7919 + self.rank * 104_729) % (2**62))
+        idxs = torch.randint(0, len(self.pairs), (cfg.batch_size,), generator=gen).tolist()
+        t0 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        agg: dict[str, float] = {}
+        for i in idxs:
+            sigma, eps = self.draw(i, gen)
+            ref = self.errors(i, sigma, eps, reference=True)
+            pol = self.errors(i, sigma, eps)
+            loss, st = losses.dpo_loss(pol[:1], pol[1:], ref[:1], ref[1:], beta=cfg.beta, omega=cfg.omega, lam=cfg.lam)
+            (loss / len(idxs)).backward()
+            for k, v in dataclasses.asdict(st).items():
+                agg[k] = agg.get(k, 0.0) + v / len(idxs)
+        params = self.policy.parameters()
+        if self.world > 1:
+            for p in params:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(self.world)
+        if cfg.grad_clip and cfg.grad_clip > 0:
+            agg["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        agg["lr"] = self.sched.get_last_lr()[0]
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        return {"step": self.step, **{k: round(v, 6) for k, v in agg.items()}, "t_step": time.perf_counter() - t0}
+
+    def state(self) -> dict:
+        return {"step": self.step, "policy": self.policy.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "rng": common.rng_state(), "config": dataclasses.asdict(self.cfg)}
+
+    def load(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.policy.load_state_dict(state["policy"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        common.set_rng_state(state["rng"])
+
+
+def run(
+    config: DPOConfig | str | dict,
+    *,
+    overrides=None,
+    progress: Callable[[int, int, dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    editor=None,
+) -> dict:
+    """Train with DPO-AGO; returns ``{"lora": path, "steps": n, "curve": path, "run": DPORun}``.
+
+    ``progress(step, total, metrics)`` after every step; ``should_stop()`` polled before each step
+    (a stop saves a checkpoint first)."""
+    cfg = config if isinstance(config, DPOConfig) else (
+        common.load_config(DPOConfig, None, {**config, **(overrides or {})}) if isinstance(config, dict)
+        else common.load_config(DPOConfig, config, overrides)
+    )  # fmt: skip
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    torch.manual_seed(cfg.seed)
+    state = None
+    if cfg.resume and (last := common.latest_checkpoint(ckpt_dir)) is not None:
+        state = common.load_checkpoint(last)
+    dr = DPORun(cfg, editor=editor)
+    if state is not None:
+        dr.load(state)
+    curve = common.Curve(out / "metrics.jsonl", resume_step=dr.step if state is not None else None)
+    is_main = dr.rank == 0
+
+    def save():
+        if is_main:
+            common.save_checkpoint(ckpt_dir / f"step_{dr.step}.pt", **dr.state())
+            for old in sorted(ckpt_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-2]:
+                old.unlink()
+
+    stopped = False
+    while dr.step < cfg.steps:
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
+        row = dr.iteration()
+        if is_main:
+            curve.log(row)
+        if progress is not None:
+            progress(dr.step, cfg.steps, row)
+        if cfg.save_every and dr.step % cfg.save_every == 0:
+            save()
+    if dr.step and (stopped or dr.step % max(cfg.save_every, 1)):
+        save()
+    lora = None
+    if is_main and dr.policy.lora:
+        lora = common.save_lora(dr.policy, out / "dpo_lora.safetensors", stage="dpo", steps=dr.step,
+                                config=dataclasses.asdict(cfg), base_model=cfg.model)
+    if is_main:
+        common.plot_curve(curve, out / "curves.png", keys=("loss", "win_diff", "lose_diff"))
+    return {"lora": lora, "steps": dr.step, "stopped": stopped, "curve": out / "metrics.jsonl", "run": dr}
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m trainer dpo", description="DPO with Asymmetric Gradient Optimization")
+    ap.add_argument("--config", required=True, help="YAML file (see trainer/configs/dpo_lora.yaml)")
+    ap.add_argument("overrides", nargs="*", help="key=value options overriding the file")
+    a = ap.parse_args(argv)
+
+    def show(step, total, row):
+        print(f"step {step}/{total} loss {row['loss']:.4f} acc {row['accuracy']:.2f} "
+              f"win {row['win_diff']:+.2e} lose {row['lose_diff']:+.2e}", flush=True)
+
+    res = run(a.config, overrides=a.overrides, progress=show)
+    print(f"done: {res['steps']} steps; LoRA {res['lora']}; curve {res['curve']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,424 @@
+"""The DiffusionNFT stage (FireRed report section 3.6.2): online RL on the forward process.
+
+Launch::
+
+    python -m trainer nft --config trainer/configs/nft_ocr_lora.yaml output_dir=runs/nft lr=1e-4
+    accelerate launch -m trainer nft --config ...          # see "Scale-out" below
+
+Each iteration (one optimizer step):
+
+1. **Rollouts** -- for ``prompts_per_step`` prompts, ``group_size`` edits each, sampled by the core
+   samplers (:mod:`firered_core.samplers`, any solver, the Lightning schedule included) at CFG 1
+   with the **old policy** (an EMA of the trained weights). Only the clean latents are kept.
+2. **Rewards** -- decoded pictures scored by :func:`trainer.rl.rewards.build_reward`, standardised
+   per prompt group and mapped to optimality probabilities ``r`` in [0, 1].
+3. **Update** -- for each rollout a fresh ``sigma`` (the training shift of
+   :func:`trainer.objective.training_sigmas`) and noise; the trained, old and reference
+   velocities at ``x_sigma`` give :func:`trainer.rl.losses.nft_loss`; one AdamW step; the old
+   policy moves toward the trained one by :func:`trainer.rl.losses.old_policy_decay`.
+
+Defaults are DiffusionNFT's published SD3.5 settings -- ``nft_beta`` 1.0 (use 0.1 for OCR, as
+``nft_ocr_lora.yaml`` does), KL 1e-4, LoRA r32 / alpha 64 with Gaussian init, lr 3e-4, weight decay
+1e-4, grad clip 1, advantages clipped at 5, old-policy decay "ramp" ("ocr" for OCR). Departures:
+the KL is measured on velocities, not x0-space means; one optimizer step per iteration over all
+rollouts (no inner epochs); the default solver is the pack's Euler (DiffusionNFT: DPM2), 10 steps;
+groups of 8 (DiffusionNFT: 24) because an edit rollout at 1024^2 costs far more than SD3.5 at 512^2.
+
+The **reference** for the KL is the base with the LoRA switched off (full fine-tuning keeps a frozen
+copy). Everything random is drawn from generators seeded by ``(seed, step)``, so a run resumed from
+a checkpoint continues the same curve.
+
+**Scale-out**: under ``accelerate launch`` / ``torchrun`` each process rolls out its own prompts
+(its rank offsets the per-step generator) and gradients are averaged over processes with
+``torch.distributed`` before the step (the LoRA is small: one all-reduce of its gradients).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import common, losses, rewards
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class NFTConfig:
+    """Every option of the NFT stage (YAML keys; ``key=value`` overrides on the command line)."""
+
+    model: str  # a FireRed / Qwen-Image-Edit release folder
+    prompts: str  # JSONL: {"instruction", "source_image"?, "target_text"?, "target_box"?}
+    output_dir: str
+    reward: Any = "brightness"  # a name or {name: weight | {weight, **options}}, see trainer.rl.rewards
+    steps: int = 500
+    prompts_per_step: int = 1
+    group_size: int = 8
+    sample_steps: int = 10
+    sampler: str = "euler"
+    schedule: str = "flowmatch"
+    width: int = 512
+    height: int = 512
+    ref_area: int = 512 * 512
+    vl_area: int = 384 * 384
+    nft_beta: float = 1.0
+    adv_clip_max: float = 5.0
+    kl_weight: float = 1e-4
+    weighting: str = "adaptive"
+    old_decay: str = "ramp"
+    timesteps_per_sample: int = 1
+    micro_batch: int = 4
+    optimizer: str = "adamw"
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    lora_rank: int = 32
+    lora_alpha: float = 64.0
+    dtype: str = "bf16"
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    save_every: int = 50
+    validate_every: int = 0
+    validation_seeds: int = 4
+    resume: bool = True
+
+    def check(self) -> None:
+        for k in ("steps", "prompts_per_step", "group_size", "sample_steps", "timesteps_per_sample", "micro_batch"):
+            if getattr(self, k) < 1:
+                raise common.ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.group_size < 2:
+            raise common.ConfigError("group_size must be >= 2: rewards are normalised within each prompt's group")
+        if self.nft_beta <= 0:
+            raise common.ConfigError(f"nft_beta must be > 0, got {self.nft_beta}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _device(name: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def _dist():
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        return d.get_rank(), d.get_world_size()
+    return 0, 1
+
+
+def _source_pixels(path: str | None, size: tuple[int, int]) -> torch.Tensor | None:
+    if path is None:
+        return None
+    from firered_core import images
+
+    w, h = size
+    return images.pil_to_tensor(images.resize(images.to_pil(path), w, h)).squeeze(0).permute(1, 2, 0).add(1).div(2)
+
+
+class NFTRun:
+    """One NFT run's state: the editor, the policy, the encoded prompts, the optimizer.
+
+    Split so the benchmark (``bench/nft_cost.py``) and the ComfyUI node time and drive the same
+    iteration as :func:`run`."""
+
+    def __init__(self, cfg: NFTConfig, *, editor=None, encoded=None):
+        from firered_core import FireRedEditor
+        from firered_core.pipeline import EditRequest
+        from trainer.optim import build_optimizer
+
+        self.cfg = cfg
+        self.rank, self.world = _dist()
+        dev = _device(cfg.device)
+        self.editor = editor or FireRedEditor.from_pretrained(cfg.model, device=dev, dtype=cfg.dtype)
+        self.prompts = common.read_prompts(cfg.prompts)
+        self.reward_fn = rewards.build_reward(cfg.reward)
+        tr = self.editor.c.transformer
+        self.policy = common.Policy(
+            tr, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, need_reference=cfg.kl_weight > 0, keep_old=True, seed=cfg.seed
+        )
+        for p in self.policy.parameters():  # float32 master weights for the trained part
+            p.data = p.data.float()
+        self.policy.old = {n: p.detach().float().clone() for n, p in self.policy.trainable()}
+        if cfg.gradient_checkpointing and hasattr(tr, "enable_gradient_checkpointing"):
+            tr.enable_gradient_checkpointing()
+        self.opt = build_optimizer(cfg.optimizer, self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # the frozen text encoder runs once per prompt; the encodings are kept
+        self.req = EditRequest(
+            prompt="-", cfg=1.0, steps=cfg.sample_steps, width=cfg.width, height=cfg.height, sampler=cfg.sampler,
+            schedule=cfg.schedule, ref_area=cfg.ref_area, vl_area=cfg.vl_area, negative_prompt=None,
+        )  # fmt: skip
+        self.encoded = list(encoded) if encoded is not None else []
+        with torch.no_grad():
+            for s in self.prompts[len(self.encoded):]:
+                pics = [s.source] if s.source else None
+                self.encoded.append(self.editor.encode(pics, dataclasses.replace(self.req, prompt=s.instruction)))
+        self.step = 0
+
+    # -- one iteration -------------------------------------------------------------------------
+
+    def _generator(self, step: int, salt: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step * 7919 + self.rank * 104_729 + salt) % (2**62))
+
+    def _initial_noise(self, enc, n: int, gen: torch.Generator) -> torch.Tensor:
+        w, h = enc.size
+        z = torch.randn(n, 16, h // 8, w // 8, generator=gen)
+        from firered_core import latents
+
+        return latents.pack(z).to(self.editor.device, self.editor.dtype)
+
+    @torch.no_grad()
+    def rollout(self, idx: int, n: int, gen: torch.Generator, *, old: bool = True) -> torch.Tensor:
+        """``n`` clean latents (packed ``[n, N, 64]``) for prompt ``idx`` at CFG 1."""
+        from firered_core import samplers
+        from firered_core.denoiser import Denoiser
+
+        enc = self.encoded[idx]
+        sig = self.editor.sigmas(self.req, enc.size)
+        x = self._initial_noise(enc, n, gen)
+        ctx = self.policy.old_policy() if old else _null()
+        with ctx:
+            den = Denoiser(self.editor.c.transformer, enc.cond)
+            return samplers.get_sampler(self.cfg.sampler)(den.model_fn(enc.positive), x, sig, generator=gen).float()
+
+    @torch.no_grad()
+    def score(self, idx: int, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded pictures ``[n, H, W, 3]`` and their rewards ``[n]``."""
+        from firered_core import latents
+
+        enc = self.encoded[idx]
+        w, h = enc.size
+        pix = self.editor.decode(latents.unpack(x0.to(self.editor.dtype), h // 8, w // 8)).float().cpu()
+        s = self.prompts[idx]
+        src = _source_pixels(s.source, (w, h))
+        batch = rewards.RewardBatch(
+            prompts=[s.instruction] * len(pix),
+            sources=[src] * len(pix),
+            target_texts=[s.target_text] * len(pix),
+            target_boxes=[s.target_box] * len(pix),
+        )
+        return pix, self.reward_fn(pix, batch).float()
+
+    def update(self, items: list[tuple[int, torch.Tensor, torch.Tensor]], gen: torch.Generator) -> losses.NFTStats:
+        """One optimizer step on ``items`` = ``[(prompt idx, x0 [n, N, 64], r [n])]``."""
+        from firered_core import flow
+        from firered_core.denoiser import Denoiser
+        from trainer.objective import training_sigmas
+
+        cfg = self.cfg
+        self.opt.zero_grad(set_to_none=True)
+        total = sum(len(x) for _, x, _ in items) * cfg.timesteps_per_sample
+        agg: dict[str, float] = {}
+        tr = self.editor.c.transformer
+        for idx, x0_all, r_all in items:
+            enc = self.encoded[idx]
+            den = Denoiser(tr, enc.cond)
+            for _ in range(cfg.timesteps_per_sample):
+                for a in range(0, len(x0_all), cfg.micro_batch):
+                    x0 = x0_all[a : a + cfg.micro_batch].to(self.editor.device)
+                    r = r_all[a : a + cfg.micro_batch]
+                    b = len(x0)
+                    u = torch.rand(b, generator=gen, dtype=torch.float64).float() * 0.99 + 0.005
+                    sigma = training_sigmas(u, image_seq_len=x0.shape[1], config=self.editor.c.scheduler_config).to(x0.device)
+                    eps = torch.randn(x0.shape, generator=gen).to(x0.device)
+                    xt = flow.add_noise(x0, eps, flow.broadcast_sigma(sigma, x0)).to(self.editor.dtype)
+                    with torch.no_grad():
+                        with self.policy.old_policy():
+                            v_old = den.predict(xt, sigma, [enc.positive])[0]
+                        v_ref = None
+                        if cfg.kl_weight > 0:
+                            with self.policy.reference() as ref_tr:
+                                ref_den = den if ref_tr is tr else Denoiser(ref_tr, enc.cond)
+                                v_ref = ref_den.predict(xt, sigma, [enc.positive])[0]
+                    v = den.predict(xt, sigma, [enc.positive])[0]
+                    loss, st = losses.nft_loss(
+                        v, v_old, x0, eps, sigma, r, beta=cfg.nft_beta, adv_clip_max=cfg.adv_clip_max,
+                        weighting=cfg.weighting, v_ref=v_ref, kl_weight=cfg.kl_weight,
+                    )  # fmt: skip
+                    (loss * (b / total)).backward()
+                    for k, val in dataclasses.asdict(st).items():
+                        agg[k] = agg.get(k, 0.0) + val * b / total
+        params = self.policy.parameters()
+        if self.world > 1:
+            for p in params:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(self.world)
+        if cfg.grad_clip and cfg.grad_clip > 0:
+            agg["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        self.opt.step()
+        self.policy.update_old(losses.old_policy_decay(self.step + 1, cfg.old_decay))
+        return agg
+
+    def iteration(self) -> dict:
+        """Rollout, reward, update; returns the step's metrics (with the time of each part)."""
+        cfg = self.cfg
+        gen = self._generator(self.step)
+        idxs = torch.randint(0, len(self.prompts), (cfg.prompts_per_step,), generator=gen).tolist()
+        t0 = time.perf_counter()
+        x0s = [self.rollout(i, cfg.group_size, gen) for i in idxs]
+        t1 = time.perf_counter()
+        scores = [self.score(i, x)[1] for i, x in zip(idxs, x0s)]
+        t2 = time.perf_counter()
+        allr = torch.cat(scores)
+        groups = torch.arange(len(idxs)).repeat_interleave(cfg.group_size)
+        r = losses.optimality_probability(allr, groups, adv_clip_max=cfg.adv_clip_max)
+        items = [(i, x, r[k * cfg.group_size : (k + 1) * cfg.group_size]) for k, (i, x) in enumerate(zip(idxs, x0s))]
+        st = self.update(items, gen)
+        t3 = time.perf_counter()
+        self.step += 1
+        row = {"step": self.step, "reward": float(allr.mean()), "reward_std": float(allr.std(unbiased=False))}
+        row.update({k: round(v, 6) for k, v in st.items()})
+        row.update(t_rollout=t1 - t0, t_reward=t2 - t1, t_update=t3 - t2)
+        return row
+
+    @torch.no_grad()
+    def validate(self, seeds: int | None = None) -> tuple[float, torch.Tensor]:
+        """Mean reward of fresh samples of the *trained* policy over every prompt at fixed seeds."""
+        n = seeds or self.cfg.validation_seeds
+        vals, pics = [], []
+        for i in range(len(self.prompts)):
+            gen = torch.Generator().manual_seed(10_000 + i)
+            pix, s = self.score(i, self.rollout(i, n, gen, old=False))
+            vals.append(s)
+            pics.append(pix)
+        return float(torch.cat(vals).mean()), torch.cat(pics)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {
+            "step": self.step,
+            "policy": self.policy.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "rng": common.rng_state(),
+            "config": dataclasses.asdict(self.cfg),
+        }
+
+    def load(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.policy.load_state_dict(state["policy"])
+        self.opt.load_state_dict(state["optimizer"])
+        common.set_rng_state(state["rng"])
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+def run(
+    config: NFTConfig | str | dict,
+    *,
+    overrides=None,
+    progress: Callable[[int, int, dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    editor=None,
+    encoded=None,
+) -> dict:
+    """Train with DiffusionNFT; returns ``{"lora": path, "steps": n, "curve": path, ...}``.
+
+    ``config``: an :class:`NFTConfig`, a YAML path, or a dict of options. ``progress(step, total,
+    metrics)`` is called after every step; ``should_stop()`` is polled before each step (a stop
+    saves a checkpoint first). ``editor``: an already loaded :class:`firered_core.FireRedEditor`;
+    ``encoded``: the prompts' :class:`firered_core.pipeline.EncodedEdit` from an earlier run.
+    """
+    cfg = config if isinstance(config, NFTConfig) else (
+        common.load_config(NFTConfig, None, {**config, **(overrides or {})}) if isinstance(config, dict)
+        else common.load_config(NFTConfig, config, overrides)
+    )  # fmt: skip
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    torch.manual_seed(cfg.seed)
+    state = None
+    if cfg.resume and (last := common.latest_checkpoint(ckpt_dir)) is not None:
+        state = common.load_checkpoint(last)
+    nr = NFTRun(cfg, editor=editor, encoded=encoded)
+    if state is not None:
+        nr.load(state)
+    curve = common.Curve(out / "metrics.jsonl", resume_step=nr.step if state is not None else None)
+    is_main = nr.rank == 0
+
+    def save():
+        if is_main:
+            common.save_checkpoint(ckpt_dir / f"step_{nr.step}.pt", **nr.state())
+            for old in sorted(ckpt_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-2]:
+                old.unlink()
+
+    stopped = False
+    while nr.step < cfg.steps:
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
+        row = nr.iteration()
+        if cfg.validate_every and nr.step % cfg.validate_every == 0:
+            row["val_reward"], pics = nr.validate()
+            if is_main:
+                _save_grid(pics, out / "validation" / f"step_{nr.step}.png")
+        if is_main:
+            curve.log(row)
+        if progress is not None:
+            progress(nr.step, cfg.steps, row)
+        if cfg.save_every and nr.step % cfg.save_every == 0:
+            save()
+    if nr.step and (stopped or nr.step % max(cfg.save_every, 1)):
+        save()
+    lora_path = None
+    if is_main and nr.policy.lora:
+        lora_path = out / "nft_lora.safetensors"
+        common.save_lora(nr.policy, lora_path, stage="nft", steps=nr.step, config=dataclasses.asdict(cfg), base_model=cfg.model)
+    if is_main:
+        common.plot_curve(curve, out / "curves.png", keys=("reward", "val_reward", "loss", "kl"))
+    return {"lora": lora_path, "steps": nr.step, "stopped": stopped, "curve": out / "metrics.jsonl", "run": nr}
+
+
+def _save_grid(pics: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    n = len(pics)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    h, w = pics.shape[1:3]
+    grid = torch.ones(rows * h, cols * w, 3)
+    for k in range(n):
+        grid[(k // cols) * h : (k // cols + 1) * h, (k % cols) * w : (k % cols + 1) * w] = pics[k]
+    img = Image.fromarray((grid.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
+    common.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m trainer nft", description="DiffusionNFT on a LoRA (or full weights)")
+    ap.add_argument("--config", required=True, help="YAML file (see trainer/configs/nft_ocr_lora.yaml)")
+    ap.add_argument("overrides", nargs="*", help="key=value options overriding the file")
+    a = ap.parse_args(argv)
+
+    def show(step, total, row):
+        print(f"step {step}/{total} reward {row['reward']:.4f} loss {row['loss']:.4f} "
+              f"(rollout {row['t_rollout']:.1f}s reward {row['t_reward']:.1f}s update {row['t_update']:.1f}s)", flush=True)
+
+    res = run(a.config, overrides=a.overrides, progress=show)
+    print(f"done: {res['steps']} steps; LoRA {res['lora']}; curve {res['curve']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
