@@ -46,6 +46,7 @@ class ModelConfig:
     transformer: str = ""  # optional MM-DiT file (bf16 safetensors, ComfyUI single file) instead of path/transformer
     text_encoder: str = ""  # optional Qwen2.5-VL file or folder instead of path/text_encoder
     vae: str = ""  # optional VAE file or folder instead of path/vae
+    tokenizer: str = ""  # optional tokenizer folder (default: the release folder's, else ComfyUI's)
     id: str = ""  # name written into LoRA metadata and the cache key; default: the folder name
     dtype: str = "bf16"  # weights of the frozen parts: bf16 | fp32 | fp16
     base_precision: str = "bf16"  # frozen MM-DiT linears: bf16 (= dtype) | fp8 (scaled e4m3, LoRA only)

@@ -178,7 +178,7 @@ def extract_features(cfg: StageConfig, samples, accelerator, feature_cache, mid:
     )
     if missing:
         te_path = part_path(cfg, "text_encoder")
-        processor = find_processor(model_dir=Path(cfg.model.path) if cfg.model.path else None)
+        processor = find_processor(tokenizer_dir=cfg.model.tokenizer or None, model_dir=Path(cfg.model.path) if cfg.model.path else None)
         te = load_text_encoder(te_path, dtype=dtype, device=accelerator.device, processor=processor).eval()
 
         def encode(text, pics):

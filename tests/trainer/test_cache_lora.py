@@ -1,0 +1,121 @@
+"""The feature cache (content keys, resumable extraction, every SIA variant pre-extracted) and the
+LoRA pieces (FireRed's default targets, fp8 frozen base that still trains)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from firered_core.conditioning import TextCond
+from trainer import cache as C
+from trainer.config import LORA_PRESETS, SIAConfig
+from trainer.data import EditSample
+from trainer.sia import choose_instruction, shuffle_and_drop
+
+
+def _pictures(tmp_path, n):
+    from tests.conftest import make_picture
+
+    paths = []
+    for i in range(n):
+        p = tmp_path / f"p{i}.png"
+        make_picture(48 + 16 * i, 64, seed=i).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def _sample(paths, text):
+    return EditSample(sources=tuple(paths[:-1]), target=paths[-1], instruction=text,
+                      source_sizes=tuple((64, 64) for _ in paths[:-1]), target_size=(64, 64),
+                      instruction_cn="把图2放到图1里")
+
+
+def test_every_sia_draw_is_a_precomputed_variant(tmp_path):
+    """What stochastic instruction alignment can show the model at training time is exactly
+    enumerated in advance, so training never needs the text encoder."""
+    paths = _pictures(tmp_path, 4)
+    s = _sample(paths, "put the cat of Picture 2 into Picture 1")
+    sia = SIAConfig(drop_prob=0.5, chinese_prob=0.5, text_dropout=0.2)
+    variants = set(C.text_variants(s, sia))
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(400):
+        text, sources, _ = choose_instruction(s, rng, chinese_prob=sia.chinese_prob, text_dropout=sia.text_dropout)
+        al = shuffle_and_drop(text, len(sources), rng, drop_prob=sia.drop_prob, shuffle=sia.shuffle)
+        v = C.TextVariant(tuple(sources[i] for i in al.order), al.text)
+        assert v in variants, v
+        seen.add(v)
+    assert len(seen) > 10  # the draws do vary
+    # picture 3 is unreferenced: it can be dropped; 1 and 2 never are, and their numbers follow them
+    assert any(len(v.pictures) == 2 for v in seen)
+    assert C.TextVariant((paths[1], paths[0]), "put the cat of Picture 1 into Picture 2") in variants
+
+
+def test_text_cache_is_content_keyed_and_resumable(tmp_path):
+    paths = _pictures(tmp_path, 2)
+    s = _sample(paths, "make Picture 1 warmer")
+    sia = SIAConfig(drop_prob=0.0, chinese_prob=0.0, text_dropout=0.0)
+    calls = []
+
+    def encode(text, pics):
+        calls.append((text, len(pics), pics[0].size if pics else None))
+        return TextCond(torch.full((1, 5, 8), float(len(calls))))
+
+    cache = C.FeatureCache(tmp_path / "cache")
+    first = C.extract_texts([s], sia, cache, encode, model_id="m", vl_resolution=128)
+    # the encoder saw the picture at ~128^2 pixels, its own 3:4 aspect, sides multiples of 32
+    assert first == {"total": 1, "encoded": 1} and calls[0][1] == 1 and calls[0][2] == (96, 160)
+    again = C.extract_texts([s], sia, C.FeatureCache(tmp_path / "cache"), encode, model_id="m", vl_resolution=128)
+    assert again == {"total": 1, "encoded": 0} and len(calls) == 1  # a later run reuses the entry
+    v = C.text_variants(s, sia)[0]
+    k = C.text_key(v, model_id="m", vl_resolution=128)
+    assert cache.get_text(k).embeds.shape == (1, 5, 8)
+    assert not list((tmp_path / "cache").rglob("*.tmp"))  # no half-written entry
+    # another model, another VL size, or other picture bytes: another key
+    assert C.text_key(v, model_id="m2", vl_resolution=128) != k
+    assert C.text_key(v, model_id="m", vl_resolution=384) != k
+    from tests.conftest import make_picture
+
+    make_picture(48, 64, seed=9).save(paths[0])
+    assert C.text_key(v, model_id="m", vl_resolution=128) != k
+
+
+def test_fp8_base_lora_trains(tiny_model_dir):
+    from firered_core.formats.transformer_files import FP8Linear, load_transformer
+    from trainer.lora import add_lora, lora_layers, quantize_frozen_base
+    from trainer.sft import predict_velocity
+
+    tr = load_transformer(tiny_model_dir / "transformer", dtype=torch.bfloat16, weight_dtype="dequantize")
+    n = add_lora(tr, rank=4, alpha=4, modules=LORA_PRESETS["firered"])
+    assert len(lora_layers(tr)) == 12 * 2 and n > 0
+    ref = {k: v.clone() for k, v in tr.state_dict().items() if "lora_" not in k}
+    converted = quantize_frozen_base(tr)
+    # every block linear: the 12 adapted base layers + img/txt_mlp.net.0.proj, per block
+    assert converted == 14 * 2
+    assert sum(isinstance(m, FP8Linear) for m in tr.modules()) == 28
+    assert all(p.dtype == torch.float32 for n_, p in tr.named_parameters() if p.requires_grad)
+    assert all(not p.requires_grad for n_, p in tr.named_parameters() if "lora_" not in n_)
+    # the fp8 copy of a weight is within e4m3 rounding (scaled per output channel)
+    w = ref["transformer_blocks.0.attn.to_q.base_layer.weight"].float()
+    wq = tr.transformer_blocks[0].attn.to_q.base_layer.dequantized_weight(torch.float32)
+    assert ((wq - w).abs().max() / w.abs().max()) < 0.07
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 64, generator=g)
+    refs = torch.randn(1, 16, 64, generator=g)
+    text = TextCond(torch.randn(1, 6, 64, generator=g))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v = predict_velocity(tr, x, torch.tensor([0.5]), refs, [text], [(1, 4, 4), (1, 4, 4)], torch.bfloat16)
+    v.float().pow(2).mean().backward()
+    grads = [p.grad for n_, p in tr.named_parameters() if "lora_B" in n_ and "transformer_blocks.0" in n_]
+    assert grads and all(gr is not None and gr.abs().sum() > 0 for gr in grads)
+
+
+def test_unknown_target_module_is_a_clear_error(tiny_model_dir):
+    from firered_core.formats.transformer_files import load_transformer
+    from trainer.lora import add_lora
+
+    tr = load_transformer(tiny_model_dir / "transformer", dtype=torch.float32)
+    with pytest.raises(ValueError, match="lora.modules"):
+        add_lora(tr, rank=4, alpha=4, modules=["not_a_layer"])
