@@ -69,11 +69,24 @@ def make_tiny_data(argv: list[str]) -> int:
     return 0
 
 
+def _rl_stage(name: str):
+    """The RL stages (``trainer/rl/``) parse their own options: ``--config FILE key=value ...``."""
+
+    def main(argv: list[str]) -> int:
+        from .rl import dpo, nft
+
+        return {"dpo": dpo, "nft": nft}[name].main(argv)
+
+    return main
+
+
 #: command -> main(argv) -> exit code
 COMMANDS = {
     "sft": _stage("sft"),
     "pretrain": _stage("pretrain"),
     "make-tiny-data": make_tiny_data,
+    "dpo": _rl_stage("dpo"),
+    "nft": _rl_stage("nft"),
 }
 
 
