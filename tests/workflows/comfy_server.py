@@ -270,8 +270,15 @@ class ComfyServer:
         if status != 200:
             raise ComfyError(f"/interrupt -> HTTP {status}: {out!r}")
 
-    def history(self, prompt_id: str) -> dict:
-        return self.get(f"/history/{prompt_id}").get(prompt_id, {})
+    def history(self, prompt_id: str, timeout: float = 15.0) -> dict:
+        """The /history entry of a finished prompt (ComfyUI sends execution_success just before it
+        stores the entry, so this waits for it)."""
+        deadline = time.time() + timeout
+        while True:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry or time.time() > deadline:
+                return entry or {}
+            time.sleep(0.2)
 
     # -- websocket ---------------------------------------------------------------------------
 
@@ -492,3 +499,135 @@ def start_server(root: Path, *, make_models: bool = True) -> ComfyServer:
         make_tiny(server.models / "diffusers" / "FireRed-Image-Edit-tiny", seed=0)
     server.start()
     return server
+
+
+# -- ComfyUI-loadable native Qwen-Image files (full width: ComfyUI fixes the width) --------------
+
+NATIVE_DIT = "firered_native_test_full_width_1layer.safetensors"
+NATIVE_VAE = "qwen_image_vae_full_config_random.safetensors"
+NATIVE_SIZE = (64, 48)  # pictures on the native path (w, h): an 8x6 latent
+
+
+def cached(name: str, writer) -> Path:
+    """``$FIRERED_TEST_CACHE/name`` (default ``~/.cache/firered-comfyui-tier``), written by
+    ``writer(path)`` the first time (to a temp name, then renamed)."""
+    root = Path(os.environ.get("FIRERED_TEST_CACHE") or Path.home() / ".cache" / "firered-comfyui-tier")
+    path = root / name
+    if not path.exists():
+        tmp = root / f".{name}.{os.getpid()}.tmp"
+        writer(tmp)
+        os.replace(tmp, path)
+    return path
+
+
+def write_native_dit(path: Path, *, num_layers: int = 1, seed: int = 0) -> Path:
+    """A random Qwen-Image MM-DiT at the real width (3072 hidden, 24 heads x 128, text dim 3584) with
+    ``num_layers`` blocks, in diffusers key names, bf16 -- what ComfyUI's detection can load (it reads
+    only the in-channels and the number of blocks). About 0.37 B parameters per block."""
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+    from safetensors.torch import save_file
+
+    with torch.device("meta"):
+        model = QwenImageTransformer2DModel(num_layers=num_layers)
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, p in model.state_dict().items():
+        if name.endswith(".bias"):
+            t = torch.zeros(p.shape)
+        elif "norm" in name and p.dim() == 1:
+            t = torch.ones(p.shape)
+        else:
+            fan_in = p.shape[1] if p.dim() > 1 else p.shape[0]
+            t = torch.randn(p.shape, generator=g) / fan_in**0.5
+        sd[name] = t.to(torch.bfloat16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+def write_native_vae(path: Path, *, seed: int = 0) -> Path:
+    """A random Qwen-Image VAE with the real configuration (base_dim 96, dim_mult 1-2-4-4, 2 res blocks,
+    z_dim 16), in ComfyUI's key layout through the pack's own converter, bf16: ComfyUI 0.3.x builds
+    that exact configuration for any Wan-2.1-style VAE file."""
+    import torch
+    from diffusers import AutoencoderKLQwenImage
+    from safetensors.torch import save_file
+
+    from firered_core.formats import writers
+    from firered_core.tiny import LATENTS_MEAN, LATENTS_STD
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage(
+        base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+        temperal_downsample=[False, True, True], dropout=0.0, latents_mean=LATENTS_MEAN, latents_std=LATENTS_STD,
+    )  # fmt: skip
+    sd = {k: v.to(torch.bfloat16).contiguous() for k, v in writers.vae_to_comfyui(vae.state_dict(), 2).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+def write_rgba_half_mask(path: Path, size: tuple[int, int]) -> None:
+    """A PNG whose alpha is 0 on the left half: ComfyUI's LoadImage gives MASK = 1 - alpha, i.e.
+    1 (may change) on the left half, 0 (keep) on the right."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = size
+    a = np.full((h, w, 4), 255, np.uint8)
+    a[:, : w // 2, 3] = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a, "RGBA").save(path)
+
+
+def uses_native_qwen(prompt: dict) -> bool:
+    """Whether an API prompt uses ComfyUI's own Qwen-Image loaders (needs :func:`substitute_native`:
+    ComfyUI 0.3.x builds the full-size model / VAE whatever the file holds, so the tiny files of
+    :func:`firered_core.tiny.make_tiny_comfyui` do not load there)."""
+    return any(n["class_type"] in ("UNETLoader", "CLIPLoader", "VAELoader", "TextEncodeQwenImageEditPlus") for n in prompt.values())
+
+
+def substitute_native(prompt: dict, server) -> dict:
+    """Make a native Qwen-Image-Edit prompt runnable on the test files: UNETLoader / VAELoader get the
+    test files, each TextEncodeQwenImageEditPlus becomes test conditioning + ReferenceLatent of its
+    first picture (VAE-encoded as the node would), CLIPLoader is dropped, pictures are made 64x48."""
+    for name in [k for k, n in prompt.items() if n["class_type"] == "LoadImage"]:
+        img = prompt[name]["inputs"]["image"]
+        if not (server.input_dir / img).exists():
+            write_test_picture(server.input_dir / img, size=NATIVE_SIZE, seed=7)
+    out = {}
+    for nid, n in prompt.items():
+        t, inp = n["class_type"], dict(n["inputs"])
+        if t == "CLIPLoader":
+            continue
+        if t == "UNETLoader":
+            inp["unet_name"] = NATIVE_DIT
+        elif t == "VAELoader":
+            inp["vae_name"] = NATIVE_VAE
+        elif t == "ImageScaleToTotalPixels":  # a small picture (its minimum, 0.01 MP, is slow here)
+            t, inp = (
+                "ImageScale",
+                {
+                    "image": inp["image"],
+                    "upscale_method": "area",
+                    "width": NATIVE_SIZE[0],
+                    "height": NATIVE_SIZE[1],
+                    "crop": "disabled",
+                },
+            )
+        elif t == "TextEncodeQwenImageEditPlus":
+            cond = f"{nid}_cond"
+            out[cond] = {
+                "class_type": "FireRedTestConditioning",
+                "inputs": {"seed": len(out), "tokens": 6, "dim": 3584, "scale": 1.0},
+            }
+            if "image1" in inp and "vae" in inp:
+                enc = f"{nid}_enc"
+                out[enc] = {"class_type": "VAEEncode", "inputs": {"pixels": inp["image1"], "vae": inp["vae"]}}
+                out[nid] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": [cond, 0], "latent": [enc, 0]}}
+            else:
+                out[nid] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": [cond, 0]}}
+            continue
+        out[nid] = {"class_type": t, "inputs": inp}
+    return out

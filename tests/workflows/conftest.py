@@ -14,3 +14,18 @@ def comfy_server(tmp_path_factory):
     server = start_server(tmp_path_factory.mktemp("comfyui"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def native_files(comfy_server):
+    """The ComfyUI-loadable full-width 1-block MM-DiT and full-configuration VAE, linked into the
+    server's models folder (ComfyUI lists new files on the next request). They are deterministic and
+    about 1 GB, so they are written once into ``$FIRERED_TEST_CACHE`` (default
+    ``~/.cache/firered-comfyui-tier``)."""
+    from comfy_server import NATIVE_DIT, NATIVE_VAE, cached, write_native_dit, write_native_vae
+
+    dit = comfy_server.models / "diffusion_models" / NATIVE_DIT
+    vae = comfy_server.models / "vae" / NATIVE_VAE
+    dit.symlink_to(cached(NATIVE_DIT, write_native_dit))
+    vae.symlink_to(cached(NATIVE_VAE, write_native_vae))
+    return dit, vae
