@@ -339,17 +339,26 @@ WORKFLOWS = sorted(p for p in (REPO / "workflows").glob("*.json") if "nodes" in 
 LOAD_WORKFLOW = """
 async ([wf]) => {
   const app = %(app)s;
-  await app.loadGraphData(wf);
   const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  const alerts = [];  // what the front end tells the user while opening the file (its toast store's actions)
+  const stop = app.extensionManager?.toast?.$onAction?.(({ name, args }) => {
+    if (name === "addAlert") alerts.push(String(args[0]));
+    if (name === "add") alerts.push(`${args[0]?.severity}: ${args[0]?.summary} ${args[0]?.detail ?? ""}`);
+  });
+  await app.loadGraphData(wf);
   const nodes = () => app.graph._nodes;
   const pending = () => nodes().filter((n) => n.fireredInfo && ["", "…"].includes(n.fireredInfo.root.textContent));
   for (let i = 0; i < 300 && pending().length; i++) await sleep(50);
-  return {
+  const out = {
     infos: nodes().filter((n) => n.fireredInfo).map((n) => [n.type, n.fireredInfo.root.textContent]),
     compares: nodes().filter((n) => n.fireredCompare).length,
     clipped: nodes().filter((n) => n.type.startsWith("FireRed") && n.computeSize()[1] > n.size[1] + 1).map((n) => n.type),
     saved: Object.fromEntries(nodes().map((n) => [n.id, n.serialize().widgets_values ?? null])),
+    alerts,
+    hooked: typeof stop === "function",
   };
+  stop?.();
+  return out;
 }
 """ % {"app": APP}
 
@@ -366,6 +375,9 @@ def test_shared_workflows_load_with_the_extension(browser_page, path):
             if not picture.exists():
                 write_test_picture(picture)
     got = page.evaluate(LOAD_WORKFLOW, [wf])
+    # the front end's own check of the file (its workflow schema) raises no alert
+    assert got["hooked"], "could not watch the front end's alerts"
+    assert not [a for a in got["alerts"] if "workflow" in a.lower()], f"{path.name}: {got['alerts']}"
     loaders = [n for n in wf["nodes"] if n["type"] in FILE_INFO_TYPES]
     assert len(got["infos"]) == len(loaders), got["infos"]
     for node_type, text in got["infos"]:
