@@ -330,3 +330,33 @@ def test_full_finetune_stop_resume_and_loss_falls(tiny_model_dir, tiny_data, tmp
     assert [s for s, _ in read_csv(out / "loss.csv")] == list(range(1, 11))
     reloaded = load_transformer(second.transformer, dtype=torch.float32)
     assert isinstance(reloaded, torch.nn.Module)
+
+
+@pytest.mark.comfyui
+def test_lora_in_real_comfyui_key_mapping(reference_run, tmp_path):
+    """The ComfyUI-format LoRA through a real ComfyUI's LoRA key mapping and weight patching
+    (``COMFYUI_PATH`` tier): every layer maps, and the update is strength * alpha / rank * B @ A."""
+    comfy = os.environ.get("COMFYUI_PATH")
+    if not comfy:
+        pytest.skip("COMFYUI_PATH is not set")
+    from safetensors.torch import load_file
+
+    res, _, _ = reference_run
+    sd = load_file(str(res.lora))
+    shapes = {}
+    for k, v in sd.items():
+        if k.endswith(".lora_A.weight"):
+            base = k[: -len(".lora_A.weight")]
+            shapes[base + ".weight"] = [sd[base + ".lora_B.weight"].shape[0], v.shape[1]]
+    (tmp_path / "shapes.json").write_text(json.dumps(shapes))
+    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+    done = subprocess.run([python, str(Path(__file__).with_name("comfy_lora_check.py")), comfy,
+                           str(tmp_path / "shapes.json"), str(res.lora), "0.5"],
+                          capture_output=True, text=True, timeout=300, cwd=comfy)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert sorted(got) == sorted(shapes) and len(got) == 24
+    for k in got:
+        base = k[: -len(".weight")]
+        want = 0.5 * (16 / 8) * sd[base + ".lora_B.weight"].float() @ sd[base + ".lora_A.weight"].float()
+        assert torch.allclose(torch.tensor(got[k]), want, atol=1e-6, rtol=1e-4), k
