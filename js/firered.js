@@ -520,6 +520,7 @@ function setupTrain(nodeType) {
     addPanel(this, "firered_loss", this.fireredLoss.root, { minHeight: 120 });
     const [w, h] = this.size;
     this.setSize?.([Math.max(w, 320), h]);
+    fitNode(this);
   });
   chain(nodeType.prototype, "onConfigure", function () {
     fitNode(this);

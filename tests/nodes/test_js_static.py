@@ -15,7 +15,7 @@ JS_FILES = sorted((ROOT / "js").rglob("*.js"))
 
 #: node ids the JS handles whose Python node has not landed yet -> why. An id leaves this table
 #: when its node lands (test_pending_ids_are_still_missing fails until it does).
-PENDING = {"FireRedTrainLoRA": "the LoRA training node (trainer issue) is not in the pack yet"}
+PENDING: dict[str, str] = {}
 
 
 def js_source() -> str:
@@ -143,7 +143,7 @@ def test_ui_keys_and_events_match_the_python_side():
     assert f'"{const("COMPARE_OUTPUT")}"' in py, "no node sends the comparison ui output the widget reads"
     assert const("FILE_INFO_ROUTE") in (ROOT / "nodes" / "routes.py").read_text()
     for key in ("LOSS_OUTPUT", "TRAIN_EVENT"):
-        if "FireRedTrainLoRA" in PENDING:
+        if const("TRAIN_NODE") in PENDING:
             continue
         assert f'"{const(key)}"' in py, f"no Python code sends {const(key)!r}"
 
