@@ -323,13 +323,15 @@ class Curve:
     """Append-only JSONL of per-step metrics (``metrics.jsonl``); on resume the lines after the
     checkpoint's step are dropped, so the file is the curve of one uninterrupted run."""
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+    def __init__(self, path: Path, resume_step: int | None = None, *, fresh: bool = False):
+        """``fresh``: start an empty curve (a new run); ``resume_step``: keep the rows up to it;
+        neither: open as is (to read)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.is_file():
             keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
             atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in keep)))
-        elif resume_step is None and self.path.is_file():
+        elif fresh and self.path.is_file():
             self.path.unlink()
 
     def log(self, row: dict) -> None:

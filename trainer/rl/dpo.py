@@ -210,7 +210,7 @@ def run(
     dr = DPORun(cfg, editor=editor)
     if state is not None:
         dr.load(state)
-    curve = common.Curve(out / "metrics.jsonl", resume_step=dr.step if state is not None else None)
+    curve = common.Curve(out / "metrics.jsonl", resume_step=dr.step if state is not None else None, fresh=state is None)
     is_main = dr.rank == 0
 
     def save():

@@ -353,7 +353,7 @@ def run(
     nr = NFTRun(cfg, editor=editor, encoded=encoded)
     if state is not None:
         nr.load(state)
-    curve = common.Curve(out / "metrics.jsonl", resume_step=nr.step if state is not None else None)
+    curve = common.Curve(out / "metrics.jsonl", resume_step=nr.step if state is not None else None, fresh=state is None)
     is_main = nr.rank == 0
 
     def save():
