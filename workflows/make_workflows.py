@@ -11,6 +11,7 @@ their download pages in ``properties.models``, as ComfyUI's own templates do.
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -107,7 +108,7 @@ class Graph:
 
     def save(self, name: str) -> None:
         wf = {
-            "id": name, "revision": 0, "last_node_id": len(self.nodes), "last_link_id": len(self.links),
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"firered-image-edit/workflows/{name}")), "revision": 0, "last_node_id": len(self.nodes), "last_link_id": len(self.links),
             "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
             "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "title": self.title}, "version": 0.4,
         }
