@@ -6,7 +6,7 @@ The architecture is diffusers' ``QwenImageTransformer2DModel`` at its release si
 the meta device, then materialised one block at a time on the GPU (bf16, and the frozen block
 linears converted to scaled fp8 as they arrive, so the bf16 model never exists whole). Then the
 trainer's own pieces: PEFT LoRA rank 32 on FireRed's 12 target modules (float32), gradient
-checkpointing, bitsandbytes AdamW8bit, bf16 autocast, and a 1024x1024 target with one 1024x1024
+checkpointing, 16 blocks swapped to CPU memory (``--blocks-to-swap``), bitsandbytes AdamW8bit, bf16 autocast, and a 1024x1024 target with one 1024x1024
 reference (8192 image tokens) and ~250 text tokens -- the sizes the stage feeds the model.
 
     python bench/gpu_lora_step.py                 # on a GPU: the real size (target: peak < 24 GB)
@@ -51,18 +51,18 @@ def build(args, device):
         model = QwenImageTransformer2DModel(**conf)
     model.pos_embed = QwenEmbedRope(theta=10000, axes_dim=list(args.rope), scale_rope=True)  # plain tensors, rebuilt
     add_lora(model, rank=args.rank, alpha=args.rank, modules=LORA_PRESETS["firered"])
-    g = torch.Generator(device="cpu").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)  # random weights drawn where they live
 
     def materialise(module):
         module.to_empty(device=device, recurse=True)
         with torch.no_grad():
             for n, p in module.named_parameters(recurse=True):
-                lora = ".lora_" in n
-                dtype = torch.float32 if lora else torch.bfloat16
-                vals = torch.randn(p.shape, generator=g, dtype=torch.float32) * (0.02 if p.dim() > 1 else 0.0)
-                if n.endswith("weight") and p.dim() == 1:
-                    vals += 1.0  # norm scales
-                p.data = vals.to(device=device, dtype=dtype)
+                dtype = torch.float32 if ".lora_" in n else torch.bfloat16
+                if p.dim() > 1:
+                    vals = torch.randn(p.shape, generator=g, device=device, dtype=dtype) * 0.02
+                else:  # norm scales 1, biases 0
+                    vals = torch.full(p.shape, 1.0 if n.endswith("weight") else 0.0, device=device, dtype=dtype)
+                p.data = vals
             for n, b in module.named_buffers(recurse=True):
                 b.zero_()
 
@@ -90,11 +90,13 @@ def main() -> int:
     ap.add_argument("--no-fp8", dest="fp8", action="store_false")
     ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     ap.add_argument("--optimizer", default="adamw8bit")
+    ap.add_argument("--blocks-to-swap", type=int, default=16, help="the 24 GB config's block swap (0 = off)")
     args = ap.parse_args()
     args.layers, args.heads, args.head_dim, args.text_dim, args.rope = 60, 24, 128, 3584, (16, 56, 56)
     if args.tiny:
         args.layers, args.heads, args.head_dim, args.text_dim, args.rope = 2, 2, 32, 64, (8, 12, 12)
         args.resolution, args.text_tokens, args.rank = min(args.resolution, 128), 32, 8
+        args.blocks_to_swap = min(args.blocks_to_swap, 1)
 
     import torch
 
@@ -107,6 +109,10 @@ def main() -> int:
     cuda = device.type == "cuda"
     t0 = time.perf_counter()
     model = build(args, device)
+    if args.blocks_to_swap:
+        from trainer.blockswap import enable_block_swap
+
+        enable_block_swap(model, args.blocks_to_swap, device)
     n_all = sum(p.numel() for p in model.parameters()) + sum(
         b.numel() for n, b in model.named_buffers() if "weight_fp8" in n)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -114,7 +120,7 @@ def main() -> int:
     setup_mem = torch.cuda.memory_allocated(device) if cuda else rss_bytes()
     print(f"model: {args.layers} blocks x width {args.heads * args.head_dim}, {n_all / 1e9:.2f}B parameters, "
           f"LoRA r{args.rank} {sum(p.numel() for p in params) / 1e6:.1f}M trainable, base {'fp8' if args.fp8 else 'bf16'}, "
-          f"checkpointing {args.checkpointing}, {args.optimizer}; built in {time.perf_counter() - t0:.1f} s on {device}")
+          f"checkpointing {args.checkpointing}, {args.blocks_to_swap} blocks swapped, {args.optimizer}; built in {time.perf_counter() - t0:.1f} s on {device}")
     print(f"memory after setup: {setup_mem / 2**30:.2f} GiB ({'allocated' if cuda else 'RSS'})")
 
     side = args.resolution // 16

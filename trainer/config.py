@@ -51,6 +51,7 @@ class ModelConfig:
     dtype: str = "bf16"  # weights of the frozen parts: bf16 | fp32 | fp16
     base_precision: str = "bf16"  # frozen MM-DiT linears: bf16 (= dtype) | fp8 (scaled e4m3, LoRA only)
     gradient_checkpointing: bool = True  # recompute each block in backward
+    blocks_to_swap: int = 0  # LoRA on one GPU: frozen weights of the last N blocks wait in CPU memory
 
 
 @dataclass
@@ -340,6 +341,9 @@ def validate(cfg: StageConfig) -> StageConfig:
            f"expected bf16 or fp8, got {cfg.model.base_precision!r}")
     _check(not (cfg.model.base_precision == "fp8" and cfg.train_mode == "full"), "model.base_precision",
            "an fp8 base can only be trained through a LoRA (train_mode: lora); full fine-tuning needs bf16 weights")
+    _check(cfg.model.blocks_to_swap >= 0, "model.blocks_to_swap", f"must be >= 0, got {cfg.model.blocks_to_swap}")
+    _check(not (cfg.model.blocks_to_swap and cfg.train_mode == "full"), "model.blocks_to_swap",
+           "block swapping moves frozen weights only: it needs train_mode: lora")
     _check(cfg.lora.rank >= 1, "lora.rank", f"must be >= 1, got {cfg.lora.rank}")
     _check(cfg.lora.alpha > 0, "lora.alpha", f"must be > 0, got {cfg.lora.alpha}")
     _check(bool(cfg.lora.modules) or cfg.lora.targets in LORA_PRESETS, "lora.targets",

@@ -49,6 +49,7 @@ from firered_core.images import fit_to_area
 
 from . import cache as cache_mod
 from . import checkpoint as ckpt
+from .blockswap import enable_block_swap
 from .buckets import BucketBatchSampler, aspect_bucket, bucket_key
 from .config import DatasetEntry, StageConfig, load_config
 from .data import LoadReport, load_dataset
@@ -404,6 +405,11 @@ def train(cfg: StageConfig, *, progress: Progress | None = None, should_stop: Ca
     ema = EMA(transformer, cfg.objective.ema_decay) if cfg.objective.ema_decay > 0 else None
     model, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
     compute = compute_dtype(transformer)
+    if cfg.model.blocks_to_swap:
+        if accelerator.num_processes > 1:
+            raise ValueError("model.blocks_to_swap: block swapping is for a single GPU; with several, shard the "
+                             "model instead (FSDP) or set model.blocks_to_swap=0")
+        enable_block_swap(accelerator.unwrap_model(model), cfg.model.blocks_to_swap, accelerator.device)
     state = ckpt.TrainState()
     ckpt.install_hooks(accelerator)
     accelerator.register_for_checkpointing(state, ckpt.StatefulSampler(sampler), ckpt.EMAState(ema))

@@ -119,3 +119,46 @@ def test_unknown_target_module_is_a_clear_error(tiny_model_dir):
     tr = load_transformer(tiny_model_dir / "transformer", dtype=torch.float32)
     with pytest.raises(ValueError, match="lora.modules"):
         add_lora(tr, rank=4, alpha=4, modules=["not_a_layer"])
+
+
+def test_block_swap_keeps_results_and_host_copies(tiny_model_dir):
+    """On the CPU the copies are CPU to CPU, so this checks the mechanics: identical outputs and
+    LoRA gradients, the adapters never move, and between uses a swapped block points at its host
+    copy (on a GPU that is what frees its memory)."""
+    from firered_core.formats.transformer_files import load_transformer
+    from trainer.blockswap import disable_block_swap, enable_block_swap
+    from trainer.lora import add_lora, quantize_frozen_base
+    from trainer.sft import predict_velocity
+
+    def run(swap):
+        torch.manual_seed(0)
+        tr = load_transformer(tiny_model_dir / "transformer", dtype=torch.float32, weight_dtype="dequantize")
+        add_lora(tr, rank=4, alpha=4, modules=LORA_PRESETS["firered"])
+        with torch.no_grad():
+            for n, p in tr.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+        quantize_frozen_base(tr)
+        tr.enable_gradient_checkpointing()
+        tr.train()
+        if swap:
+            assert enable_block_swap(tr, 1, "cpu") == 1
+        g = torch.Generator().manual_seed(0)
+        x, refs = torch.randn(1, 16, 64, generator=g), torch.randn(1, 16, 64, generator=g)
+        text = TextCond(torch.randn(1, 6, 64, generator=g))
+        v = predict_velocity(tr, x, torch.tensor([0.5]), refs, [text], [(1, 4, 4), (1, 4, 4)], torch.float32)
+        v.pow(2).mean().backward()
+        return tr, v.detach(), {n: p.grad.clone() for n, p in tr.named_parameters() if p.grad is not None}
+
+    _, v0, g0 = run(False)
+    tr, v1, g1 = run(True)
+    assert torch.equal(v0, v1) and g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
+    last = tr.transformer_blocks[-1]
+    host = last.__dict__["_firered_swap_handles"][2]
+    held = {id(t) for _, _, _, t in host}
+    assert id(last.attn.to_q.base_layer.weight_fp8) in held  # between uses: the host copy
+    assert host and not any(t.requires_grad for *_, t in host)  # only frozen tensors swap
+    with pytest.raises(ValueError, match="blocks_to_swap"):
+        enable_block_swap(tr, 2, "cpu")
+    disable_block_swap(tr, "cpu")
+    assert "_firered_swap_handles" not in last.__dict__
