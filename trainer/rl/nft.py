@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -106,11 +107,21 @@ class NFTConfig:
 
 
 def _device(name: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
 
 
 def _dist():
+    """``(rank, world_size)``; under ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE`` > 1) the
+    process group is started here (NCCL on GPUs, Gloo on the CPU)."""
     d = torch.distributed
+    if d.is_available() and not d.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        d.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if d.is_available() and d.is_initialized():
         return d.get_rank(), d.get_world_size()
     return 0, 1
