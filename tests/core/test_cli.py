@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import make_picture
+from tests.conftest import make_picture
 from PIL import Image
 
 from firered_core.cli import main

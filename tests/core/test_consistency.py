@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import make_picture  # noqa: E402
+from tests.conftest import make_picture  # noqa: E402
 
 from firered_core import composite as CP  # noqa: E402
 from firered_core import consistency as C  # noqa: E402

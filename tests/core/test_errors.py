@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_picture
+from tests.conftest import make_picture
 
 from firered_core import FireRedEditor, images
 from firered_core.loading import ModelFolderError, check_model_folder

@@ -3,7 +3,7 @@ the command line, against the same model loaded from its release folder."""
 
 import pytest
 import torch
-from conftest import make_picture
+from tests.conftest import make_picture
 from safetensors.torch import load_file, save_file
 
 from firered_core import FireRedEditor

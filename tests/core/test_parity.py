@@ -10,7 +10,7 @@ keep the suite fast, and one case runs the real sizes.
 import numpy as np
 import pytest
 import torch
-from conftest import make_picture
+from tests.conftest import make_picture
 
 from firered_core import FireRedEditor, conditioning, images
 

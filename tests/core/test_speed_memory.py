@@ -17,7 +17,7 @@ import logging
 
 import pytest
 import torch
-from conftest import make_picture
+from tests.conftest import make_picture
 
 from firered_core import FireRedEditor
 from firered_core.memory import GB, BlockSwapper, MemoryOptions, ModelSizes, plan_memory

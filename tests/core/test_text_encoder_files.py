@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_picture
+from tests.conftest import make_picture
 
 from firered_core.conditioning import encode_prompt
 from firered_core.formats.text_encoder_files import (

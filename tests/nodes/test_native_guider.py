@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import PACK_NAME
+from tests.nodes.conftest import PACK_NAME
 
 
 @pytest.fixture(scope="module")
