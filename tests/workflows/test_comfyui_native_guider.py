@@ -81,8 +81,10 @@ def test_guider_is_registered_with_tooltips(comfy_server):
 
 def test_guider_keeps_the_unmasked_half_in_a_real_sampler(native_inputs):
     """SamplerCustomAdvanced with the guider (mask: left half may change) against the same run at
-    strength 0 (= CFGGuider): guided, the kept half's latent equals the source's; unguided, the
-    random model moves it far away. The edited half changes in both."""
+    strength 0 (= CFGGuider, checked against ComfyUI's own node): guided, the kept half's latent
+    equals the source's; unguided, the random model moves it far away. The edited half changes."""
+    import torch
+
     server = native_inputs
     t = int(time.time()) % 100000
     runs = {}
@@ -91,6 +93,12 @@ def test_guider_keeps_the_unmasked_half_in_a_real_sampler(native_inputs):
         res = server.run(_prompt(prefix, strength=strength, mask=True, seed=t), timeout=300)
         assert res.status == "execution_success", res.describe()
         runs[name] = _latent(server, prefix)
+    # strength 0 is ComfyUI's own CFGGuider, bit for bit
+    p = _prompt(f"cfgguider_{t}", strength=0.0, mask=True, seed=t)
+    p["10"] = {"class_type": "CFGGuider", "inputs": {k: p["10"]["inputs"][k] for k in ("model", "positive", "negative", "cfg")}}
+    res = server.run(p, timeout=300)
+    assert res.status == "execution_success", res.describe()
+    assert torch.equal(_latent(server, f"cfgguider_{t}"), runs["plain"])
     src = _latent(server, f"guided_{t}_source")
     assert runs["guided"].shape == src.shape and src.shape[-2:] == (SIZE[1] // 8, SIZE[0] // 8)
     w = src.shape[-1]
