@@ -95,7 +95,10 @@ def test_guider_keeps_the_unmasked_half_in_a_real_sampler(native_inputs):
         runs[name] = _latent(server, prefix)
     # strength 0 is ComfyUI's own CFGGuider, bit for bit
     p = _prompt(f"cfgguider_{t}", strength=0.0, mask=True, seed=t)
-    p["10"] = {"class_type": "CFGGuider", "inputs": {k: p["10"]["inputs"][k] for k in ("model", "positive", "negative", "cfg")}}
+    p["10"] = {
+        "class_type": "CFGGuider",
+        "inputs": {k: p["10"]["inputs"][k] for k in ("model", "positive", "negative", "cfg")},
+    }
     res = server.run(p, timeout=300)
     assert res.status == "execution_success", res.describe()
     assert torch.equal(_latent(server, f"cfgguider_{t}"), runs["plain"])
