@@ -183,7 +183,9 @@ def compile_blocks(transformer: nn.Module, *, dynamic: bool | None = None, mode:
     import torch._dynamo
 
     blocks = transformer.transformer_blocks
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(blocks))
+    cfg = torch._dynamo.config
+    key = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, key, max(getattr(cfg, key), 8 * len(blocks)))  # one entry per picture size and block
     for b in blocks:
         if "forward" not in b.__dict__:
             b.forward = torch.compile(b.forward, dynamic=dynamic, mode=mode)
