@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from tests.nodes.conftest import PACK_NAME
 
 

@@ -585,7 +585,10 @@ def uses_native_qwen(prompt: dict) -> bool:
     """Whether an API prompt uses ComfyUI's own Qwen-Image loaders (needs :func:`substitute_native`:
     ComfyUI 0.3.x builds the full-size model / VAE whatever the file holds, so the tiny files of
     :func:`firered_core.tiny.make_tiny_comfyui` do not load there)."""
-    return any(n["class_type"] in ("UNETLoader", "CLIPLoader", "VAELoader", "TextEncodeQwenImageEditPlus") for n in prompt.values())
+    return any(
+        n["class_type"] in ("UNETLoader", "CLIPLoader", "VAELoader", "TextEncodeQwenImageEditPlus")
+        for n in prompt.values()
+    )
 
 
 def substitute_native(prompt: dict, server) -> dict:
