@@ -119,13 +119,14 @@ class FP8MatmulLinear(FP8Linear):
 
     ``y = (x / sx)_e4m3 @ W_e4m3^T * sx * s_w + b``: the activation gets a per-tensor scale
     ``sx = max|x| / 448`` each call; the weight's scale (per tensor or per output channel) is applied
-    to the fp32-accumulated output. Falls back to the upcast path for e5m2 weights, inner / outer
-    sizes that are not multiples of 16, or when ``_scaled_mm`` refuses."""
+    by the kernel ("rowwise" scales, bf16 output and fused bias: Hopper, and the CPU) or, where the
+    kernel refuses, to an fp32 output afterwards ("tensor" mode). Falls back to the upcast path for
+    e5m2 weights, sizes that are not multiples of 16, or when ``_scaled_mm`` refuses both."""
 
-    _fp8_ok = True
+    _mode = "rowwise"  # -> "tensor" -> "off", downgraded (for the process) at the first refusal
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self._fp8_ok and self.fp8_dtype == torch.float8_e4m3fn and self.in_features % 16 == 0
+        if not (self._mode != "off" and self.fp8_dtype == torch.float8_e4m3fn and self.in_features % 16 == 0
                 and self.out_features % 16 == 0):
             return super().forward(x)
         shape = x.shape
@@ -133,18 +134,30 @@ class FP8MatmulLinear(FP8Linear):
         sx = (x2.abs().amax().float() / E4M3_MAX).clamp_min(1e-12)
         xq = (x2.float() / sx).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
         w = self.weight_fp8.view(torch.float8_e4m3fn)
-        one = torch.ones((), device=x.device, dtype=torch.float32)
-        try:
-            y = torch._scaled_mm(xq, w.t(), scale_a=sx.reshape(()), scale_b=one, out_dtype=torch.float32)
-        except (RuntimeError, NotImplementedError) as e:  # an unsupported device / layout: upcast from now on
-            log.info("fp8 matmul unavailable (%s); upcasting fp8 weights per layer instead", e)
-            type(self)._fp8_ok = False
-            return super().forward(x)
-        if self.weight_scale is not None:
-            y = y * self.weight_scale.reshape(1, -1) if self.weight_scale.dim() else y * self.weight_scale
-        y = y.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
+        y = None
+        if self._mode == "rowwise" and x.dtype == torch.bfloat16:
+            ws = self.weight_scale if self.weight_scale is not None else torch.ones((), device=x.device)
+            sb = ws.float().reshape(1, -1).expand(1, self.out_features).contiguous()
+            sa = sx.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            try:
+                y = torch._scaled_mm(xq, w.t(), scale_a=sa, scale_b=sb, bias=bias, out_dtype=x.dtype)
+            except (RuntimeError, NotImplementedError) as e:
+                log.info("rowwise-scaled fp8 matmul unavailable (%s); applying weight scales after the matmul", e)
+                type(self)._mode = "tensor"
+        if y is None:
+            one = torch.ones((), device=x.device, dtype=torch.float32)
+            try:
+                y = torch._scaled_mm(xq, w.t(), scale_a=sx.reshape(()), scale_b=one, out_dtype=torch.float32)
+            except (RuntimeError, NotImplementedError) as e:  # an unsupported device / layout: upcast from now on
+                log.info("fp8 matmul unavailable (%s); upcasting fp8 weights per layer instead", e)
+                type(self)._mode = "off"
+                return super().forward(x)
+            if self.weight_scale is not None:
+                y = y * (self.weight_scale.reshape(1, -1) if self.weight_scale.dim() else self.weight_scale)
+            y = y.to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
 

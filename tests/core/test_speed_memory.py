@@ -17,12 +17,12 @@ import logging
 
 import pytest
 import torch
-from tests.conftest import make_picture
 
 from firered_core import FireRedEditor
 from firered_core.memory import GB, BlockSwapper, MemoryOptions, ModelSizes, plan_memory
 from firered_core.speed import SpeedOptions
 from firered_core.step_cache import StepCache
+from tests.conftest import make_picture
 
 EDIT = dict(steps=6, cfg=4.0, seed=3, width=64, height=48, ref_area=64 * 48, vl_area=64 * 64)
 
@@ -194,21 +194,25 @@ def test_quantized_weights_edit(tiny_model_dir, picture, base, mode, bound):
     assert 0 < dev < bound
 
 
-def test_fp8_matmul_matches_upcast_layer():
-    """torch._scaled_mm (run on the CPU here) with a per-tensor activation scale: measured relative
-    error 0.026 against the upcast fp8 layer (the activation's e4m3 rounding), bounded at 0.06."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["tensor-scaled", "rowwise-scaled"])
+def test_fp8_matmul_matches_upcast_layer(dtype):
+    """torch._scaled_mm (it runs on the CPU too) with a per-tensor activation scale, the weight's
+    per-channel scale applied after the matmul (float32 input) or by the kernel (bf16 input).
+    Measured relative error against the upcast fp8 layer (the activation's e4m3 rounding):
+    0.026 (float32), 0.026 (bf16); bounded at 0.06."""
     from firered_core import precision
 
     torch.manual_seed(0)
-    lin = torch.nn.Linear(64, 48)
+    lin = torch.nn.Linear(64, 48).to(dtype)
     q = precision.fp8_scaled_linear(lin)
-    x = torch.randn(2, 10, 64)
+    x = torch.randn(2, 10, 64, dtype=dtype)
     ref = q(x)
     wrapper = torch.nn.Sequential(q)
     assert precision.enable_fp8_matmul(wrapper, force=True) == 1
     y = q(x)
-    assert type(q) is precision.FP8MatmulLinear and y.shape == ref.shape
-    rel = ((y - ref).norm() / ref.norm()).item()
+    assert type(q) is precision.FP8MatmulLinear and y.shape == ref.shape and y.dtype == dtype
+    assert precision.FP8MatmulLinear._mode == "rowwise"  # neither kernel path refused
+    rel = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
     assert 0 < rel < 0.06
     precision.disable_fp8_matmul(wrapper)
     assert torch.equal(q(x), ref)
