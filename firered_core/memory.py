@@ -361,6 +361,18 @@ def module_bytes(module: nn.Module) -> int:
     return total
 
 
+def bytes_on(module: nn.Module, device) -> int:
+    """Bytes of a module's tensors that sit on ``device`` (what moving it away would free)."""
+    device = torch.device(device)
+    seen, total = set(), 0
+    for _, _, _, t in _tensors(module):
+        if id(t) in seen or t.device.type != device.type or (device.index is not None and t.device.index != device.index):
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
 def _float_dtype(module: nn.Module) -> torch.dtype:
     from .modules import compute_dtype
 
