@@ -174,11 +174,16 @@ def file_fingerprint(path) -> str:
 
 def load_dit(path, *, device="cpu", dtype="bf16", weight_dtype: str = "auto", scheduler_from=None) -> DiT:
     """Load the MM-DiT from a ``diffusion_models/`` file (bf16 / fp16 / fp8 / scaled fp8 / GGUF) or a
-    diffusers folder. ``weight_dtype``: see :func:`firered_core.formats.transformer_files.load_transformer`.
+    diffusers folder. ``weight_dtype``: see :func:`firered_core.formats.transformer_files.load_transformer`,
+    plus ``"fp8_scaled"`` / ``"int8"`` (:mod:`firered_core.precision`).
     ``scheduler_from``: a release folder whose ``scheduler/`` settings to use (default: the release's)."""
+    from . import precision
     from .formats.transformer_files import load_transformer
 
-    tr = load_transformer(path, dtype=resolve_dtype(dtype), device=device, weight_dtype=weight_dtype)
+    quant = weight_dtype if weight_dtype in precision.WEIGHT_MODES else None
+    tr = load_transformer(path, dtype=resolve_dtype(dtype), device=device, weight_dtype="auto" if quant else weight_dtype)
+    if quant:  # int8 / scaled fp8 with per-channel scales, made from the loaded weights
+        precision.quantize_weights(tr, quant)
     tr.eval().requires_grad_(False)
     sched = load_scheduler_config(Path(scheduler_from)) if scheduler_from is not None else FlowMatchConfig()
     return DiT(tr, sched, str(path))

@@ -14,7 +14,7 @@ from . import host
 CATEGORY = "FireRed/loaders"
 
 DTYPES = ["auto", "bf16", "fp16", "fp32"]
-WEIGHT_DTYPES = ["auto", "fp8_e4m3fn", "fp8_e5m2", "dequantize"]
+WEIGHT_DTYPES = ["auto", "fp8_e4m3fn", "fp8_e5m2", "dequantize", "fp8_scaled", "int8"]
 
 _DTYPE_TIP = "Compute precision. auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU."
 _KEEP_TIP = (
@@ -59,7 +59,9 @@ class FireRedModelLoader:
                     {
                         "default": "auto",
                         "tooltip": "How weights are held in memory. auto: as stored (fp8 and GGUF stay quantized, dequantized layer by layer); "
-                        "fp8_e4m3fn / fp8_e5m2: store a bf16 file in fp8 (half the memory); dequantize: expand fp8 to the compute precision.",
+                        "fp8_e4m3fn / fp8_e5m2: store a bf16 file in fp8 (half the memory); dequantize: expand fp8 to the compute precision; "
+                        "fp8_scaled: fp8 with per-channel scales (pick this with the Lightning LoRA: plain fp8 is reported to give grid artefacts); "
+                        "int8: int8 weights with per-channel scales.",
                     },
                 ),
                 "dtype": (DTYPES, {"default": "auto", "tooltip": _DTYPE_TIP}),

@@ -32,6 +32,9 @@ def presets() -> list[str]:
 
 
 def _stage_of(preset: str) -> str:
+    for rl in ("dpo", "nft"):
+        if preset.startswith(rl + "_"):
+            return rl
     for line in (CONFIG_DIR / f"{preset}.yaml").read_text(encoding="utf-8").splitlines():
         if line.startswith("stage:"):
             return line.split(":", 1)[1].split("#")[0].strip()
@@ -125,32 +128,58 @@ class FireRedTrainLoRA:
         tok = te_path.with_name(te_path.stem + "_tokenizer")
         if tok.is_dir():
             settings.append(f"model.tokenizer={tok}")
-        if stage in ("sft", "pretrain"):
-            settings += [f"data.jsonl={_dataset_path(dataset)}", f"max_steps={steps}", f"optim.lr={learning_rate}",
-                         f"lora.rank={rank}", f"lora.alpha={rank}", f"data.resolution={resolution}"]
-        settings += [line.strip() for line in overrides.splitlines() if line.strip() and not line.strip().startswith("#")]
+        user = [line.strip() for line in overrides.splitlines() if line.strip() and not line.strip().startswith("#")]
         losses: list[list[float]] = []
         update = host.step_progress(steps, unique_id)
 
         def progress(step, total, loss, pictures=None):
+            if isinstance(loss, dict):  # the RL stages report a row of metrics
+                loss = loss.get("loss", float("nan"))
             losses.append([int(step), float(loss)])
             host.send_event("firered.train", {"node": unique_id, "step": int(step), "total": int(total), "loss": float(loss)})
             update(int(step), pictures[0] if pictures else None)
 
         host.free_before_load()
-        sft = _trainer_stage("sft")
-
-        result = sft.run(str(CONFIG_DIR / f"{preset}.yaml"), overrides=settings, progress=progress, should_stop=host.interrupt_requested)
-        if result.stopped:
+        preset_file = str(CONFIG_DIR / f"{preset}.yaml")
+        if stage in ("sft", "pretrain"):
+            settings += [f"data.jsonl={_dataset_path(dataset)}", f"max_steps={steps}", f"optim.lr={learning_rate}",
+                         f"lora.rank={rank}", f"lora.alpha={rank}", f"data.resolution={resolution}"]
+            result = _trainer_stage("sft").run(preset_file, overrides=settings + user, progress=progress, should_stop=host.interrupt_requested)
+            stopped, lora = result.stopped, result.lora
+        elif stage in ("dpo", "nft"):
+            lora, stopped = self._train_rl(stage, preset_file, settings, user, dataset, steps, learning_rate, rank, resolution, progress)
+        else:
+            raise ValueError(f"preset {preset!r} is for the {stage!r} stage; this node trains sft, dpo or nft LoRAs")
+        if stopped:
             host.check_interrupt()  # a checkpoint is saved; report the run as cancelled
-        if result.lora is None:
-            raise RuntimeError(f"the {preset} preset wrote no LoRA (train_mode full?); the model is in {result.output_dir}")
+        if lora is None:
+            raise RuntimeError(f"the {preset} preset wrote no LoRA (train_mode full?)")
         dest = host.folder_dirs("loras")[0] / f"{name}.safetensors"
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_suffix(".safetensors.tmp")
-        shutil.copyfile(result.lora, tmp)
+        shutil.copyfile(lora, tmp)
         os.replace(tmp, dest)
         return {"ui": {"firered_loss": losses, "text": [str(dest)]}, "result": (dest.name,)}
+
+    @staticmethod
+    def _train_rl(stage, preset_file, settings, user, dataset, steps, learning_rate, rank, resolution, progress):
+        """DPO (preference pairs) or DiffusionNFT (prompts + reward) on a LoRA; the model is loaded
+        from the chosen files into an editor the stage trains in place."""
+        from ..firered_core import FireRedEditor
+
+        given = dict(item.split("=", 1) for item in settings)
+        device = host.load_device()
+        editor = FireRedEditor.from_files(
+            None, transformer=given["model.transformer"], text_encoder=given["model.text_encoder"], vae=given["model.vae"],
+            tokenizer=given.get("model.tokenizer"), device=device, dtype=host.default_dtype(device),
+        )
+        opts = [f"model={given['model.transformer']}", f"output_dir={given['output_dir']}", f"seed={given['seed']}",
+                f"steps={steps}", f"lr={learning_rate}", f"lora_rank={rank}", f"lora_alpha={2 * rank}",
+                f"width={resolution}", f"height={resolution}", f"device={device}",
+                f"{'data' if stage == 'dpo' else 'prompts'}={_dataset_path(dataset)}"]
+        res = _trainer_stage(f"rl.{stage}").run(preset_file, overrides=opts + user, progress=progress,
+                                                should_stop=host.interrupt_requested, editor=editor)
+        return res["lora"], res["stopped"]
 
 
 NODE_CLASS_MAPPINGS = {"FireRedTrainLoRA": FireRedTrainLoRA}

@@ -4,10 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import make_picture
 from PIL import Image
 
 from firered_core.cli import main
+from tests.conftest import make_picture
 
 ROOT = Path(__file__).resolve().parents[2]
 

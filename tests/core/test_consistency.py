@@ -9,8 +9,6 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.conftest import make_picture  # noqa: E402
-
 from firered_core import composite as CP  # noqa: E402
 from firered_core import consistency as C  # noqa: E402
 from firered_core import consistency_guidance as CG  # noqa: E402
@@ -18,6 +16,7 @@ from firered_core import flow, images, samplers  # noqa: E402
 from firered_core import latents as L  # noqa: E402
 from firered_core import masks as M  # noqa: E402
 from firered_core import vae as V  # noqa: E402
+from tests.conftest import make_picture  # noqa: E402
 
 SIZE = 64
 OPTS = dict(steps=6, width=SIZE, height=SIZE, ref_area=SIZE * SIZE, vl_area=SIZE * SIZE)

@@ -4,10 +4,10 @@ import shutil
 
 import pytest
 import torch
-from tests.conftest import make_picture
 
 from firered_core import FireRedEditor, images
 from firered_core.loading import ModelFolderError, check_model_folder
+from tests.conftest import make_picture
 
 
 @pytest.fixture(scope="module")

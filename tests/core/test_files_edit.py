@@ -3,12 +3,12 @@ the command line, against the same model loaded from its release folder."""
 
 import pytest
 import torch
-from tests.conftest import make_picture
 from safetensors.torch import load_file, save_file
 
 from firered_core import FireRedEditor
 from firered_core.cli import main
 from firered_core.loading import ModelFolderError
+from tests.conftest import make_picture
 
 SMALL = dict(steps=2, cfg=4.0, seed=11, width=48, height=32, ref_area=64 * 64, vl_area=64 * 64)
 

@@ -10,9 +10,9 @@ keep the suite fast, and one case runs the real sizes.
 import numpy as np
 import pytest
 import torch
-from tests.conftest import make_picture
 
 from firered_core import FireRedEditor, conditioning, images
+from tests.conftest import make_picture
 
 PIPE_MODULE = "diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus"
 SMALL_REF, SMALL_VL = 256 * 256, 128 * 128

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from tests.conftest import make_picture
 
 from firered_core.conditioning import encode_prompt
 from firered_core.formats.text_encoder_files import (
@@ -18,6 +17,7 @@ from firered_core.formats.text_encoder_files import (
     load_text_encoder,
 )
 from firered_core.tiny import QWEN_SPECIAL_TOKENS
+from tests.conftest import make_picture
 
 FP8 = torch.float8_e4m3fn
 

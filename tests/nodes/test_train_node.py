@@ -80,3 +80,31 @@ def test_cancel_saves_a_checkpoint_and_the_next_run_resumes(pack, train_env):
     res = node(pack, "FireRedTrainLoRA").train(**widgets(files, data, lora_name="resumed"))
     assert [s for s, _ in res["ui"]["firered_loss"]] == [4, 5, 6]  # continued, not restarted
     assert (models / "loras" / "resumed.safetensors").is_file()
+
+
+def test_dpo_preset_trains_a_lora_from_preference_pairs(pack, train_env, tmp_path):
+    import json
+
+    from PIL import Image
+
+    models, files, data, out = train_env
+    prefs = tmp_path / "prefs"
+    prefs.mkdir()
+    src = (image(1, 32, 32)[0].numpy() * 255).astype("uint8")
+    Image.fromarray(src).save(prefs / "src.png")
+    Image.fromarray((src * 0.3 + 170).astype("uint8")).save(prefs / "win.png")
+    Image.fromarray((src * 0.3).astype("uint8")).save(prefs / "lose.png")
+    rec = {"source_image": "src.png", "instruction": "make it brighter", "preferred": "win.png", "rejected": "lose.png"}
+    (prefs / "prefs.jsonl").write_text(json.dumps(rec) + "\n")
+    res = node(pack, "FireRedTrainLoRA").train(**widgets(
+        files, prefs / "prefs.jsonl", lora_name="prefer_bright", preset="dpo_tiny_cpu", steps=3, resolution=32,
+        overrides="ref_area=1024\nvl_area=3136\nwarmup_steps=1\nsave_every=0",
+    ))
+    assert res["result"] == ("prefer_bright.safetensors",) and (models / "loras" / "prefer_bright.safetensors").is_file()
+    assert [s for s, _ in res["ui"]["firered_loss"]] == [1, 2, 3]
+    # the LoRA is in ComfyUI's layout and loads in the pack's loader
+    from firered_core.formats.lora import read_lora
+
+    dit = node(pack, "FireRedModelLoader").load(files["transformer"].name, "auto", "fp32", False)[0]
+    parsed = read_lora(models / "loras" / "prefer_bright.safetensors", dit.transformer)
+    assert parsed.layers and not parsed.unmatched

@@ -5,6 +5,7 @@ name their files' download pages. (The ``COMFYUI_PATH`` tier runs each workflow 
 """
 
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -53,9 +54,14 @@ OPTIONAL_CORE_SOCKETS = {("TextEncodeQwenImageEditPlus", n) for n in ("vae", "im
 
 def definitions():
     """node type -> (ordered inputs [(name, type, options, required)], outputs [type])."""
+    import importlib
+
     pack = import_pack()
+    classes = dict(pack.NODE_CLASS_MAPPINGS)
+    # the native GUIDER node registers only inside ComfyUI, but its definition is importable
+    classes["FireRedConsistencyGuider"] = importlib.import_module(f"{pack.__name__}.nodes.native").FireRedConsistencyGuider
     out = {}
-    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+    for name, cls in classes.items():
         spec = cls.INPUT_TYPES()
         inputs = []
         for section in ("required", "optional"):
@@ -104,6 +110,10 @@ def problems_in(path: Path) -> list[str]:
     found = []
     if wf.get("version") != 0.4:
         found.append(f"schema version {wf.get('version')!r}, expected 0.4")
+    try:  # ComfyUI's front end rejects a workflow whose id is not a UUID
+        uuid.UUID(str(wf.get("id")))
+    except ValueError:
+        found.append(f"id {wf.get('id')!r} is not a UUID")
     nodes = {n["id"]: n for n in wf["nodes"]}
     for n in wf["nodes"]:
         t = n["type"]

@@ -246,7 +246,7 @@ def save_lora(policy: Policy, path: Path, *, stage: str, steps: int, config: dic
     ``<stem>_diffusers.safetensors``). Atomic."""
     path = Path(path)
     try:
-        from trainer.lora import save_lora as trainer_save_lora
+        from ..lora import save_lora as trainer_save_lora
     except ImportError:
         trainer_save_lora = None
     if trainer_save_lora is not None:
@@ -279,7 +279,7 @@ def plot_curve(curve: "Curve", path: Path, keys=("reward", "loss")) -> Path | No
         import matplotlib.pyplot as plt
     except ImportError:
         try:  # the trainer's PIL plotter: the first curve only
-            from trainer.validation import plot_loss
+            from ..validation import plot_loss
         except ImportError:
             return None
         return plot_loss([(r["step"], r[keys[0]]) for r in rows if keys[0] in r], path, title=keys[0])
@@ -375,7 +375,7 @@ class PreferenceSample:
 
 
 def _records(path) -> Iterator[tuple[dict, str, Path]]:
-    from trainer.data import DataError
+    from ..data import DataError
 
     p = Path(path)
     if not p.is_file():
@@ -395,7 +395,7 @@ def _records(path) -> Iterator[tuple[dict, str, Path]]:
 
 
 def _source(rec, base, where):
-    from trainer.data import DataError, picture_size
+    from ..data import DataError, picture_size
 
     src = rec.get("source_image")
     if isinstance(src, list):
@@ -412,7 +412,7 @@ def _source(rec, base, where):
 
 def read_prompts(path) -> list[PromptSample]:
     """NFT prompts, JSONL: ``{"instruction", "source_image"?, "target_text"?, "target_box"?}``."""
-    from trainer.data import DataError
+    from ..data import DataError
 
     out = []
     for rec, where, base in _records(path):
@@ -431,7 +431,7 @@ def read_prompts(path) -> list[PromptSample]:
 def read_preferences(path) -> list[PreferenceSample]:
     """DPO pairs, JSONL: ``{"source_image"?, "instruction", "preferred", "rejected"}`` (also
     accepted: ``chosen`` / ``win`` for the preferred edit and ``lose`` for the rejected one)."""
-    from trainer.data import DataError, picture_size
+    from ..data import DataError, picture_size
 
     out = []
     for rec, where, base in _records(path):

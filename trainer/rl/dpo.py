@@ -78,8 +78,8 @@ class DPORun:
     def __init__(self, cfg: DPOConfig, *, editor=None):
         from firered_core import FireRedEditor
         from firered_core.pipeline import EditRequest
-        from trainer.optim import build_optimizer
 
+        from ..optim import build_optimizer
         from .nft import _device, _dist
 
         self.cfg = cfg
@@ -137,7 +137,7 @@ class DPORun:
         return losses.velocity_errors(v, x0, e)
 
     def draw(self, i: int, gen: torch.Generator):
-        from trainer.objective import training_sigmas
+        from ..objective import training_sigmas
 
         _, zw, _ = self.encoded(i)
         u = torch.rand(1, generator=gen, dtype=torch.float64).float() * 0.99 + 0.005

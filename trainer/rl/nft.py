@@ -145,7 +145,8 @@ class NFTRun:
     def __init__(self, cfg: NFTConfig, *, editor=None, encoded=None):
         from firered_core import FireRedEditor
         from firered_core.pipeline import EditRequest
-        from trainer.optim import build_optimizer
+
+        from ..optim import build_optimizer
 
         self.cfg = cfg
         self.rank, self.world = _dist()
@@ -223,7 +224,8 @@ class NFTRun:
         """One optimizer step on ``items`` = ``[(prompt idx, x0 [n, N, 64], r [n])]``."""
         from firered_core import flow
         from firered_core.denoiser import Denoiser
-        from trainer.objective import training_sigmas
+
+        from ..objective import training_sigmas
 
         cfg = self.cfg
         self.opt.zero_grad(set_to_none=True)
