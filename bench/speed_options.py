@@ -2,8 +2,8 @@
 
 A mid-size random model is made on the spot (default 8 MM-DiT blocks of width 512, 4 heads), one
 edit is encoded once (a 256x256 picture, 256x256 output), and its sampling (8 steps, true CFG 4)
-is timed with each option -- best of ``--repeats`` after one warm-up run -- and printed as a ratio
-to the plain path measured in the same run, with the deviation of the latents from the plain
+is timed with each option -- best of ``--repeats`` after one warm-up run, alternating with the
+plain path (so a drifting machine load hits both alike) -- and printed as a ratio to that plain time, with the deviation of the latents from the plain
 result (relative L2):
 
 - block swap (``--resident`` blocks resident, the rest streamed; on the CPU the copies are
@@ -72,25 +72,39 @@ def main(argv=None) -> int:
             z, _ = editor.sample(enc, req, generator=torch.Generator().manual_seed(1))
         return time.perf_counter() - t, z
 
-    def best(editor) -> tuple[float, torch.Tensor]:
-        sample(editor)  # warm-up
-        runs = [sample(editor) for _ in range(args.repeats)]
-        return min(r[0] for r in runs), runs[-1][1]
+    def paired(option_editor, on, off) -> tuple[float, float, torch.Tensor]:
+        """Best times of the plain path and of the option, measured alternately (plain, option,
+        plain, option ...) so that a machine whose load drifts affects both alike."""
+        off()
+        sample(ed)
+        on()
+        sample(option_editor)  # warm-ups
+        t_plain, t_opt, z = [], [], None
+        for _ in range(args.repeats):
+            off()
+            t_plain.append(sample(ed)[0])
+            on()
+            t, z = sample(option_editor)
+            t_opt.append(t)
+        off()
+        return min(t_plain), min(t_opt), z
 
-    t_plain, z_plain = best(ed)
-    rows = [("plain", t_plain, 0.0, "")]
+    def nothing():
+        pass
+
+    t_plain, z_plain = sample(ed)
+    rows = []
 
     def dev(z):
         return ((z - z_plain).norm() / z_plain.norm()).item()
 
-    def add(name, t, z, note=""):
-        rows.append((name, t, dev(z), note))
+    def add(name, tp, t, z, note=""):
+        rows.append((name, tp, t, dev(z), note))
 
-    ed.configure(memory=MemoryOptions(plan="block_swap", blocks_resident=args.resident))
-    t, z = best(ed)
-    add(f"block swap ({args.resident}/{args.layers} resident)", t, z,
+    tp, t, z = paired(ed, lambda: ed.configure(memory=MemoryOptions(plan="block_swap", blocks_resident=args.resident)),
+                      lambda: ed.configure(memory=MemoryOptions(plan="resident")))
+    add(f"block swap ({args.resident}/{args.layers} resident)", tp, t, z,
         "bit-identical" if torch.equal(z, z_plain) else "DIFFERS")
-    ed.configure(memory=MemoryOptions(plan="resident"))
 
     # random weights move the first blocks' residual far more per step than trained ones, so the
     # thresholds are calibrated: the 40th and 70th percentile of the changes measured in one run
@@ -102,40 +116,42 @@ def main(argv=None) -> int:
     ed.configure(speed=SpeedOptions(cache_threshold=1e-12))
     sample(ed)
     SpeedOptions.step_cache = orig
+    ed.configure(speed=SpeedOptions())
     deltas = sorted(probe.deltas)
     print(f"first-blocks residual change per step (relative L1): min {deltas[0]:.3f}, "
           f"median {deltas[len(deltas) // 2]:.3f}, max {deltas[-1]:.3f}")
     for q in (0.4, 0.7):
         thr = round(deltas[int(q * (len(deltas) - 1))] + 1e-4, 4)
-        ed.configure(speed=SpeedOptions(cache_threshold=thr, cache_compute_blocks=max(1, args.layers // 4),
-                                        cache_warmup=2, cache_max_skips=2))
-        t, z = best(ed)
+        opts = SpeedOptions(cache_threshold=thr, cache_compute_blocks=max(1, args.layers // 4), cache_warmup=2,
+                            cache_max_skips=2)
+        tp, t, z = paired(ed, lambda: ed.configure(speed=opts), lambda: ed.configure(speed=SpeedOptions()))
+        ed.configure(speed=opts)
+        sample(ed)
         s = ed.last_cache_stats
-        add(f"step cache thr {thr}", t, z, f"{s.blocks_skipped}/{s.blocks_run + s.blocks_skipped} block evals skipped")
-    ed.configure(speed=SpeedOptions())
+        ed.configure(speed=SpeedOptions())
+        add(f"step cache thr {thr}", tp, t, z, f"{s.blocks_skipped}/{s.blocks_run + s.blocks_skipped} block evals skipped")
 
     for mode in ("int8", "fp8_scaled"):
         q = FireRedEditor.from_pretrained(model, device="cpu", dtype="fp32")
         precision.quantize_weights(q.c.transformer, mode)
-        t, z = best(q)
-        add(f"{mode} weights", t, z, "dequantized per layer")
+        tp, t, z = paired(q, nothing, nothing)
+        add(f"{mode} weights", tp, t, z, "dequantized per layer")
         del q
 
     if not args.no_compile:
         ed.configure(speed=SpeedOptions(compile=True))
         t0 = time.perf_counter()
-        _, _ = sample(ed)
+        sample(ed)
         warm = time.perf_counter() - t0
-        runs = [sample(ed) for _ in range(args.repeats)]
-        add("torch.compile blocks", min(r[0] for r in runs), runs[-1][1],
-            f"warm-up {warm:.1f}s (first sampling run, vs {t_plain:.1f}s plain)")
-        ed.configure(speed=SpeedOptions())
+        tp, t, z = paired(ed, lambda: ed.configure(speed=SpeedOptions(compile=True)),
+                          lambda: ed.configure(speed=SpeedOptions()))
+        add("torch.compile blocks", tp, t, z, f"warm-up {warm:.1f}s (first sampling run, vs {tp:.1f}s plain)")
 
     print(f"model: {args.layers} blocks, width {args.width}; {args.size}x{args.size}, {args.steps} steps, true CFG 4; "
-          f"CPU float32, {torch.get_num_threads()} threads; best of {args.repeats}")
-    print(f"{'option':34s} {'s/sample':>9s} {'ratio':>7s} {'deviation':>10s}  note")
-    for name, t, d, note in rows:
-        print(f"{name:34s} {t:9.2f} {t / t_plain:7.2f} {d:10.2e}  {note}")
+          f"CPU float32, {torch.get_num_threads()} threads; best of {args.repeats}, plain and option alternating")
+    print(f"{'option':34s} {'plain s':>8s} {'option s':>9s} {'ratio':>7s} {'deviation':>10s}  note")
+    for name, tp, t, d, note in rows:
+        print(f"{name:34s} {tp:8.2f} {t:9.2f} {t / tp:7.2f} {d:10.2e}  {note}")
     return 0
 
 
