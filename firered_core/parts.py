@@ -208,12 +208,15 @@ def load_text_encoder(path, *, tokenizer=None, comfyui_root=None, device="cpu", 
     return TextEncoder(te, processor, str(p))
 
 
-def load_vae(path, *, device="cpu", dtype="bf16") -> VAE:
-    """Load the Qwen-Image VAE from a ``vae/`` file (ComfyUI or diffusers key names) or a folder."""
+def load_vae(path, *, device="cpu", dtype="bf16", tiling: bool = False) -> VAE:
+    """Load the Qwen-Image VAE from a ``vae/`` file (ComfyUI or diffusers key names) or a folder;
+    ``tiling``: encode / decode in overlapping tiles (diffusers' VAE tiling) for large pictures."""
     from .formats.vae_files import load_vae as _load_vae
 
     v = _load_vae(path, dtype=resolve_dtype(dtype), device=device)
     v.eval().requires_grad_(False)
+    if tiling:
+        v.enable_tiling()
     return VAE(v, str(path))
 
 

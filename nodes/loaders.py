@@ -128,6 +128,7 @@ class FireRedVAELoader:
                 "vae_name": (host.list_files("vae"), {"tooltip": "The Qwen-Image VAE file in models/vae."}),
                 "dtype": (DTYPES, {"default": "auto", "tooltip": _DTYPE_TIP}),
                 "keep_loaded": ("BOOLEAN", {"default": False, "tooltip": _KEEP_TIP}),
+                "tiling": ("BOOLEAN", {"default": False, "tooltip": "Encode and decode in overlapping tiles: large pictures in much less memory (seams are blended)."}),
             }
         }
 
@@ -135,9 +136,9 @@ class FireRedVAELoader:
     def IS_CHANGED(cls, vae_name, **_):
         return _fingerprint("vae", vae_name)
 
-    def load(self, vae_name, dtype="auto", keep_loaded=False):
+    def load(self, vae_name, dtype="auto", keep_loaded=False, tiling=False):
         path = host.full_path("vae", vae_name)
-        vae = parts.load_vae(path, device=_load_target(keep_loaded), dtype=_dtype(dtype, host.load_device()))
+        vae = parts.load_vae(path, device=_load_target(keep_loaded), dtype=_dtype(dtype, host.load_device()), tiling=tiling)
         return (parts.VAE(vae.model, vae.source, keep_loaded=keep_loaded),)
 
 

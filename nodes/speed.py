@@ -39,11 +39,13 @@ class FireRedSpeedMemory:
                 "cache_threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Step cache: skip the later blocks when the first blocks' output changed less than this (relative). 0 = off; 0.05-0.1 mild; 0.15 aggressive."}),
                 "cache_warmup": ("INT", {"default": 3, "min": 0, "max": 50, "tooltip": "Step cache: full steps before any skip."}),
                 "compile": ("BOOLEAN", {"default": False, "tooltip": "torch.compile the repeated block: faster steps after a one-time warm-up of tens of seconds."}),
+                "fp8_matmul": ("BOOLEAN", {"default": False, "tooltip": "Run fp8 weights as fp8 matrix products on Ada / Hopper GPUs (faster; activations rounded to fp8). Elsewhere fp8 weights are expanded layer by layer."}),
             }
         }
 
-    def apply(self, dit, memory_plan="auto", blocks_resident=-1, budget_gb=0.0, attention="sdpa", cache_threshold=0.0, cache_warmup=3, compile=False):
-        speed = SpeedOptions(attention=attention, cache_threshold=cache_threshold, cache_warmup=cache_warmup, compile=compile)
+    def apply(self, dit, memory_plan="auto", blocks_resident=-1, budget_gb=0.0, attention="sdpa", cache_threshold=0.0, cache_warmup=3,
+              compile=False, fp8_matmul=False):
+        speed = SpeedOptions(attention=attention, cache_threshold=cache_threshold, cache_warmup=cache_warmup, compile=compile, fp8_matmul=fp8_matmul)
         memory = None
         if memory_plan != "off":
             memory = MemoryOptions(plan=memory_plan, budget_gb=budget_gb or None, blocks_resident=None if blocks_resident < 0 else blocks_resident)

@@ -118,7 +118,7 @@ class Graph:
 def loaders(g: Graph, *, x=0) -> tuple[int, int, int]:
     dit = g.add("FireRedModelLoader", [MODELS["dit"]["name"], "auto", "auto", False], (x, 0), models=["dit"])
     te = g.add("FireRedTextEncoderLoader", [MODELS["te"]["name"], "auto", False], (x, 200), models=["te"])
-    vae = g.add("FireRedVAELoader", [MODELS["vae"]["name"], "auto", False], (x, 360), models=["vae"])
+    vae = g.add("FireRedVAELoader", [MODELS["vae"]["name"], "auto", False, False], (x, 360), models=["vae"])
     return dit, te, vae
 
 

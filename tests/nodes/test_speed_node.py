@@ -37,3 +37,13 @@ def test_step_cache_setting_reaches_the_sampler(pack, loaded):
     assert 0 < rel < 0.2, rel  # steps were skipped (not identical), the picture stays close
     again = s.sample(dit, cond, **kw)[0]["samples"]
     assert torch.equal(again, plain)  # the plain MM-DiT part runs without the cache
+
+
+def test_vae_tiling_and_fp8_matmul_settings_reach_the_models(pack, models_env):
+    root, files = models_env
+    vae = node(pack, "FireRedVAELoader").load(files["vae"].name, "fp32", False, True)[0]
+    assert vae.model.use_tiling  # diffusers' tiled encode / decode is on
+    plain = node(pack, "FireRedVAELoader").load(files["vae"].name, "fp32", False)[0]
+    assert not plain.model.use_tiling
+    dit = node(pack, "FireRedModelLoader").load(files["transformer"].name, "auto", "fp32", False)[0]
+    assert settings(pack, dit, fp8_matmul=True).speed.fp8_matmul
