@@ -49,7 +49,7 @@ class ModelConfig:
     tokenizer: str = ""  # optional tokenizer folder (default: the release folder's, else ComfyUI's)
     id: str = ""  # name written into LoRA metadata and the cache key; default: the folder name
     dtype: str = "bf16"  # weights of the frozen parts: bf16 | fp32 | fp16
-    base_precision: str = "bf16"  # frozen MM-DiT linears: bf16 (= dtype) | fp8 (scaled e4m3, LoRA only)
+    base_precision: str = "bf16"  # frozen MM-DiT linears: bf16 (= dtype) | fp8 (scaled e4m3) | nf4 (bnb 4-bit); LoRA only
     gradient_checkpointing: bool = True  # recompute each block in backward
     blocks_to_swap: int = 0  # LoRA on one GPU: frozen weights of the last N blocks wait in CPU memory
 
@@ -112,6 +112,14 @@ class ObjectiveConfig:
     weighting: str = "logit_normal"  # none | logit_normal
     clip: float = 50.0  # elements with |error| above this are ignored (the released trainer's guard)
     ema_decay: float = 0.0  # 0 = no EMA; e.g. 0.999
+    # consistency loss (report eqs. 6-8, region form): + eta sigma^2 [sigma < 0.9] * region_consistency(
+    # x0_hat, source latent, keep mask), only for samples with exactly one source picture at the
+    # target's size (others get no term). 0 = off.
+    consistency_weight: float = 0.0  # eta
+    consistency_mask: str = "auto"  # auto: keep = latent cells where the pair's source and target agree
+    # auto mask: a latent cell (8x8 pixels) is kept when the mean over its 16 channels of
+    # |source - target| (normalised latents, about unit variance) is below this
+    consistency_threshold: float = 0.1
 
 
 @dataclass
@@ -337,10 +345,13 @@ def validate(cfg: StageConfig) -> StageConfig:
     _check(cfg.grad_accum >= 1, "grad_accum", f"must be >= 1, got {cfg.grad_accum}")
     _check(cfg.log_every >= 1, "log_every", f"must be >= 1, got {cfg.log_every}")
     _check(cfg.model.dtype in ("bf16", "fp32", "fp16"), "model.dtype", f"expected bf16, fp32 or fp16, got {cfg.model.dtype!r}")
-    _check(cfg.model.base_precision in ("bf16", "fp8"), "model.base_precision",
-           f"expected bf16 or fp8, got {cfg.model.base_precision!r}")
-    _check(not (cfg.model.base_precision == "fp8" and cfg.train_mode == "full"), "model.base_precision",
-           "an fp8 base can only be trained through a LoRA (train_mode: lora); full fine-tuning needs bf16 weights")
+    _check(cfg.model.base_precision in ("bf16", "fp8", "nf4"), "model.base_precision",
+           f"expected bf16, fp8 or nf4, got {cfg.model.base_precision!r}")
+    _check(not (cfg.model.base_precision in ("fp8", "nf4") and cfg.train_mode == "full"), "model.base_precision",
+           f"an {cfg.model.base_precision} base can only be trained through a LoRA (train_mode: lora); "
+           "full fine-tuning needs bf16 weights")
+    _check(not (cfg.model.base_precision == "nf4" and cfg.model.blocks_to_swap), "model.blocks_to_swap",
+           "block swapping is not supported with an nf4 base (it is already 4x smaller); use fp8 with block swapping")
     _check(cfg.model.blocks_to_swap >= 0, "model.blocks_to_swap", f"must be >= 0, got {cfg.model.blocks_to_swap}")
     _check(not (cfg.model.blocks_to_swap and cfg.train_mode == "full"), "model.blocks_to_swap",
            "block swapping moves frozen weights only: it needs train_mode: lora")
@@ -359,6 +370,12 @@ def validate(cfg: StageConfig) -> StageConfig:
     _check(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {cfg.optim.warmup_steps}")
     _check(cfg.objective.weighting in ("none", "logit_normal"), "objective.weighting",
            f"expected none or logit_normal, got {cfg.objective.weighting!r}")
+    _check(cfg.objective.consistency_weight >= 0, "objective.consistency_weight",
+           f"must be >= 0 (0 = off), got {cfg.objective.consistency_weight}")
+    _check(cfg.objective.consistency_mask in ("auto",), "objective.consistency_mask",
+           f"expected auto, got {cfg.objective.consistency_mask!r}")
+    _check(cfg.objective.consistency_threshold > 0, "objective.consistency_threshold",
+           f"must be > 0, got {cfg.objective.consistency_threshold}")
     _check(0 <= cfg.objective.ema_decay < 1, "objective.ema_decay", f"must be in [0, 1), got {cfg.objective.ema_decay}")
     _check(bool(cfg.data.jsonl) or bool(cfg.data.mix), "data.jsonl",
            "no training data: set data.jsonl=<file.jsonl or folder> (or data.mix)")

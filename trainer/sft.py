@@ -18,10 +18,15 @@ Launch::
     result = sft.run(cfg, progress=lambda step, total, loss, samples: ..., should_stop=lambda: False)
 
 The run reads top to bottom: **setup** (data and buckets, the frozen encoders' features cached on
-disk, the MM-DiT with LoRA / fp8 base / checkpointing, optimizer, accelerate, resume), the
+disk, the MM-DiT with LoRA / fp8 or nf4 base / checkpointing, optimizer, accelerate, resume), the
 **loop** (homogeneous batches, stochastic instruction alignment, stratified timesteps, weighted
-velocity loss, EMA, checkpoints, sample edits) and **save** (the LoRA in ComfyUI and diffusers
-formats, or the full transformer; the loss curve).
+velocity loss and the optional consistency term, EMA, checkpoints, sample edits) and **save** (the
+LoRA in ComfyUI and diffusers formats, or the full transformer; the loss curve).
+
+Consistency loss (``objective.consistency_weight`` = eta > 0): for samples with exactly one source
+picture of the target's size, ``+ eta sigma^2 [sigma < 0.9] * region_consistency(x0_hat, source,
+keep)`` (:func:`consistency_term`, the measure consistency-guided editing uses), averaged over the
+batch's samples (the others add 0); the keep mask is :func:`auto_keep_mask` of the pair.
 
 Determinism: every random choice of a step (SIA, timesteps, noise) comes from a generator seeded by
 ``(seed, step, micro-batch, rank)``, and the sampler's position, optimizer, LR schedule, EMA and RNG
@@ -53,7 +58,7 @@ from .blockswap import enable_block_swap
 from .buckets import BucketBatchSampler, aspect_bucket, bucket_key
 from .config import DatasetEntry, StageConfig, load_config
 from .data import LoadReport, load_dataset
-from .lora import add_lora, load_lora_weights_into, quantize_frozen_base, save_lora
+from .lora import add_lora, load_lora_weights_into, quantize_frozen_base, quantize_frozen_base_nf4, save_lora
 from .objective import EMA, flow_matching_loss, stratified_uniform, training_sigmas
 from .optim import build_optimizer
 from .sia import choose_instruction, shuffle_and_drop
@@ -152,7 +157,10 @@ def latent_jobs(sample, cfg: StageConfig) -> list[tuple[str, int, int]]:
     for _, sources, target in cache_mod.instruction_choices(sample, cfg.sia):
         jobs.append((target, *target_size(sizes[target], cfg.data.resolution)))
         jobs.extend((s, *target_size(sizes[s], cfg.data.ref_resolution)) for s in sources)
-    return jobs
+        if cfg.objective.consistency_weight > 0 and len(sources) == 1 and sizes[sources[0]] == sizes[target]:
+            # the consistency loss compares x0_hat with the source at the target's training size
+            jobs.append((sources[0], *target_size(sizes[target], cfg.data.resolution)))
+    return list(dict.fromkeys(jobs))
 
 
 def validation_variants(cfg: StageConfig) -> tuple[list, list]:
@@ -196,11 +204,15 @@ def extract_features(cfg: StageConfig, samples, accelerator, feature_cache, mid:
 
 def build_transformer(cfg: StageConfig, dtype, device):
     """The MM-DiT ready to train: LoRA adapters (float32) or all weights trainable (float32
-    master weights), fp8 frozen base, gradient checkpointing."""
+    master weights), fp8 / nf4 frozen base, gradient checkpointing."""
     from firered_core.formats.transformer_files import load_transformer
 
     tr = load_transformer(part_path(cfg, "transformer"), dtype=dtype, device="cpu", weight_dtype="dequantize")
     if cfg.train_mode == "lora":
+        if cfg.model.base_precision == "nf4":
+            # QLoRA-style: the frozen block linears become bitsandbytes 4-bit layers first, then
+            # PEFT wraps those (its bnb Linear4bit LoRA layer)
+            quantize_frozen_base_nf4(tr, compute_dtype=dtype)
         add_lora(tr, rank=cfg.lora.rank, alpha=cfg.lora.alpha, modules=cfg.lora_modules(), dropout=cfg.lora.dropout)
         if cfg.lora.init_from:
             load_lora_weights_into(tr, cfg.lora.init_from)
@@ -235,16 +247,40 @@ def lr_lambda(cfg: StageConfig):
 @dataclass
 class Example:
     """One collated sample: x0 ``[N, 64]`` packed target latent, refs ``[N_ref, 64]`` or None,
-    text (cached :class:`TextCond`), img_shapes (target's grid first)."""
+    text (cached :class:`TextCond`), img_shapes (target's grid first). With the consistency loss
+    on, and exactly one source picture at the target's size: ``src`` ``[N, 64]`` its packed latent at
+    the target's training size and ``keep`` ``[N, 64]`` the keep mask (1 = should stay); else None."""
 
     x0: torch.Tensor
     refs: torch.Tensor | None
     text: object
     img_shapes: list
+    src: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
 
     @property
     def shape_key(self):
         return tuple(self.img_shapes)
+
+
+def auto_keep_mask(src: torch.Tensor, tgt: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``consistency_mask: auto``: the keep region of a training pair, from the pair itself -- the
+    latent cells (8x8 pixels each) where the source and target latents ``[16, h, w]`` (normalised,
+    about unit variance) agree: mean over channels of ``|src - tgt|`` below ``threshold``.
+    Returns ``[1, h, w]`` in {0, 1}."""
+    return ((src.float() - tgt.float()).abs().mean(0, keepdim=True) < threshold).float()
+
+
+def consistency_term(x_t: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, src: torch.Tensor,
+                     keep: torch.Tensor, eta: float) -> torch.Tensor:
+    """Per sample ``eta sigma^2 [sigma < 0.9] * region_consistency(x0_hat, src, keep)``, ``[B]``, with
+    ``x0_hat = x_t - sigma v`` -- :func:`trainer.rl.losses.consistency_loss` (the measure of
+    consistency-guided editing, :func:`firered_core.consistency.region_consistency`)."""
+    from .rl.losses import consistency_loss, x0_estimate
+
+    x0_hat = x0_estimate(x_t.to(v.device), v, sigma.to(v.device))
+    return consistency_loss(x0_hat, src.to(v.device), keep.to(v.device), sigma.to(v.device), eta=eta,
+                            schedule="sigma2", space="latent")
 
 
 class Collator:
@@ -283,7 +319,17 @@ class Collator:
             rw, rh = target_size(sizes[p], c.data.ref_resolution)
             refs.append(latents.pack(self.latent(p, rw, rh).unsqueeze(0))[0])
             shapes.append(latents.token_grid(rh, rw))
-        return Example(x0, torch.cat(refs, 0) if refs else None, cond, shapes)
+        ex = Example(x0, torch.cat(refs, 0) if refs else None, cond, shapes)
+        # the consistency loss: only a single source picture of the target's size has cell-by-cell
+        # correspondence with the target (several sources, or another size / aspect: no term)
+        if (c.objective.consistency_weight > 0 and len(sources) == 1 and len(pics) == 1
+                and sizes[pics[0]] == sizes[target]):
+            src = self.latent(pics[0], tw, th)
+            tgt = latents.unpack(x0.unsqueeze(0), src.shape[-2], src.shape[-1])[0]
+            keep = auto_keep_mask(src, tgt, c.objective.consistency_threshold).expand_as(src)
+            ex.src = latents.pack(src.unsqueeze(0).float())[0]
+            ex.keep = latents.pack(keep.unsqueeze(0))[0]
+        return ex
 
 
 def predict_velocity(model, x_t, sigma, refs, texts, img_shapes, dtype):
@@ -326,6 +372,12 @@ def batch_loss_backward(model, examples: list[Example], *, accelerator, cfg: Sta
                 v = predict_velocity(model, x_t.to(dev), sigma.to(dev), refs, [e.text for e in exs], exs[0].img_shapes, dtype)
             loss = flow_matching_loss(v, x0.to(dev), eps.to(dev), sigma.to(dev), weighting=cfg.objective.weighting,
                                       clip=cfg.objective.clip or None)
+            sel = [k for k, e in enumerate(exs) if e.src is not None]
+            if cfg.objective.consistency_weight > 0 and sel:
+                # mean over the group's samples; those without a usable source contribute 0
+                c = consistency_term(x_t[sel], v[sel], sigma[sel], torch.stack([exs[k].src for k in sel]),
+                                     torch.stack([exs[k].keep for k in sel]), cfg.objective.consistency_weight)
+                loss = loss + c.sum() / len(exs)
             accelerator.backward(loss * (len(exs) / len(examples)))
         total += loss.detach().item() * len(exs) / len(examples)
     return total
