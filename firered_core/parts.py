@@ -421,7 +421,8 @@ def _sample_with_hook(
     # the module may be shared with a branch that had other settings: always set this part's own
     editor.speed = dit.speed or SpeedOptions()
     apply_speed(dit.transformer, editor.speed)
-    per = len(editor.sigmas(req, enc.size)) - 1
+    sig = editor.sigmas(req, enc.size)
+    per = len(sig) - 1
     sync_loras(dit)
     gen = torch.Generator("cpu").manual_seed(int(seed))
     dtype = enc.positive.embeds.dtype
@@ -430,7 +431,7 @@ def _sample_with_hook(
         for b in range(batch):
             noise = editor.initial_noise(enc.size, gen, dtype)
             if start is not None and denoise < 1.0:
-                s0 = float(editor.sigmas(req, enc.size)[0])
+                s0 = float(sig[0])
                 x0 = latents.pack(start[b : b + 1].to(noise.device, noise.dtype))
                 noise = s0 * noise + (1.0 - s0) * x0
             step_cb = None
@@ -551,40 +552,32 @@ def edit(
 
 
 @contextlib.contextmanager
-def placed(dit: DiT, device, offload_device="cpu") -> Iterator[str]:
+def placed(dit: DiT, device, offload_device="cpu", *, width: int = 1024, height: int = 1024) -> Iterator[str]:
     """Run a block with ``dit``'s MM-DiT placed on ``device`` as its memory options say; afterwards
-    it goes to ``offload_device`` unless ``dit.keep_loaded``. Yields the plan used:
+    it goes to ``offload_device`` unless ``dit.keep_loaded``. Yields the plan used.
 
-    * no memory options or plan ``resident``: the whole MM-DiT on the device;
-    * ``block_swap``: ``blocks_resident`` blocks stay on the device, the others are streamed from
-      the offload device ahead of use (:class:`firered_core.memory.BlockSwapper`); with
-      ``blocks_resident=None`` as many as fit in the free memory (or ``budget_gb``) beside 20%
-      headroom for activations;
-    * ``sequential``: every block streamed;
-    * ``auto``: resident when the MM-DiT fits in 80% of the free memory, else block swap.
-    On the CPU every plan computes the same numbers (tested bit for bit).
+    The plan is :func:`firered_core.memory.plan_memory`'s for the MM-DiT alone (the text encoder
+    and the VAE visit the device on their own, before and after) at ``width`` x ``height``, from the
+    free memory of ``device`` or ``budget_gb``: resident, block swap (``blocks_resident`` blocks
+    stay, the others stream from the offload device ahead of use) or sequential. No memory options,
+    or ``auto`` on the CPU: resident. Every plan computes the same numbers (tested bit for bit).
     """
+    from torch import nn
+
     from . import memory as mem
 
     device, offload_device = torch.device(device), torch.device(offload_device)
     tr = dit.transformer
     opts = dit.memory
-    plan = "resident" if opts is None else opts.plan
-    resident_blocks = None if opts is None else opts.blocks_resident
-    if plan in ("auto", "block_swap") and resident_blocks is None:
+    plan, resident_blocks = "resident", None
+    if opts is not None:
         free = int(opts.budget_gb * mem.GB) if opts.budget_gb else mem.free_device_bytes(device)
-        total = mem.module_bytes(tr)
-        if free is None or (plan == "auto" and total <= 0.8 * free):
-            plan = "resident"
-        else:
-            blocks = list(tr.transformer_blocks)
-            per = max(mem.module_bytes(b) for b in blocks)
-            outside = total - sum(mem.module_bytes(b) for b in blocks)
-            resident_blocks = max(0, min(len(blocks), int((0.8 * free - outside) // per)))
-            plan = "block_swap"
-    elif plan == "auto":
-        plan = "block_swap"
-    elif plan in ("offload_encoders",):
+        if free is not None or opts.plan != "auto":
+            sizes = mem.ModelSizes.of(tr, nn.Module(), nn.Module())
+            chosen = mem.plan_memory(free or 1 << 62, sizes, width=width, height=height, plan=opts.plan,
+                                     blocks_resident=opts.blocks_resident, prefetch=opts.prefetch)
+            plan, resident_blocks = chosen.name, chosen.blocks_resident
+    if plan == "offload_encoders":  # nothing else to offload here: the MM-DiT stays whole
         plan = "resident"
     swapper = None
     if plan in ("block_swap", "sequential"):

@@ -12,7 +12,7 @@ import random
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -448,3 +448,79 @@ def read_preferences(path) -> list[PreferenceSample]:
     if not out:
         raise DataError(f"{path}: no preference pairs")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop both stages share
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_config(cls, config, overrides=None):
+    """A stage's config from an instance of ``cls``, a YAML path (+ ``key=value`` overrides) or a dict."""
+    if isinstance(config, cls):
+        return config
+    if isinstance(config, dict):
+        return load_config(cls, None, {**config, **(overrides or {})})
+    return load_config(cls, config, overrides)
+
+
+def run_stage(cfg, make_run: Callable[[], Any], *, stage: str, curve_keys, progress=None, should_stop=None,
+              after_step: Callable[[Any, dict, bool], None] | None = None) -> dict:
+    """Resume from the last checkpoint, iterate ``make_run()``'s ``iteration()`` up to ``cfg.steps``
+    (``after_step(run, row, is_main)`` may add to a row), log the curve, checkpoint every
+    ``save_every`` steps and on a stop (keeping the last two), then save the LoRA and plot the curves.
+    Returns ``{"lora", "steps", "stopped", "curve", "run"}``."""
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    torch.manual_seed(cfg.seed)
+    state = None
+    if cfg.resume and (last := latest_checkpoint(ckpt_dir)) is not None:
+        state = load_checkpoint(last)
+    r = make_run()
+    if state is not None:
+        r.load(state)
+    curve = Curve(out / "metrics.jsonl", resume_step=r.step if state is not None else None, fresh=state is None)
+    is_main = r.rank == 0
+
+    def save():
+        if is_main:
+            save_checkpoint(ckpt_dir / f"step_{r.step}.pt", **r.state())
+            for old in sorted(ckpt_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-2]:
+                old.unlink()
+
+    stopped = False
+    while r.step < cfg.steps:
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
+        row = r.iteration()
+        if after_step is not None:
+            after_step(r, row, is_main)
+        if is_main:
+            curve.log(row)
+        if progress is not None:
+            progress(r.step, cfg.steps, row)
+        if cfg.save_every and r.step % cfg.save_every == 0:
+            save()
+    if r.step and (stopped or r.step % max(cfg.save_every, 1)):
+        save()
+    lora = None
+    if is_main and r.policy.lora:
+        lora = save_lora(r.policy, out / f"{stage}_lora.safetensors", stage=stage, steps=r.step,
+                         config=dataclasses.asdict(cfg), base_model=cfg.model)
+    if is_main:
+        plot_curve(curve, out / "curves.png", keys=curve_keys)
+    return {"lora": lora, "steps": r.step, "stopped": stopped, "curve": out / "metrics.jsonl", "run": r}
+
+
+def cli_main(argv, run, *, prog: str, description: str, example: str, show) -> int:
+    """``python -m trainer <stage> --config FILE key=value ...``: run with ``show(step, total, row)``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--config", required=True, help=f"YAML file (see {example})")
+    ap.add_argument("overrides", nargs="*", help="key=value options overriding the file")
+    a = ap.parse_args(argv)
+    res = run(a.config, overrides=a.overrides, progress=show)
+    print(f"done: {res['steps']} steps; LoRA {res['lora']}; curve {res['curve']}")
+    return 0

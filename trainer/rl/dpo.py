@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -197,66 +196,18 @@ def run(
 
     ``progress(step, total, metrics)`` after every step; ``should_stop()`` polled before each step
     (a stop saves a checkpoint first)."""
-    cfg = config if isinstance(config, DPOConfig) else (
-        common.load_config(DPOConfig, None, {**config, **(overrides or {})}) if isinstance(config, dict)
-        else common.load_config(DPOConfig, config, overrides)
-    )  # fmt: skip
-    out = Path(cfg.output_dir)
-    ckpt_dir = out / "checkpoints"
-    torch.manual_seed(cfg.seed)
-    state = None
-    if cfg.resume and (last := common.latest_checkpoint(ckpt_dir)) is not None:
-        state = common.load_checkpoint(last)
-    dr = DPORun(cfg, editor=editor)
-    if state is not None:
-        dr.load(state)
-    curve = common.Curve(out / "metrics.jsonl", resume_step=dr.step if state is not None else None, fresh=state is None)
-    is_main = dr.rank == 0
-
-    def save():
-        if is_main:
-            common.save_checkpoint(ckpt_dir / f"step_{dr.step}.pt", **dr.state())
-            for old in sorted(ckpt_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-2]:
-                old.unlink()
-
-    stopped = False
-    while dr.step < cfg.steps:
-        if should_stop is not None and should_stop():
-            stopped = True
-            break
-        row = dr.iteration()
-        if is_main:
-            curve.log(row)
-        if progress is not None:
-            progress(dr.step, cfg.steps, row)
-        if cfg.save_every and dr.step % cfg.save_every == 0:
-            save()
-    if dr.step and (stopped or dr.step % max(cfg.save_every, 1)):
-        save()
-    lora = None
-    if is_main and dr.policy.lora:
-        lora = common.save_lora(dr.policy, out / "dpo_lora.safetensors", stage="dpo", steps=dr.step,
-                                config=dataclasses.asdict(cfg), base_model=cfg.model)
-    if is_main:
-        common.plot_curve(curve, out / "curves.png", keys=("loss", "win_diff", "lose_diff"))
-    return {"lora": lora, "steps": dr.step, "stopped": stopped, "curve": out / "metrics.jsonl", "run": dr}
+    cfg = common.stage_config(DPOConfig, config, overrides)
+    return common.run_stage(cfg, lambda: DPORun(cfg, editor=editor), stage="dpo", curve_keys=("loss", "win_diff", "lose_diff"),
+                            progress=progress, should_stop=should_stop)
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m trainer dpo", description="DPO with Asymmetric Gradient Optimization")
-    ap.add_argument("--config", required=True, help="YAML file (see trainer/configs/dpo_lora.yaml)")
-    ap.add_argument("overrides", nargs="*", help="key=value options overriding the file")
-    a = ap.parse_args(argv)
-
     def show(step, total, row):
         print(f"step {step}/{total} loss {row['loss']:.4f} acc {row['accuracy']:.2f} "
               f"win {row['win_diff']:+.2e} lose {row['lose_diff']:+.2e}", flush=True)
 
-    res = run(a.config, overrides=a.overrides, progress=show)
-    print(f"done: {res['steps']} steps; LoRA {res['lora']}; curve {res['curve']}")
-    return 0
+    return common.cli_main(argv, run, prog="python -m trainer dpo", description="DPO with Asymmetric Gradient Optimization",
+                           example="trainer/configs/dpo_lora.yaml", show=show)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ a checkpoint continues the same curve.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -197,7 +198,7 @@ class NFTRun:
         enc = self.encoded[idx]
         sig = self.editor.sigmas(self.req, enc.size)
         x = self._initial_noise(enc, n, gen)
-        ctx = self.policy.old_policy() if old else _null()
+        ctx = self.policy.old_policy() if old else contextlib.nullcontext()
         with ctx:
             den = Denoiser(self.editor.c.transformer, enc.cond)
             return samplers.get_sampler(self.cfg.sampler)(den.model_fn(enc.positive), x, sig, generator=gen).float()
@@ -324,14 +325,6 @@ class NFTRun:
         common.set_rng_state(state["rng"])
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
@@ -353,53 +346,17 @@ def run(
     saves a checkpoint first). ``editor``: an already loaded :class:`firered_core.FireRedEditor`;
     ``encoded``: the prompts' :class:`firered_core.pipeline.EncodedEdit` from an earlier run.
     """
-    cfg = config if isinstance(config, NFTConfig) else (
-        common.load_config(NFTConfig, None, {**config, **(overrides or {})}) if isinstance(config, dict)
-        else common.load_config(NFTConfig, config, overrides)
-    )  # fmt: skip
-    out = Path(cfg.output_dir)
-    ckpt_dir = out / "checkpoints"
-    torch.manual_seed(cfg.seed)
-    state = None
-    if cfg.resume and (last := common.latest_checkpoint(ckpt_dir)) is not None:
-        state = common.load_checkpoint(last)
-    nr = NFTRun(cfg, editor=editor, encoded=encoded)
-    if state is not None:
-        nr.load(state)
-    curve = common.Curve(out / "metrics.jsonl", resume_step=nr.step if state is not None else None, fresh=state is None)
-    is_main = nr.rank == 0
+    cfg = common.stage_config(NFTConfig, config, overrides)
 
-    def save():
-        if is_main:
-            common.save_checkpoint(ckpt_dir / f"step_{nr.step}.pt", **nr.state())
-            for old in sorted(ckpt_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-2]:
-                old.unlink()
-
-    stopped = False
-    while nr.step < cfg.steps:
-        if should_stop is not None and should_stop():
-            stopped = True
-            break
-        row = nr.iteration()
+    def validate(nr, row, is_main):
         if cfg.validate_every and nr.step % cfg.validate_every == 0:
             row["val_reward"], pics = nr.validate()
             if is_main:
-                _save_grid(pics, out / "validation" / f"step_{nr.step}.png")
-        if is_main:
-            curve.log(row)
-        if progress is not None:
-            progress(nr.step, cfg.steps, row)
-        if cfg.save_every and nr.step % cfg.save_every == 0:
-            save()
-    if nr.step and (stopped or nr.step % max(cfg.save_every, 1)):
-        save()
-    lora_path = None
-    if is_main and nr.policy.lora:
-        lora_path = out / "nft_lora.safetensors"
-        common.save_lora(nr.policy, lora_path, stage="nft", steps=nr.step, config=dataclasses.asdict(cfg), base_model=cfg.model)
-    if is_main:
-        common.plot_curve(curve, out / "curves.png", keys=("reward", "val_reward", "loss", "kl"))
-    return {"lora": lora_path, "steps": nr.step, "stopped": stopped, "curve": out / "metrics.jsonl", "run": nr}
+                _save_grid(pics, Path(cfg.output_dir) / "validation" / f"step_{nr.step}.png")
+
+    return common.run_stage(cfg, lambda: NFTRun(cfg, editor=editor, encoded=encoded), stage="nft",
+                            curve_keys=("reward", "val_reward", "loss", "kl"), progress=progress,
+                            should_stop=should_stop, after_step=validate)
 
 
 def _save_grid(pics: torch.Tensor, path: Path) -> None:
@@ -417,20 +374,12 @@ def _save_grid(pics: torch.Tensor, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m trainer nft", description="DiffusionNFT on a LoRA (or full weights)")
-    ap.add_argument("--config", required=True, help="YAML file (see trainer/configs/nft_ocr_lora.yaml)")
-    ap.add_argument("overrides", nargs="*", help="key=value options overriding the file")
-    a = ap.parse_args(argv)
-
     def show(step, total, row):
         print(f"step {step}/{total} reward {row['reward']:.4f} loss {row['loss']:.4f} "
               f"(rollout {row['t_rollout']:.1f}s reward {row['t_reward']:.1f}s update {row['t_update']:.1f}s)", flush=True)
 
-    res = run(a.config, overrides=a.overrides, progress=show)
-    print(f"done: {res['steps']} steps; LoRA {res['lora']}; curve {res['curve']}")
-    return 0
+    return common.cli_main(argv, run, prog="python -m trainer nft", description="DiffusionNFT on a LoRA (or full weights)",
+                           example="trainer/configs/nft_ocr_lora.yaml", show=show)
 
 
 if __name__ == "__main__":
