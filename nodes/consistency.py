@@ -101,7 +101,7 @@ class FireRedAutoMask:
             mask = parts.estimate_edit_mask(
                 dit, cond, seed=seed, steps=steps, cfg=cfg, schedule=schedule, estimate_steps=estimate_steps,
                 threshold=_threshold(threshold), smooth=smooth, size=_size(width, height), source=source_picture - 1,
-                callback=host.progress_callback(estimate_steps, unique_id),
+                callback=host.progress_callback(unique_id),
             )
         return (mask,)
 

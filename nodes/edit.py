@@ -145,14 +145,12 @@ class FireRedSampler:
 
     def sample(self, dit, cond, seed, steps, cfg, sampler, schedule, shift, width, height, denoise=1.0, batch_size=1, latent=None, guidance=None, unique_id=None):
         samples = latent["samples"] if latent is not None else None
-        batch = samples.shape[0] if samples is not None else batch_size
-        total = batch * (max(1, round(steps * denoise)) if denoise < 1 else steps)
         vae_part = cond.vae if guidance is not None else None
         with host.dit_placed(dit), host.on_device(vae_part):
             out = parts.sample_edit(
                 dit, cond, seed=seed, steps=steps, cfg=cfg, sampler=sampler, schedule=schedule, shift=shift or None,
                 size=_size(width, height), latent=samples, denoise=denoise, batch_size=batch_size,
-                callback=host.progress_callback(total, unique_id), guidance=guidance,
+                callback=host.progress_callback(unique_id), guidance=guidance,
             )
         mask = out.edit_mask
         if mask is None:
@@ -210,7 +208,7 @@ class FireRedEdit:
         with host.on_device(dit, text_encoder, vae):
             pixels, samples = parts.edit(
                 dit, text_encoder, vae, [image1, image2, image3], req, seed=seed, steps=steps, cfg=cfg, sampler=sampler,
-                schedule=schedule, shift=shift or None, size=_size(width, height), callback=host.progress_callback(steps, unique_id),
+                schedule=schedule, shift=shift or None, size=_size(width, height), callback=host.progress_callback(unique_id),
             )
         return (pixels, {"samples": samples})
 

@@ -302,14 +302,14 @@ def _previewer():
         return None
 
 
-def progress_callback(total: int, node_id: str | None = None) -> Callable[[Any], None]:
+def progress_callback(node_id: str | None = None) -> Callable[[Any], None]:
     """A sampling callback: checks Cancel, then moves ComfyUI's progress bar with a latent preview.
-    It takes a :class:`firered_core.parts.Progress`."""
+    It takes a :class:`firered_core.parts.Progress`, which carries the step count of the whole run."""
     bar = previewer = None
     if in_comfyui():
         import comfy.utils
 
-        bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        bar = comfy.utils.ProgressBar(1, node_id=node_id)  # the total comes with each step
         previewer = _previewer()
 
     def callback(p) -> None:
