@@ -42,8 +42,8 @@ def build(args, device):
     from diffusers import QwenImageTransformer2DModel
     from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
 
-    from trainer.config import LORA_PRESETS
-    from trainer.lora import add_lora, quantize_frozen_base
+    from firered_trainer.config import LORA_PRESETS
+    from firered_trainer.lora import add_lora, quantize_frozen_base
 
     conf = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=args.layers, attention_head_dim=args.head_dim,
                 num_attention_heads=args.heads, joint_attention_dim=args.text_dim, axes_dims_rope=tuple(args.rope))
@@ -101,16 +101,16 @@ def main() -> int:
     import torch
 
     from firered_core import flow
-    from trainer.objective import flow_matching_loss
-    from trainer.optim import build_optimizer, state_bytes_per_param
-    from trainer.sft import predict_velocity
+    from firered_trainer.objective import flow_matching_loss
+    from firered_trainer.optim import build_optimizer, state_bytes_per_param
+    from firered_trainer.sft import predict_velocity
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     t0 = time.perf_counter()
     model = build(args, device)
     if args.blocks_to_swap:
-        from trainer.blockswap import enable_block_swap
+        from firered_trainer.blockswap import enable_block_swap
 
         enable_block_swap(model, args.blocks_to_swap, device)
     n_all = sum(p.numel() for p in model.parameters()) + sum(

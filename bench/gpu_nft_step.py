@@ -4,9 +4,9 @@ and time, plus the cost of one CFG-1 rollout forward.
 The architecture is diffusers' ``QwenImageTransformer2DModel`` at release size (60 blocks, width
 3072, joint text dim 3584; 20.4B parameters) with random weights, built on the meta device and
 materialised block by block on the GPU (bf16; with ``--fp8`` the frozen block linears become the
-trainer's scaled fp8). The NFT pieces are the stage's own: :class:`trainer.rl.common.Policy`
+trainer's scaled fp8). The NFT pieces are the stage's own: :class:`firered_trainer.rl.common.Policy`
 (PEFT LoRA r32 / alpha 64, reference = adapters off, old policy = EMA swapped in) and
-:func:`trainer.rl.losses.nft_loss` through :class:`firered_core.denoiser.Denoiser`. One update =
+:func:`firered_trainer.rl.losses.nft_loss` through :class:`firered_core.denoiser.Denoiser`. One update =
 old-policy forward + reference forward (no grad) + trained forward and backward (gradient
 checkpointing) + AdamW step + EMA update, on a 1024^2 target with a 1024^2 reference (8192
 image tokens) and ~250 text tokens.
@@ -31,7 +31,7 @@ def build(args, device):
     from diffusers import QwenImageTransformer2DModel
     from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
 
-    from trainer.rl.common import Policy
+    from firered_trainer.rl.common import Policy
 
     conf = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=args.layers, attention_head_dim=args.head_dim,
                 num_attention_heads=args.heads, joint_attention_dim=args.text_dim, axes_dims_rope=tuple(args.rope))
@@ -58,7 +58,7 @@ def build(args, device):
             for block in child:
                 materialise(block)
                 if args.fp8:
-                    from trainer.lora import quantize_frozen_base
+                    from firered_trainer.lora import quantize_frozen_base
 
                     quantize_frozen_base(block)
         elif name != "pos_embed":
@@ -91,8 +91,8 @@ def main() -> int:
     from firered_core import flow
     from firered_core.conditioning import TextCond
     from firered_core.denoiser import Denoiser, EditCondition
-    from trainer.optim import build_optimizer
-    from trainer.rl import losses
+    from firered_trainer.optim import build_optimizer
+    from firered_trainer.rl import losses
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"

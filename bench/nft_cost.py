@@ -4,7 +4,7 @@
     python bench/nft_cost.py --reward ocr --size 128  # the layout-aware OCR reward (rapidocr on the CPU)
 
 Builds the tiny random model in a temporary folder, runs ``--warmup`` iterations, then times
-``--iters`` iterations of :meth:`trainer.rl.nft.NFTRun.iteration` (the stage's own code) and prints
+``--iters`` iterations of :meth:`firered_trainer.rl.nft.NFTRun.iteration` (the stage's own code) and prints
 the mean seconds of each part and its share.
 """
 
@@ -34,7 +34,7 @@ def main() -> int:
     from PIL import Image
 
     from firered_core.tiny import make_tiny
-    from trainer.rl import common, nft
+    from firered_trainer.rl import common, nft
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

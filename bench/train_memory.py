@@ -1,7 +1,7 @@
 """Benchmark: optimizer-state bytes per parameter, and a training step's peak memory with and
 without gradient checkpointing.
 
-1. Every optimizer of :mod:`trainer.optim` on the same parameters (LoRA-shaped matrices, larger
+1. Every optimizer of :mod:`firered_trainer.optim` on the same parameters (LoRA-shaped matrices, larger
    than bitsandbytes' 4096-element 8-bit threshold): bytes of state per parameter after one step,
    against torch AdamW's float32 state (8 bytes).
 2. One LoRA training step (the stage's own forward: target + one reference + text, velocity loss,
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 def optimizer_states() -> list[tuple[str, float]]:
     import torch
 
-    from trainer.optim import OPTIMIZERS, build_optimizer, state_bytes_per_param
+    from firered_trainer.optim import OPTIMIZERS, build_optimizer, state_bytes_per_param
 
     out = []
     for name in OPTIMIZERS:
@@ -64,11 +64,11 @@ def step_child(args) -> dict:
 
     from firered_core import flow
     from firered_core.conditioning import TextCond
-    from trainer.config import LORA_PRESETS
-    from trainer.lora import add_lora
-    from trainer.objective import flow_matching_loss
-    from trainer.optim import build_optimizer
-    from trainer.sft import predict_velocity
+    from firered_trainer.config import LORA_PRESETS
+    from firered_trainer.lora import add_lora
+    from firered_trainer.objective import flow_matching_loss
+    from firered_trainer.optim import build_optimizer
+    from firered_trainer.sft import predict_velocity
 
     torch.manual_seed(0)
     device = torch.device(args.device)

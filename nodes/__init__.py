@@ -1,6 +1,6 @@
 """ComfyUI nodes of the pack (classic V1 node API).
 
-Each node resolves its inputs and calls one ``firered_core`` (or ``trainer``) function; ComfyUI's
+Each node resolves its inputs and calls one ``firered_core`` (or ``firered_trainer``) function; ComfyUI's
 services are reached through :mod:`.host` only. Node modules are imported one by one: a module whose
 optional dependency is missing is left out with one log line, and the rest of the pack still loads,
 so importing the pack never breaks ComfyUI's start-up.

@@ -1,6 +1,6 @@
 """Training a LoRA from ComfyUI: point at a dataset, pick a preset, queue.
 
-``FireRedTrainLoRA`` runs one LoRA job (``trainer.jobs.run_lora_job``: SFT, or the DPO / NFT
+``FireRedTrainLoRA`` runs one LoRA job (``firered_trainer.jobs.run_lora_job``: SFT, or the DPO / NFT
 presets) on the model files already in ``models/``, with ComfyUI's progress bar, a live loss chart
 in the node (the ``firered.train`` event and the ``firered_loss`` output, drawn by ``js/``), the
 latest sample edit as the preview, and Cancel: the trainer saves a resumable checkpoint, then the
@@ -29,7 +29,7 @@ def _dataset_path(dataset: str) -> Path:
 
 def _trainer_stage(name: str):
     """The trainer's stage module. The trainer imports the core by its plain name (``firered_core``,
-    as ``python -m trainer`` runs it); inside ComfyUI the pack's own core is registered under that
+    as ``python -m firered_trainer`` runs it); inside ComfyUI the pack's own core is registered under that
     name first, so one copy of the core serves both."""
     import importlib
     import sys
@@ -41,7 +41,7 @@ def _trainer_stage(name: str):
         for mod_name, mod in list(sys.modules.items()):
             if mod_name == prefix or mod_name.startswith(prefix + "."):
                 sys.modules.setdefault("firered_core" + mod_name[len(prefix):], mod)
-    return importlib.import_module(f"..trainer.{name}", __package__)
+    return importlib.import_module(f"..firered_trainer.{name}", __package__)
 
 
 def _presets() -> list[str]:
@@ -78,7 +78,7 @@ class FireRedTrainLoRA:
                 "rank": ("INT", {"default": 32, "min": 1, "max": 512, "tooltip": "LoRA rank (alpha = rank)."}),
                 "resolution": ("INT", {"default": 1024, "min": 64, "max": 2048, "step": 64, "tooltip": "Training pictures are resized to about resolution² pixels."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seed of the data order, timesteps and noise."}),
-                "overrides": ("STRING", {"multiline": True, "default": "", "tooltip": "More settings, one key=value per line (e.g. optim.name=lion8bit, checkpoint.every=100); see trainer/configs."}),
+                "overrides": ("STRING", {"multiline": True, "default": "", "tooltip": "More settings, one key=value per line (e.g. optim.name=lion8bit, checkpoint.every=100); see firered_trainer/configs."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }

@@ -139,7 +139,7 @@ def test_file_info_widgets_and_folders_exist(pack):
 
 
 def test_ui_keys_and_events_match_the_python_side():
-    py = "\n".join(p.read_text() for d in ("nodes", "trainer") for p in sorted((ROOT / d).rglob("*.py")))
+    py = "\n".join(p.read_text() for d in ("nodes", "firered_trainer") for p in sorted((ROOT / d).rglob("*.py")))
     assert f'"{const("COMPARE_OUTPUT")}"' in py, "no node sends the comparison ui output the widget reads"
     assert const("FILE_INFO_ROUTE") in (ROOT / "nodes" / "routes.py").read_text()
     for key in ("LOSS_OUTPUT", "TRAIN_EVENT"):

@@ -20,7 +20,7 @@ def train_env(pack, comfy_models, tmp_path, monkeypatch):
     (models / "loras").mkdir()
     monkeypatch.setenv("FIRERED_MODELS_DIR", str(models))
     monkeypatch.setenv("FIRERED_OUTPUT_DIR", str(tmp_path / "output"))
-    from trainer.tinydata import make_tiny_pairs
+    from firered_trainer.tinydata import make_tiny_pairs
 
     data = make_tiny_pairs(tmp_path / "data", 6, size=64)
     return models, files, data, tmp_path / "output"
@@ -56,7 +56,7 @@ def test_trained_lora_lands_in_models_loras_and_changes_the_edit(pack, train_env
 def test_cancel_saves_a_checkpoint_and_the_next_run_resumes(pack, train_env):
     models, files, data, out = train_env
     host = importlib.import_module(pack.__name__ + ".nodes.host")
-    from trainer import checkpoint
+    from firered_trainer import checkpoint
 
     events = []
     real = host.send_event

@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from trainer.buckets import BucketBatchSampler, aspect_bucket
-from trainer.sia import choose_instruction, referenced_pictures, renumber, shuffle_and_drop
+from firered_trainer.buckets import BucketBatchSampler, aspect_bucket
+from firered_trainer.sia import choose_instruction, referenced_pictures, renumber, shuffle_and_drop
 
 
 def synthetic(n=600, seed=0):
@@ -121,7 +121,7 @@ def test_shuffle_and_drop_keeps_the_text_pointing_at_the_same_picture():
 
 
 def test_instruction_choice_and_inverse(tmp_path):
-    from trainer.data import EditSample
+    from firered_trainer.data import EditSample
 
     s = EditSample(("src.png",), "tgt.png", "make it red", ((8, 8),), (8, 8), instruction_cn="变红",
                    inverse_instruction="make it blue")

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from firered_core.conditioning import TextCond
-from trainer import cache as C
-from trainer.config import LORA_PRESETS, SIAConfig
-from trainer.data import EditSample
-from trainer.sia import choose_instruction, shuffle_and_drop
+from firered_trainer import cache as C
+from firered_trainer.config import LORA_PRESETS, SIAConfig
+from firered_trainer.data import EditSample
+from firered_trainer.sia import choose_instruction, shuffle_and_drop
 
 
 def _pictures(tmp_path, n):
@@ -84,8 +84,8 @@ def test_text_cache_is_content_keyed_and_resumable(tmp_path):
 
 def test_fp8_base_lora_trains(tiny_model_dir):
     from firered_core.formats.transformer_files import FP8Linear, load_transformer
-    from trainer.lora import add_lora, lora_layers, quantize_frozen_base
-    from trainer.sft import predict_velocity
+    from firered_trainer.lora import add_lora, lora_layers, quantize_frozen_base
+    from firered_trainer.sft import predict_velocity
 
     tr = load_transformer(tiny_model_dir / "transformer", dtype=torch.bfloat16, weight_dtype="dequantize")
     n = add_lora(tr, rank=4, alpha=4, modules=LORA_PRESETS["firered"])
@@ -114,7 +114,7 @@ def test_fp8_base_lora_trains(tiny_model_dir):
 
 def test_unknown_target_module_is_a_clear_error(tiny_model_dir):
     from firered_core.formats.transformer_files import load_transformer
-    from trainer.lora import add_lora
+    from firered_trainer.lora import add_lora
 
     tr = load_transformer(tiny_model_dir / "transformer", dtype=torch.float32)
     with pytest.raises(ValueError, match="lora.modules"):
@@ -126,9 +126,9 @@ def test_block_swap_keeps_results_and_host_copies(tiny_model_dir):
     LoRA gradients, the adapters never move, and between uses a swapped block points at its host
     copy (on a GPU that is what frees its memory)."""
     from firered_core.formats.transformer_files import load_transformer
-    from trainer.blockswap import disable_block_swap, enable_block_swap
-    from trainer.lora import add_lora, quantize_frozen_base
-    from trainer.sft import predict_velocity
+    from firered_trainer.blockswap import disable_block_swap, enable_block_swap
+    from firered_trainer.lora import add_lora, quantize_frozen_base
+    from firered_trainer.sft import predict_velocity
 
     def run(swap):
         torch.manual_seed(0)

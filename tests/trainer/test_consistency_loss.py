@@ -3,7 +3,7 @@ auto``): its gradient pulls x0_hat toward the source outside the edit region onl
 and above sigma 0.9, and a short tiny-model SFT run with it keeps the unedited region closer to
 the source than the same run without it.
 
-The tiny pairs of :func:`trainer.tinydata.make_tiny_pairs` swap red and blue over the whole
+The tiny pairs of :func:`firered_trainer.tinydata.make_tiny_pairs` swap red and blue over the whole
 picture (nothing would be kept); here their targets are rewritten as the source with its left
 24 pixel columns (three latent cells) inverted, a local edit whose keep region the auto mask finds
 from the pair. The tiny model's random VAE barely moves its latents (std 0.38; the inverted half changes
@@ -24,10 +24,10 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.config import ConfigError, load_config
+from firered_trainer.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "trainer" / "configs" / "tiny_cpu.yaml"
+CONFIG = ROOT / "firered_trainer" / "configs" / "tiny_cpu.yaml"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,7 +54,7 @@ def _synthetic(sigma: float):
 
 
 def test_gradient_pulls_x0_hat_toward_the_source_outside_the_edit_region():
-    from trainer.sft import consistency_term
+    from firered_trainer.sft import consistency_term
 
     src, keep, x_t, v, sigma = _synthetic(0.5)
     loss = consistency_term(x_t, v, sigma, src, keep, eta=1.0)
@@ -75,7 +75,7 @@ def test_gradient_pulls_x0_hat_toward_the_source_outside_the_edit_region():
 
 @pytest.mark.parametrize("s", [0.9, 0.95, 1.0])
 def test_zero_at_and_above_sigma_0_9(s):
-    from trainer.sft import consistency_term
+    from firered_trainer.sft import consistency_term
 
     src, keep, x_t, v, sigma = _synthetic(s)
     loss = consistency_term(x_t, v, sigma, src, keep, eta=5.0)
@@ -85,7 +85,7 @@ def test_zero_at_and_above_sigma_0_9(s):
 
 
 def test_auto_keep_mask_and_config():
-    from trainer.sft import auto_keep_mask
+    from firered_trainer.sft import auto_keep_mask
 
     src = torch.randn(16, 8, 8)
     tgt = src.clone()
@@ -108,7 +108,7 @@ def test_auto_keep_mask_and_config():
 
 
 def _local_edit_pairs(root: Path) -> Path:
-    from trainer.tinydata import make_tiny_pairs
+    from firered_trainer.tinydata import make_tiny_pairs
 
     jsonl = make_tiny_pairs(root, 4, size=64, seed=3)
     for src in sorted((root / "img").glob("*_src.png")):
@@ -124,9 +124,9 @@ def _kept_error(cfg, lora_file, sigmas=(0.1, 0.3, 0.5, 0.7)) -> float:
     from firered_core import flow
     from firered_core.consistency import region_consistency
     from firered_core.formats.transformer_files import load_transformer
-    from trainer import cache as cache_mod
-    from trainer.lora import add_lora, load_lora_weights_into
-    from trainer.sft import Collator, load_data, model_id, predict_velocity
+    from firered_trainer import cache as cache_mod
+    from firered_trainer.lora import add_lora, load_lora_weights_into
+    from firered_trainer.sft import Collator, load_data, model_id, predict_velocity
 
     tr = load_transformer(Path(cfg.model.path) / "transformer", dtype=torch.float32, weight_dtype="dequantize")
     add_lora(tr, rank=cfg.lora.rank, alpha=cfg.lora.alpha, modules=cfg.lora_modules())
@@ -151,7 +151,7 @@ def _kept_error(cfg, lora_file, sigmas=(0.1, 0.3, 0.5, 0.7)) -> float:
 
 
 def test_sft_run_with_consistency_keeps_the_unedited_region(tiny_model_dir, tmp_path):
-    from trainer import sft
+    from firered_trainer import sft
 
     root = tmp_path / "pairs"
     jsonl = _local_edit_pairs(root)

@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from trainer.data import DataError, LoadReport, load_dataset, mix, read_folder, read_jsonl
+from firered_trainer.data import DataError, LoadReport, load_dataset, mix, read_folder, read_jsonl
 
 
 def pic(path, w=32, h=24):

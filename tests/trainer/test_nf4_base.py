@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.config import ConfigError, load_config
+from firered_trainer.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "trainer" / "configs" / "tiny_cpu.yaml"
+CONFIG = ROOT / "firered_trainer" / "configs" / "tiny_cpu.yaml"
 bnb = pytest.importorskip("bitsandbytes")
 
 
@@ -35,7 +35,7 @@ def test_bnb_4bit_on_this_machine():
     rel = ((F.dequantize_4bit(q, st) - w).abs().mean() / w.abs().mean()).item()
     assert rel < 0.12  # NF4 of a Gaussian: ~9% mean relative error
 
-    from trainer.lora import _nf4_linear
+    from firered_trainer.lora import _nf4_linear
 
     lin = torch.nn.Linear(128, 64)
     l4 = _nf4_linear(lin, torch.float32)
@@ -47,7 +47,7 @@ def test_bnb_4bit_on_this_machine():
 
 
 def _cfg(tiny_model_dir, tmp_path, *extra):
-    from trainer.tinydata import make_tiny_pairs
+    from firered_trainer.tinydata import make_tiny_pairs
 
     jsonl = make_tiny_pairs(tmp_path / "pairs", 4, size=64, seed=2)
     return load_config(CONFIG, [f"model.path={tiny_model_dir}", f"data.jsonl={jsonl}", f"output_dir={tmp_path / 'out'}",
@@ -59,8 +59,8 @@ def test_nf4_base_memory_and_gradients(tiny_model_dir, tmp_path):
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
     from firered_core.formats.transformer_files import load_transformer
-    from trainer.lora import frozen_linear_bytes
-    from trainer.sft import build_transformer
+    from firered_trainer.lora import frozen_linear_bytes
+    from firered_trainer.sft import build_transformer
 
     cfg = _cfg(tiny_model_dir, tmp_path)
     tr = build_transformer(cfg, torch.float32, "cpu")
@@ -90,7 +90,7 @@ def test_nf4_base_memory_and_gradients(tiny_model_dir, tmp_path):
 
 
 def test_nf4_sft_run_loss_falls(tiny_model_dir, tmp_path):
-    from trainer import sft
+    from firered_trainer import sft
 
     cfg = _cfg(tiny_model_dir, tmp_path, "max_steps=10", "optim.lr=1e-2", "checkpoint.every=100")
     res = sft.run(cfg)

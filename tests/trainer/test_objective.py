@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from firered_core import flow
-from trainer.objective import EMA, flow_matching_loss, logit_normal_weight, stratified_uniform, training_sigmas
+from firered_trainer.objective import EMA, flow_matching_loss, logit_normal_weight, stratified_uniform, training_sigmas
 
 
 def test_stratified_draws_rotate_through_disjoint_sub_intervals():

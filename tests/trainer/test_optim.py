@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 
-from trainer.optim import build_optimizer, state_bytes_per_param
+from firered_trainer.optim import build_optimizer, state_bytes_per_param
 
 pytest.importorskip("bitsandbytes")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from firered_core import consistency
-from trainer.rl import losses as L
+from firered_trainer.rl import losses as L
 
 # ---------------------------------------------------------------------------------------------
 # DPO with Asymmetric Gradient Optimization

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from trainer.rl import rewards as R
+from firered_trainer.rl import rewards as R
 
 W, H = 320, 160
 

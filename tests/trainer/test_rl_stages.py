@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import make_picture
-from trainer.rl import common, dpo, nft
+from firered_trainer.rl import common, dpo, nft
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -111,7 +111,7 @@ def test_dpo_moves_toward_the_preferred_side(tiny_model_dir, tmp_path):
 _CHILD = r"""
 import os, signal, sys
 sys.path.insert(0, {root!r})
-from trainer.rl import nft
+from firered_trainer.rl import nft
 def progress(step, total, row):
     if step == {kill_at}:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -145,9 +145,9 @@ def test_resume_after_sigkill_continues_the_same_curve(tiny_model_dir, tmp_path)
 
 def test_configs_load_and_reject_bad_keys(tmp_path):
     for name, cls in (("dpo_lora.yaml", dpo.DPOConfig), ("nft_ocr_lora.yaml", nft.NFTConfig)):
-        cfg = common.load_config(cls, ROOT / "trainer" / "configs" / name, ["model=/m", "output_dir=/o"])
+        cfg = common.load_config(cls, ROOT / "firered_trainer" / "configs" / name, ["model=/m", "output_dir=/o"])
         assert cfg.lora_rank == 32 and cfg.lora_alpha == 64
-    ocr = common.load_config(nft.NFTConfig, ROOT / "trainer" / "configs" / "nft_ocr_lora.yaml", [])
+    ocr = common.load_config(nft.NFTConfig, ROOT / "firered_trainer" / "configs" / "nft_ocr_lora.yaml", [])
     assert ocr.nft_beta == 0.1 and ocr.kl_weight == 1e-4 and ocr.old_decay == "ocr"
     with pytest.raises(common.ConfigError, match="unknown"):
         common.load_config(nft.NFTConfig, None, {"model": "m", "prompts": "p", "output_dir": "o", "betta": 1})

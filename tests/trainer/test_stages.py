@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.config import ConfigError, from_dict, load_config
+from firered_trainer.config import ConfigError, from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "trainer" / "configs" / "tiny_cpu.yaml"
+CONFIG = ROOT / "firered_trainer" / "configs" / "tiny_cpu.yaml"
 STEPS = 16
 
 
@@ -39,7 +39,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from trainer.tinydata import make_tiny_pairs
+    from firered_trainer.tinydata import make_tiny_pairs
 
     root = tmp_path_factory.mktemp("pairs")
     jsonl = make_tiny_pairs(root, 6, size=64, seed=1, bad_lines=True)
@@ -58,7 +58,7 @@ def overrides(tiny_model_dir, tiny_data, out, *extra):
 @pytest.fixture(scope="module")
 def reference_run(tiny_model_dir, tiny_data, tmp_path_factory):
     """The uninterrupted 1-process LoRA run (batch 2), with sample edits every 8 steps."""
-    from trainer import sft
+    from firered_trainer import sft
 
     out = tmp_path_factory.mktemp("ref")
     val = (f"validation.prompts=[{{prompt: 'swap red and blue in Picture 1', "
@@ -118,7 +118,7 @@ def test_config_overrides_and_round_trip(tmp_path):
     with pytest.raises(ConfigError, match="^optim.lr:"):
         load_config(bad, ["data.jsonl=a.jsonl"])
     with pytest.raises(ConfigError, match="^stage:"):
-        load_config(ROOT / "trainer/configs/pretrain.yaml", ["data.jsonl=a"], stage="sft")
+        load_config(ROOT / "firered_trainer/configs/pretrain.yaml", ["data.jsonl=a"], stage="sft")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +170,7 @@ def test_lora_loads_in_pack_loader_and_diffusers(reference_run, tiny_model_dir):
 
     from firered_core.formats.lora import load_lora, read_lora, set_lora_strength
     from firered_core.formats.transformer_files import load_transformer
-    from trainer.lora import add_lora, load_lora_weights_into
+    from firered_trainer.lora import add_lora, load_lora_weights_into
 
     res, _, cfg = reference_run
     with safe_open(str(res.lora), "pt") as f:
@@ -229,7 +229,7 @@ def _complete(ck: Path) -> bool:
 def test_sigkill_then_resume_continues_exactly(reference_run, tiny_model_dir, tiny_data, tmp_path):
     ref, _, _ = reference_run
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "trainer", "sft", "--config", str(CONFIG),
+    cmd = [sys.executable, "-m", "firered_trainer", "sft", "--config", str(CONFIG),
            *overrides(tiny_model_dir, tiny_data, out, "checkpoint.keep_last=10")]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env_one_thread(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     csv_path = out / "loss.csv"
@@ -261,7 +261,7 @@ def test_sigkill_then_resume_continues_exactly(reference_run, tiny_model_dir, ti
 def test_interrupted_save_leaves_no_checkpoint(tmp_path):
     from accelerate import Accelerator
 
-    from trainer import checkpoint as ckpt
+    from firered_trainer import checkpoint as ckpt
 
     acc = Accelerator(cpu=True)
     model = torch.nn.Linear(4, 4)
@@ -294,7 +294,7 @@ def test_two_process_run_matches_one_process(reference_run, tiny_model_dir, tiny
     after training agrees within 10% (the assertion message prints the measured figures)."""
     ref, _, _ = reference_run
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trainer", "sft",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "firered_trainer", "sft",
            "--config", str(CONFIG), *overrides(tiny_model_dir, tiny_data, out, "data.batch_size=1")]
     done = subprocess.run(cmd, cwd=ROOT, env=env_one_thread(), capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -315,7 +315,7 @@ def test_two_process_run_matches_one_process(reference_run, tiny_model_dir, tiny
 
 def test_full_finetune_stop_resume_and_loss_falls(tiny_model_dir, tiny_data, tmp_path):
     from firered_core.formats.transformer_files import load_transformer
-    from trainer import pretrain
+    from firered_trainer import pretrain
 
     out = tmp_path / "full"
     items = overrides(tiny_model_dir, tiny_data, out, "train_mode=full", "optim.lr=1e-3", "max_steps=10",

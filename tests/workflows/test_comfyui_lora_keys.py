@@ -67,7 +67,7 @@ def _modules(sd_keys, prefix: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def lora_files(tmp_path_factory):
-    """name -> (path, module names, key prefix): the trainer's two formats (when trainer/lora.py is
+    """name -> (path, module names, key prefix): the trainer's two formats (when firered_trainer/lora.py is
     there) over every target preset, and the pack's test LoRA (``make_tiny_comfyui``)."""
     import torch
     from safetensors.torch import load_file
@@ -75,8 +75,8 @@ def lora_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("loras")
     files = {}
     try:
-        from trainer import lora as tl
-        from trainer.config import LORA_PRESETS
+        from firered_trainer import lora as tl
+        from firered_trainer.config import LORA_PRESETS
     except ImportError as e:
         tl = None
         print(f"trainer LoRA writer not importable ({e}); checking the pack's LoRA only")

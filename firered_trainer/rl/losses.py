@@ -18,7 +18,7 @@ only reading in which the anchor fits the preferred sample). None of beta, omega
 published. Defaults here: ``beta = 100`` (the flow-matching scale Flow-GRPO's DPO uses; note
 Diffusion-DPO writes ``-0.5 beta [...]``, so its beta B is B/2 here), ``omega = 1.5``, ``lam = 1``
 (the SFT loss at its own weight: once the sigmoid saturates it is what keeps the winner fitted).
-Errors are means over elements (as :func:`trainer.objective.flow_matching_loss`), which sets
+Errors are means over elements (as :func:`firered_trainer.objective.flow_matching_loss`), which sets
 beta's scale.
 
 **DiffusionNFT** (report eq. 3; Zheng et al.). For a clean rollout ``x0`` of the old policy with

@@ -1,6 +1,6 @@
 """One LoRA training job over the files users hold, whatever the stage: what the ComfyUI node runs.
 
-A job names the three model files, a dataset, a preset from ``trainer/configs`` (SFT, or the RL
+A job names the three model files, a dataset, a preset from ``firered_trainer/configs`` (SFT, or the RL
 stages' ``dpo_*`` / ``nft_*``) and a few common knobs; :func:`run_lora_job` turns them into that
 stage's overrides, runs it, and :func:`install_lora` puts the result where ComfyUI's loaders look.
 """
@@ -19,7 +19,7 @@ PREFERRED = ("sft_lora_24gb", "tiny_cpu")
 
 
 def lora_presets() -> list[str]:
-    """The presets in ``trainer/configs`` that train a LoRA (not ``train_mode: full``)."""
+    """The presets in ``firered_trainer/configs`` that train a LoRA (not ``train_mode: full``)."""
     names = [p.stem for p in CONFIG_DIR.glob("*.yaml") if "train_mode: full" not in p.read_text(encoding="utf-8")]
     order = {n: i for i, n in enumerate(PREFERRED)}
     return sorted(names, key=lambda n: (order.get(n, len(order)), n))

@@ -130,7 +130,7 @@ class FeatureCache:
 
 
 def _orders(text: str, n: int, sia) -> list[tuple[int, ...]]:
-    """Every picture order :func:`trainer.sia.shuffle_and_drop` can return for this text."""
+    """Every picture order :func:`firered_trainer.sia.shuffle_and_drop` can return for this text."""
     if n <= 1:
         return [tuple(range(n))]
     refs = {r - 1 for r in sia_mod.referenced_pictures(text) if 1 <= r <= n}
@@ -145,7 +145,7 @@ def _orders(text: str, n: int, sia) -> list[tuple[int, ...]]:
 
 
 def instruction_choices(sample, sia) -> list[tuple[str, tuple[str, ...], str]]:
-    """(text, sources, target) for every instruction :func:`trainer.sia.choose_instruction` can pick."""
+    """(text, sources, target) for every instruction :func:`firered_trainer.sia.choose_instruction` can pick."""
     out = [(sample.instruction, tuple(sample.sources), sample.target)]
     if sample.instruction_cn and sia.chinese_prob > 0:
         out.append((sample.instruction_cn, tuple(sample.sources), sample.target))

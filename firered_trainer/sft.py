@@ -4,17 +4,17 @@ LoRA or a full fine-tune, on one card or many.
 Launch::
 
     # a LoRA on one 24 GB card (fp8 base, gradient checkpointing, AdamW8bit, bf16)
-    python -m trainer sft --config trainer/configs/sft_lora_24gb.yaml \\
+    python -m firered_trainer sft --config firered_trainer/configs/sft_lora_24gb.yaml \\
         model.path=models/FireRed-Image-Edit-1.1 data.jsonl=data/pairs.jsonl output_dir=runs/my_lora
 
     # several GPUs, data-parallel (DDP) -- the same config
-    accelerate launch --num_processes 4 -m trainer sft --config trainer/configs/sft_lora_24gb.yaml ...
+    accelerate launch --num_processes 4 -m firered_trainer sft --config firered_trainer/configs/sft_lora_24gb.yaml ...
 
     # a full fine-tune sharded with FSDP (the wrap unit is QwenImageTransformerBlock)
-    accelerate launch --config_file fsdp.yaml -m trainer sft --config trainer/configs/sft_full_multigpu.yaml ...
+    accelerate launch --config_file fsdp.yaml -m firered_trainer sft --config firered_trainer/configs/sft_full_multigpu.yaml ...
 
     # from Python (what the ComfyUI nodes call)
-    from trainer import sft
+    from firered_trainer import sft
     result = sft.run(cfg, progress=lambda step, total, loss, samples: ..., should_stop=lambda: False)
 
 The run reads top to bottom: **setup** (data and buckets, the frozen encoders' features cached on
@@ -274,7 +274,7 @@ def auto_keep_mask(src: torch.Tensor, tgt: torch.Tensor, threshold: float) -> to
 def consistency_term(x_t: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, src: torch.Tensor,
                      keep: torch.Tensor, eta: float) -> torch.Tensor:
     """Per sample ``eta sigma^2 [sigma < 0.9] * region_consistency(x0_hat, src, keep)``, ``[B]``, with
-    ``x0_hat = x_t - sigma v`` -- :func:`trainer.rl.losses.consistency_loss` (the measure of
+    ``x0_hat = x_t - sigma v`` -- :func:`firered_trainer.rl.losses.consistency_loss` (the measure of
     consistency-guided editing, :func:`firered_core.consistency.region_consistency`)."""
     from .rl.losses import consistency_loss, x0_estimate
 

@@ -2,20 +2,20 @@
 
 Launch::
 
-    python -m trainer nft --config trainer/configs/nft_ocr_lora.yaml output_dir=runs/nft lr=1e-4
-    accelerate launch -m trainer nft --config ...          # see "Scale-out" below
+    python -m firered_trainer nft --config firered_trainer/configs/nft_ocr_lora.yaml output_dir=runs/nft lr=1e-4
+    accelerate launch -m firered_trainer nft --config ...          # see "Scale-out" below
 
 Each iteration (one optimizer step):
 
 1. **Rollouts** -- for ``prompts_per_step`` prompts, ``group_size`` edits each, sampled by the core
    samplers (:mod:`firered_core.samplers`, any solver, the Lightning schedule included) at CFG 1
    with the **old policy** (an EMA of the trained weights). Only the clean latents are kept.
-2. **Rewards** -- decoded pictures scored by :func:`trainer.rl.rewards.build_reward`, standardised
+2. **Rewards** -- decoded pictures scored by :func:`firered_trainer.rl.rewards.build_reward`, standardised
    per prompt group and mapped to optimality probabilities ``r`` in [0, 1].
 3. **Update** -- for each rollout a fresh ``sigma`` (the training shift of
-   :func:`trainer.objective.training_sigmas`) and noise; the trained, old and reference
-   velocities at ``x_sigma`` give :func:`trainer.rl.losses.nft_loss`; one AdamW step; the old
-   policy moves toward the trained one by :func:`trainer.rl.losses.old_policy_decay`.
+   :func:`firered_trainer.objective.training_sigmas`) and noise; the trained, old and reference
+   velocities at ``x_sigma`` give :func:`firered_trainer.rl.losses.nft_loss`; one AdamW step; the old
+   policy moves toward the trained one by :func:`firered_trainer.rl.losses.old_policy_decay`.
 
 Defaults are DiffusionNFT's published SD3.5 settings -- ``nft_beta`` 1.0 (use 0.1 for OCR, as
 ``nft_ocr_lora.yaml`` does), KL 1e-4, LoRA r32 / alpha 64 with Gaussian init, lr 3e-4, weight decay
@@ -59,7 +59,7 @@ class NFTConfig:
     model: str  # a FireRed / Qwen-Image-Edit release folder
     prompts: str  # JSONL: {"instruction", "source_image"?, "target_text"?, "target_box"?}
     output_dir: str
-    reward: Any = "brightness"  # a name or {name: weight | {weight, **options}}, see trainer.rl.rewards
+    reward: Any = "brightness"  # a name or {name: weight | {weight, **options}}, see firered_trainer.rl.rewards
     steps: int = 500
     prompts_per_step: int = 1
     group_size: int = 8
@@ -378,8 +378,8 @@ def main(argv=None) -> int:
         print(f"step {step}/{total} reward {row['reward']:.4f} loss {row['loss']:.4f} "
               f"(rollout {row['t_rollout']:.1f}s reward {row['t_reward']:.1f}s update {row['t_update']:.1f}s)", flush=True)
 
-    return common.cli_main(argv, run, prog="python -m trainer nft", description="DiffusionNFT on a LoRA (or full weights)",
-                           example="trainer/configs/nft_ocr_lora.yaml", show=show)
+    return common.cli_main(argv, run, prog="python -m firered_trainer nft", description="DiffusionNFT on a LoRA (or full weights)",
+                           example="firered_trainer/configs/nft_ocr_lora.yaml", show=show)
 
 
 if __name__ == "__main__":

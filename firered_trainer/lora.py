@@ -2,7 +2,7 @@
 held in fp8, and LoRA files that load everywhere.
 
 * :func:`add_lora` -- PEFT adapters (``rank``, ``alpha``, target-module suffixes; the presets are
-  :data:`trainer.config.LORA_PRESETS`, FireRed's own set by default) through diffusers'
+  :data:`firered_trainer.config.LORA_PRESETS`, FireRed's own set by default) through diffusers'
   ``add_adapter``; the adapter weights are kept in float32 (an 8-bit or fp32 optimizer on bf16
   weights loses small updates to rounding) and everything else is frozen.
 * :func:`quantize_frozen_base` -- every frozen block linear (the base layer under each adapter and

@@ -1,13 +1,13 @@
-"""``python -m trainer <command> ...``
+"""``python -m firered_trainer <command> ...``
 
 Commands (a small table: another stage adds one line to :data:`COMMANDS`)::
 
-    python -m trainer sft --config trainer/configs/sft_lora_24gb.yaml data.jsonl=pairs.jsonl model.path=...
-    python -m trainer pretrain --config trainer/configs/pretrain.yaml data.jsonl=... model.path=...
-    python -m trainer make-tiny-data runs/demo          # a tiny model + 8 tiny pairs, for a CPU demo
+    python -m firered_trainer sft --config firered_trainer/configs/sft_lora_24gb.yaml data.jsonl=pairs.jsonl model.path=...
+    python -m firered_trainer pretrain --config firered_trainer/configs/pretrain.yaml data.jsonl=... model.path=...
+    python -m firered_trainer make-tiny-data runs/demo          # a tiny model + 8 tiny pairs, for a CPU demo
 
 Every ``key=value`` after the options overrides the config (dotted keys: ``optim.lr=1e-4``).
-Under ``accelerate launch ... -m trainer sft ...`` the same commands run on several processes.
+Under ``accelerate launch ... -m firered_trainer sft ...`` the same commands run on several processes.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ def _stage(name: str):
         from .config import ConfigError, load_config
         from .data import DataError
 
-        ap = argparse.ArgumentParser(prog=f"python -m trainer {name}", description=f"the {name} stage")
-        ap.add_argument("--config", help="a YAML config (see trainer/configs/)")
+        ap = argparse.ArgumentParser(prog=f"python -m firered_trainer {name}", description=f"the {name} stage")
+        ap.add_argument("--config", help="a YAML config (see firered_trainer/configs/)")
         ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4")
         args = ap.parse_args(argv)
         try:
@@ -49,7 +49,7 @@ def _stage(name: str):
 
 
 def make_tiny_data(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m trainer make-tiny-data",
+    ap = argparse.ArgumentParser(prog="python -m firered_trainer make-tiny-data",
                                  description="write a tiny random model and tiny edit pairs for a CPU demo")
     ap.add_argument("folder")
     ap.add_argument("--pairs", type=int, default=8)
@@ -64,13 +64,13 @@ def make_tiny_data(argv: list[str]) -> int:
     root = Path(args.folder)
     model = make_tiny(root / "tiny-model")
     jsonl = make_tiny_pairs(root / "data", args.pairs, size=args.size)
-    print(f"model: {model}\ndata: {jsonl}\ntrain: python -m trainer sft --config trainer/configs/tiny_cpu.yaml "
+    print(f"model: {model}\ndata: {jsonl}\ntrain: python -m firered_trainer sft --config firered_trainer/configs/tiny_cpu.yaml "
           f"model.path={model} data.jsonl={jsonl} output_dir={root / 'run'}")
     return 0
 
 
 def _rl_stage(name: str):
-    """The RL stages (``trainer/rl/``) parse their own options: ``--config FILE key=value ...``."""
+    """The RL stages (``firered_trainer/rl/``) parse their own options: ``--config FILE key=value ...``."""
 
     def main(argv: list[str]) -> int:
         from .rl import dpo, nft
@@ -93,7 +93,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m trainer {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        print(f"usage: python -m firered_trainer {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return COMMANDS[argv[0]](argv[1:])

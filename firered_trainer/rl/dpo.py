@@ -2,7 +2,7 @@
 
 Launch::
 
-    python -m trainer dpo --config trainer/configs/dpo_lora.yaml data=prefs.jsonl output_dir=runs/dpo
+    python -m firered_trainer dpo --config firered_trainer/configs/dpo_lora.yaml data=prefs.jsonl output_dir=runs/dpo
 
 Data: JSONL, one preference pair a line (paths relative to the file)::
 
@@ -11,11 +11,11 @@ Data: JSONL, one preference pair a line (paths relative to the file)::
 
 Each step: a batch of pairs; both edits of a pair are VAE-encoded (cached), noised with the *same*
 sigma and noise; the policy's and the reference's velocity errors give
-:func:`trainer.rl.losses.dpo_loss` (beta, omega, lam); one optimizer step. The **reference** is
+:func:`firered_trainer.rl.losses.dpo_loss` (beta, omega, lam); one optimizer step. The **reference** is
 the base with the LoRA switched off, so no second model is held (full fine-tuning keeps a frozen
 copy). The report trains 5K steps with 500 warm-up steps at 1024^2 with AdamW (0.9, 0.999),
 weight decay 0.01 and clip 1 (Table 1): those are the defaults here except the step count
-(1000) and the size (512^2); beta / omega / lam are not published (see :mod:`trainer.rl.losses`
+(1000) and the size (512^2); beta / omega / lam are not published (see :mod:`firered_trainer.rl.losses`
 for the defaults chosen). Every random draw comes from a generator seeded by ``(seed, step)``, so
 a resumed run continues the same curve. Under ``accelerate launch`` / ``torchrun`` each process
 takes its own pairs and gradients are averaged before the step.
@@ -206,8 +206,8 @@ def main(argv=None) -> int:
         print(f"step {step}/{total} loss {row['loss']:.4f} acc {row['accuracy']:.2f} "
               f"win {row['win_diff']:+.2e} lose {row['lose_diff']:+.2e}", flush=True)
 
-    return common.cli_main(argv, run, prog="python -m trainer dpo", description="DPO with Asymmetric Gradient Optimization",
-                           example="trainer/configs/dpo_lora.yaml", show=show)
+    return common.cli_main(argv, run, prog="python -m firered_trainer dpo", description="DPO with Asymmetric Gradient Optimization",
+                           example="firered_trainer/configs/dpo_lora.yaml", show=show)
 
 
 if __name__ == "__main__":

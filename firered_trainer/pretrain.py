@@ -1,11 +1,11 @@
 """The pretrain stage: the SFT loop with the pretrain config -- a full fine-tune (AdamW, lr 1e-5,
 EMA 0.9999) on a mixture of text-to-image and edit data (``source_image: null`` rows are
 text-to-image samples; ``data.mix`` weights the datasets and ``data.count_weights`` the number of
-input pictures). One loop, two configs: see :mod:`trainer.sft` for the loop itself.
+input pictures). One loop, two configs: see :mod:`firered_trainer.sft` for the loop itself.
 
 Launch::
 
-    accelerate launch --config_file fsdp.yaml -m trainer pretrain --config trainer/configs/pretrain.yaml \\
+    accelerate launch --config_file fsdp.yaml -m firered_trainer pretrain --config firered_trainer/configs/pretrain.yaml \\
         model.path=models/FireRed-Image-Edit-1.1 output_dir=runs/pretrain
 """
 

@@ -43,7 +43,7 @@ class TrainState:
 
 
 class StatefulSampler:
-    """Adapts a :class:`trainer.buckets.BucketBatchSampler` to accelerate's checkpoint objects
+    """Adapts a :class:`firered_trainer.buckets.BucketBatchSampler` to accelerate's checkpoint objects
     (its state is a small JSON-able dict)."""
 
     def __init__(self, sampler):

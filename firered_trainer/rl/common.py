@@ -242,7 +242,7 @@ def atomic_write(path: Path, write) -> None:
 def save_lora(policy: Policy, path: Path, *, stage: str, steps: int, config: dict | None = None,
               base_model: str = "FireRed-Image-Edit") -> Path:
     """Write the trained LoRA in ComfyUI's layout at ``path`` (and, through the trainer's
-    :func:`trainer.lora.save_lora` when present, the diffusers / PEFT layout beside it as
+    :func:`firered_trainer.lora.save_lora` when present, the diffusers / PEFT layout beside it as
     ``<stem>_diffusers.safetensors``). Atomic."""
     path = Path(path)
     try:
@@ -514,7 +514,7 @@ def run_stage(cfg, make_run: Callable[[], Any], *, stage: str, curve_keys, progr
 
 
 def cli_main(argv, run, *, prog: str, description: str, example: str, show) -> int:
-    """``python -m trainer <stage> --config FILE key=value ...``: run with ``show(step, total, row)``."""
+    """``python -m firered_trainer <stage> --config FILE key=value ...``: run with ``show(step, total, row)``."""
     import argparse
 
     ap = argparse.ArgumentParser(prog=prog, description=description)

@@ -2,7 +2,7 @@
 ``key=value`` dotted overrides, checked with errors that name the key, and written into every
 checkpoint.
 
->>> cfg = load_config("trainer/configs/sft_lora_24gb.yaml", ["data.jsonl=pairs.jsonl", "optim.lr=1e-4"])
+>>> cfg = load_config("firered_trainer/configs/sft_lora_24gb.yaml", ["data.jsonl=pairs.jsonl", "optim.lr=1e-4"])
 >>> cfg.optim.lr
 0.0001
 
