@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import make_picture
 from firered_trainer.rl import common, dpo, nft
+from tests.conftest import make_picture
 
 ROOT = Path(__file__).resolve().parents[2]
 
