@@ -29,6 +29,7 @@ held in fp8, and LoRA files that load everywhere.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 ADAPTER = "default"
+logger = logging.getLogger(__name__)
 
 
 def add_lora(transformer: nn.Module, *, rank: int, alpha: float, modules: list[str], dropout: float = 0.0) -> int:
@@ -98,7 +100,16 @@ def quantize_frozen_base(transformer: nn.Module) -> int:
     return n
 
 
-def _nf4_linear(lin: nn.Linear, compute_dtype: torch.dtype, blocksize: int = 64) -> nn.Module:
+NF4_BLOCKSIZE = 64
+# bitsandbytes' 4-bit kernels take an input width that is a whole number of quantization blocks,
+# and its CPU inference path repacks the weight in tiles of 32 output rows (0.50.2,
+# ``functional._convert_weight_packed_for_cpu``, used where the processor has AVX512-BF16): a
+# narrower layer quantizes, then fails at its first eval forward there ("shape '[192, 0]' is
+# invalid"), on such processors only. Such layers are left unquantized.
+NF4_OUT_MULTIPLE = 32
+
+
+def _nf4_linear(lin: nn.Linear, compute_dtype: torch.dtype, blocksize: int = NF4_BLOCKSIZE) -> nn.Module:
     import bitsandbytes as bnb
 
     dev = lin.weight.device
@@ -108,14 +119,28 @@ def _nf4_linear(lin: nn.Linear, compute_dtype: torch.dtype, blocksize: int = 64)
                                    quant_type="nf4", blocksize=blocksize)
     if lin.bias is not None:
         new.bias = nn.Parameter(lin.bias.detach().to(compute_dtype).clone(), requires_grad=False)
+    # bitsandbytes repacks a 4-bit weight in place for its AVX512-BF16 CPU kernel at the first eval
+    # forward and keeps it packed; a training forward on the packed weight then fails (0.50.2:
+    # "a view of a leaf Variable ... in-place"). A trainer alternates eval and training, so the
+    # layer keeps the one layout every processor shares.
+    new.support_avx512bf16_for_cpu = False
     return new.to(dev)  # quantizes (on the CPU or the GPU, wherever the weight is)
+
+
+def nf4_supported(lin: nn.Linear, blocksize: int = NF4_BLOCKSIZE) -> bool:
+    """Whether bitsandbytes' NF4 kernels take this linear on every device: ``in_features`` a
+    multiple of the block size and ``out_features`` a multiple of 32 (all of FireRed's block
+    linears are: widths 3072, 12288, 18432)."""
+    return lin.in_features % blocksize == 0 and lin.out_features % NF4_OUT_MULTIPLE == 0
 
 
 def quantize_frozen_base_nf4(transformer: nn.Module, *, compute_dtype: torch.dtype = torch.bfloat16) -> int:
     """QLoRA-style frozen base: replace every ``nn.Linear`` inside the MM-DiT blocks by a
     bitsandbytes NF4 ``Linear4bit`` (computing in ``compute_dtype``), one at a time, and mark the
     model ``is_loaded_in_4bit`` so that PEFT's LoRA wraps the 4-bit layers. Call it before
-    :func:`add_lora`. Returns how many layers were converted."""
+    :func:`add_lora`. A linear the 4-bit kernels cannot take (see :func:`nf4_supported`: a small
+    layer of a tiny or custom model) stays frozen in its own precision, and one log line says how
+    many and which. Returns how many layers were converted."""
     try:
         import bitsandbytes as bnb  # noqa: F401
     except ImportError as e:
@@ -123,12 +148,21 @@ def quantize_frozen_base_nf4(transformer: nn.Module, *, compute_dtype: torch.dty
                           f"it could not be imported ({e})") from None
     blocks = getattr(transformer, "transformer_blocks", transformer)
     n = 0
-    for parent in list(blocks.modules()):
+    kept: list[str] = []
+    for parent_name, parent in list(blocks.named_modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
                 child.requires_grad_(False)
+                if not nf4_supported(child):
+                    kept.append(f"{parent_name}.{name}".lstrip(".") + f" ({child.in_features}->{child.out_features})")
+                    continue
                 setattr(parent, name, _nf4_linear(child, compute_dtype))
                 n += 1
+    if kept:
+        shown = ", ".join(kept[:4]) + (f", ... ({len(kept) - 4} more)" if len(kept) > 4 else "")
+        logger.warning("nf4 base: %d of %d block linears stay in their own precision (bitsandbytes' 4-bit kernels "
+                       "need in_features a multiple of %d and out_features a multiple of %d): %s",
+                       len(kept), len(kept) + n, NF4_BLOCKSIZE, NF4_OUT_MULTIPLE, shown)
     # PEFT dispatches its bnb 4-bit LoRA layer only for a model that says it is loaded in 4 bit
     transformer.is_loaded_in_4bit = True
     return n

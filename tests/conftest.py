@@ -2,12 +2,37 @@
 saved in the release layout, so every test loads real files through the real loaders."""
 
 import os
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_PACK_ROOT = Path(__file__).resolve().parents[1]
+
+
+class _PackRootIsADirectory:
+    """Collect the pack root as a plain directory, never as a Python package.
+
+    The root holds ComfyUI's entry ``__init__.py``, so pytest would otherwise import the checkout
+    as a package named after its folder, running that file's relative imports: under the folder
+    name the README suggests (``ComfyUI-FireRed-Image-Edit``, not a Python name) every test then
+    errors. The tests import the pack's parts by their own names (``firered_core``,
+    ``firered_trainer``, ``nodes``), so nothing needs the root as a package. Registered as a
+    plugin (not a conftest hook) because the root is collected before this folder's conftest
+    applies."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if Path(path).resolve() == _PACK_ROOT:
+            return pytest.Dir.from_parent(parent, path=Path(path))
+        return None
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_PackRootIsADirectory(), "firered-pack-root-as-directory")
 
 
 @pytest.fixture(scope="session")

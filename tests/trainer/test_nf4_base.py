@@ -17,6 +17,15 @@ CONFIG = ROOT / "firered_trainer" / "configs" / "tiny_cpu.yaml"
 bnb = pytest.importorskip("bitsandbytes")
 
 
+@pytest.fixture(scope="module")
+def nf4_model_dir(tmp_path_factory):
+    """The tiny model at width 64: every block linear is one bitsandbytes 4-bit kernels take (in
+    a multiple of the 64-weight block, out a multiple of 32), as every real FireRed layer is."""
+    from firered_core.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("nf4") / "tiny-w64", seed=0, width=64, num_attention_heads=2)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     n = torch.get_num_threads()
@@ -46,15 +55,15 @@ def test_bnb_4bit_on_this_machine():
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
-def _cfg(tiny_model_dir, tmp_path, *extra):
+def _cfg(model_dir, tmp_path, *extra):
     from firered_trainer.tinydata import make_tiny_pairs
 
     jsonl = make_tiny_pairs(tmp_path / "pairs", 4, size=64, seed=2)
-    return load_config(CONFIG, [f"model.path={tiny_model_dir}", f"data.jsonl={jsonl}", f"output_dir={tmp_path / 'out'}",
+    return load_config(CONFIG, [f"model.path={model_dir}", f"data.jsonl={jsonl}", f"output_dir={tmp_path / 'out'}",
                                 "model.base_precision=nf4", *extra])
 
 
-def test_nf4_base_memory_and_gradients(tiny_model_dir, tmp_path):
+def test_nf4_base_memory_and_gradients(nf4_model_dir, tmp_path):
     import bitsandbytes as bnb
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
@@ -62,13 +71,13 @@ def test_nf4_base_memory_and_gradients(tiny_model_dir, tmp_path):
     from firered_trainer.lora import frozen_linear_bytes
     from firered_trainer.sft import build_transformer
 
-    cfg = _cfg(tiny_model_dir, tmp_path)
+    cfg = _cfg(nf4_model_dir, tmp_path)
     tr = build_transformer(cfg, torch.float32, "cpu")
     attn = tr.transformer_blocks[0].attn
     assert isinstance(attn.to_q, LoraLinear4bit) and isinstance(attn.to_q.base_layer, bnb.nn.Linear4bit)
     assert isinstance(tr.transformer_blocks[0].img_mlp.net[0].proj, bnb.nn.Linear4bit)  # untargeted: 4-bit too
 
-    bf16 = frozen_linear_bytes(load_transformer(Path(tiny_model_dir) / "transformer", dtype=torch.bfloat16,
+    bf16 = frozen_linear_bytes(load_transformer(Path(nf4_model_dir) / "transformer", dtype=torch.bfloat16,
                                                 weight_dtype="dequantize"))
     nf4 = frozen_linear_bytes(tr)
     ratio = nf4 / bf16
@@ -89,14 +98,44 @@ def test_nf4_base_memory_and_gradients(tiny_model_dir, tmp_path):
     assert any(".lora_B." in n for n in trained)  # B starts at 0, so A gets its gradient from step 2
 
 
-def test_nf4_sft_run_loss_falls(tiny_model_dir, tmp_path):
+def test_nf4_sft_run_loss_falls(nf4_model_dir, tmp_path):
     from firered_trainer import sft
 
-    cfg = _cfg(tiny_model_dir, tmp_path, "max_steps=10", "optim.lr=1e-2", "checkpoint.every=100")
+    cfg = _cfg(nf4_model_dir, tmp_path, "max_steps=10", "optim.lr=1e-2", "checkpoint.every=100")
     res = sft.run(cfg)
     print(f"nf4 base, eval loss {res.eval_loss_before:.4f} -> {res.eval_loss_after:.4f}")
     assert res.step == 10 and res.lora is not None and res.lora.is_file()
     assert res.eval_loss_after < res.eval_loss_before
+
+
+def test_layers_the_4bit_kernels_cannot_take_stay_unquantized(tiny_model_dir, caplog):
+    """The default tiny model is 32 wide: bitsandbytes' CPU inference path (taken on processors
+    with AVX512-BF16) fails on such a layer at its first eval forward, so each one stays in its own
+    precision, one log line says so, and an eval forward runs on any processor."""
+    import bitsandbytes as bnb
+    from torch import nn
+
+    from firered_core.formats.transformer_files import load_transformer
+    from firered_trainer.lora import nf4_supported, quantize_frozen_base_nf4
+
+    tr = load_transformer(Path(tiny_model_dir) / "transformer", dtype=torch.float32, weight_dtype="dequantize")
+    linears = {n: m for n, m in tr.transformer_blocks.named_modules() if type(m) is nn.Linear}
+    expect_4bit = {n for n, m in linears.items() if m.in_features % 64 == 0 and m.out_features % 32 == 0}
+    assert expect_4bit and len(expect_4bit) < len(linears)  # the 32-wide layers and the 128->32 MLP out
+    with caplog.at_level("WARNING", logger="firered_trainer.lora"):
+        n = quantize_frozen_base_nf4(tr, compute_dtype=torch.float32)
+    four_bit = {name for name, m in tr.transformer_blocks.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert four_bit == expect_4bit and n == len(expect_4bit)
+    assert not nf4_supported(nn.Linear(32, 192)) and nf4_supported(nn.Linear(3072, 18432))
+    lines = [r.getMessage() for r in caplog.records if "nf4 base" in r.getMessage()]
+    assert len(lines) == 1 and f"{len(linears) - n} of {len(linears)}" in lines[0], lines
+
+    tr.eval()
+    with torch.no_grad():
+        out = tr(hidden_states=torch.randn(1, 16, 64), encoder_hidden_states=torch.randn(1, 5, tr.config.joint_attention_dim),
+                 encoder_hidden_states_mask=torch.ones(1, 5, dtype=torch.long), timestep=torch.tensor([0.5]),
+                 img_shapes=[[(1, 4, 4)]], return_dict=False)[0]
+    assert out.shape == (1, 16, 64) and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("items, key", [
