@@ -8,12 +8,21 @@ How it draws (all of it deterministic for a seed):
 
 * samples are grouped into *buckets* by :func:`bucket_key` -- (task, number of sources, the rounded
   aspect ratio of each source, the rounded aspect ratio of the target);
+* a bucket too small to give every process a full batch (fewer than ``batch_size x world_size``
+  samples) is merged into its nearest bucket of the same dataset, task and number of pictures
+  (nearest: the smallest sum of ``|log aspect|`` differences over the pictures), smallest first,
+  until every bucket is large enough: its samples train at that bucket's aspects
+  (:func:`fit_to_buckets`, a centre crop), instead of never being drawn. Only a whole
+  (dataset, task, count) group smaller than one batch per process is left out, and said so;
 * a *group* is (dataset, number of sources). Each group has a queue of batches: every bucket of
-  the group is sharded across processes (shuffled once for the seed, cut to a multiple of the world
-  size, then every ``world_size``-th sample from ``rank``: disjoint, equal-sized shards), shuffled
-  for the cycle and cut into batches;
+  the group is sharded across processes (shuffled once for the seed, then every
+  ``world_size``-th sample from ``rank``: disjoint shards, sizes differing by at most one, no
+  sample cut), shuffled for the cycle and cut into batches, the last one filled up from the start
+  of the same cycle's order (a sample may come twice in a cycle; none is skipped);
   the group's batches are shuffled together. An exhausted queue is rebuilt with the next cycle's
   shuffle (of the same shard: a sample never moves to another process);
+* each time this process has drawn one epoch's worth of batches, one log line gives the share of
+  its samples it used in that epoch;
 * at step ``s`` a generator seeded with ``(seed, s)`` -- the same on every process, so all ranks
   draw batches of the same kind and sequence shape -- picks the number of sources by
   ``count_weights`` (among counts that exist), then the dataset by ``dataset_weights`` (among
@@ -25,12 +34,15 @@ The state (step and each group's cycle and position) is a small dict: :meth:`sta
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import random
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 BucketKey = tuple
+logger = logging.getLogger(__name__)
 
 
 def aspect_bucket(width: int, height: int, step: float = 0.1, lo: float = 0.25, hi: float = 4.0) -> float:
@@ -47,6 +59,79 @@ def bucket_key(sample) -> BucketKey:
         tuple(aspect_bucket(*s) for s in sample.source_sizes),
         aspect_bucket(*sample.target_size),
     )
+
+
+def _aspect_distance(a: BucketKey, b: BucketKey) -> float:
+    pairs = list(zip(a[2], b[2])) + [(a[3], b[3])]
+    return sum(abs(math.log(x / y)) for x, y in pairs)
+
+
+@dataclass
+class BucketPlan:
+    """Where every sample trains: ``keys[i]`` is sample i's bucket after merging (its own key when
+    its bucket was large enough); ``unused`` the samples of groups too small for one batch per
+    process; ``merged`` how many samples moved to another bucket, ``worst_change`` the largest
+    aspect factor such a move made (1.25 = 25% wider or taller, taken by a centre crop)."""
+
+    keys: list
+    unused: list[int]
+    merged: int
+    worst_change: float
+
+
+def merge_small_buckets(keys: Sequence[BucketKey], datasets: Sequence[str], need: int) -> BucketPlan:
+    """Merge every bucket of fewer than ``need`` samples into its nearest bucket of the same
+    (dataset, task, number of pictures), smallest first, until all are large enough (see the
+    module docstring). Deterministic: ties go to the larger bucket, then the key's ``repr``."""
+    groups: dict[tuple, dict[BucketKey, list[int]]] = {}
+    for i, (k, d) in enumerate(zip(keys, datasets)):
+        groups.setdefault((d, k[0], k[1]), {}).setdefault(k, []).append(i)
+    out, unused, merged, worst = list(keys), [], 0, 1.0
+    for g in sorted(groups, key=repr):
+        buckets = groups[g]
+        while len(buckets) > 1:
+            small = min(buckets, key=lambda k: (len(buckets[k]), repr(k)))
+            if len(buckets[small]) >= need:
+                break
+            into = min((k for k in buckets if k != small),
+                       key=lambda k: (_aspect_distance(small, k), -len(buckets[k]), repr(k)))
+            buckets[into].extend(buckets.pop(small))
+        for k, idx in buckets.items():
+            if len(idx) < need:
+                unused.extend(idx)
+                continue
+            for i in idx:
+                if keys[i] != k:
+                    merged += 1
+                    worst = max(worst, math.exp(max(abs(math.log(x / y)) for x, y in
+                                                    zip((*keys[i][2], keys[i][3]), (*k[2], k[3])))))
+                out[i] = k
+    return BucketPlan(out, sorted(unused), merged, worst)
+
+
+def _size_at(aspect: float, size: tuple[int, int]) -> tuple[int, int]:
+    """A (width, height) of ``aspect`` and about ``size``'s area: what a centre crop to the
+    bucket's aspect leaves of the picture."""
+    w, h = size
+    if abs(aspect_bucket(w, h) - aspect) < 1e-9:
+        return (w, h)
+    area = w * h
+    return (max(1, round(math.sqrt(area * aspect))), max(1, round(math.sqrt(area / aspect))))
+
+
+def fit_to_buckets(samples: Sequence, keys: Sequence[BucketKey]) -> list:
+    """The samples with the picture sizes of their assigned buckets (``BucketPlan.keys``): a sample
+    merged into another bucket gets sizes at that bucket's aspects, so it is cropped to them and
+    batches with it; the others are returned as they are."""
+    out = []
+    for s, k in zip(samples, keys):
+        if k == bucket_key(s):
+            out.append(s)
+            continue
+        out.append(dataclasses.replace(
+            s, source_sizes=tuple(_size_at(a, sz) for a, sz in zip(k[2], s.source_sizes)),
+            target_size=_size_at(k[3], s.target_size)))
+    return out
 
 
 @dataclass(frozen=True)
@@ -88,9 +173,17 @@ class BucketBatchSampler:
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.dataset_weights = dataset_weights or {}
         self.count_weights = count_weights or {}
+        self.plan = merge_small_buckets(keys, datasets, batch_size * world_size)
+        if rank == 0 and (self.plan.merged or self.plan.unused):
+            logger.info("bucket sampler: %d of %d samples train in a neighbouring aspect bucket (crop up to %.2fx); "
+                        "%d are in groups smaller than a batch of %d on each of %d processes and are not used",
+                        self.plan.merged, len(keys), self.plan.worst_change, len(self.plan.unused), batch_size,
+                        world_size)
+        unused = set(self.plan.unused)
         buckets: dict[tuple[str, BucketKey], list[int]] = {}
-        for i, (k, d) in enumerate(zip(keys, datasets)):
-            buckets.setdefault((d, k), []).append(i)
+        for i, (k, d) in enumerate(zip(self.plan.keys, datasets)):
+            if i not in unused:
+                buckets.setdefault((d, k), []).append(i)
         self._buckets = buckets
         # a group can serve batches only if one of its buckets fills a batch on every rank
         per_group: dict[tuple[str, int], list[tuple[str, BucketKey]]] = {}
@@ -112,6 +205,15 @@ class BucketBatchSampler:
         self._pos: dict[tuple[str, int], tuple[int, int]] = {g: (0, 0) for g in self._usable}
         # group -> (cycle, its batches): a cache, rebuilt deterministically from (seed, group, cycle)
         self._queues: dict[tuple[str, int], tuple[int, list[tuple[tuple[int, ...], BucketKey]]]] = {}
+        # coverage: this process's samples, the ones drawn in the current epoch, and its length
+        self._mine = sorted(i for g in self._usable for b in self._groups[g] for i in self._shard(b))
+        self.epoch_steps = max(1, math.ceil(len(self._mine) / batch_size))
+        self._seen: set[int] = set()
+
+    @property
+    def assigned(self) -> list:
+        """Every sample's bucket key after merging (see :class:`BucketPlan`)."""
+        return self.plan.keys
 
     # -- state -----------------------------------------------------------------------------
 
@@ -134,7 +236,7 @@ class BucketBatchSampler:
         """This rank's part of a bucket: fixed for the seed (not the cycle), so shards never overlap."""
         idx = list(self._buckets[bucket])
         random.Random(f"{self.seed}/shard/{bucket!r}").shuffle(idx)
-        return idx[: len(idx) - len(idx) % self.world_size][self.rank :: self.world_size]
+        return idx[self.rank :: self.world_size]
 
     def _queue(self, group, cycle: int):
         rng = random.Random(f"{self.seed}/{group!r}/{cycle}")
@@ -142,7 +244,8 @@ class BucketBatchSampler:
         for d, k in self._groups[group]:
             idx = self._shard((d, k))
             rng.shuffle(idx)
-            for j in range(0, len(idx) - self.batch_size + 1, self.batch_size):
+            idx += idx[: -len(idx) % self.batch_size]  # fill the last batch from this cycle's start
+            for j in range(0, len(idx), self.batch_size):
                 batches.append((tuple(idx[j : j + self.batch_size]), k))
         rng.shuffle(batches)
         return batches
@@ -167,6 +270,12 @@ class BucketBatchSampler:
         self._pos[group] = (cycle, pos + 1)
         batch = Batch(indices, self.step, key)
         self.step += 1
+        self._seen.update(indices)
+        if self.step % self.epoch_steps == 0:
+            logger.info("bucket sampler: epoch %d on process %d used %d of its %d samples (%.1f%%)",
+                        self.step // self.epoch_steps, self.rank, len(self._seen), len(self._mine),
+                        100.0 * len(self._seen) / max(1, len(self._mine)))
+            self._seen = set()
         return batch
 
     def __iter__(self) -> Iterator[list[int]]:

@@ -55,7 +55,7 @@ from firered_core.images import fit_to_area
 from . import cache as cache_mod
 from . import checkpoint as ckpt
 from .blockswap import enable_block_swap
-from .buckets import BucketBatchSampler, aspect_bucket, bucket_key
+from .buckets import BucketBatchSampler, aspect_bucket, bucket_key, fit_to_buckets
 from .config import DatasetEntry, StageConfig, load_config
 from .data import LoadReport, load_dataset
 from .lora import add_lora, load_lora_weights_into, quantize_frozen_base, quantize_frozen_base_nf4, save_lora
@@ -436,6 +436,7 @@ def train(cfg: StageConfig, *, progress: Progress | None = None, should_stop: Ca
     sampler = BucketBatchSampler([bucket_key(s) for s in samples], names, cfg.data.batch_size,
                                  dataset_weights=weights, count_weights=cfg.data.count_weights, seed=cfg.seed,
                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
+    samples = fit_to_buckets(samples, sampler.assigned)  # a sample merged into a neighbouring bucket trains at its aspects
 
     # ---- frozen encoders -> feature cache ---------------------------------------------------------
     mid = model_id(cfg)

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from firered_trainer.buckets import BucketBatchSampler, aspect_bucket
+from firered_trainer.buckets import BucketBatchSampler, aspect_bucket, bucket_key, fit_to_buckets
 from firered_trainer.sia import choose_instruction, referenced_pictures, renumber, shuffle_and_drop
 
 
@@ -38,7 +38,8 @@ def test_batches_are_homogeneous():
     s = BucketBatchSampler(keys, names, 4, seed=1)
     for b in draw(s, 200):
         assert len(b.indices) == 4
-        assert {keys[i] for i in b.indices} == {b.key}
+        assert {s.assigned[i] for i in b.indices} == {b.key}
+        assert {(keys[i][0], keys[i][1]) for i in b.indices} == {b.key[:2]}  # one task, one picture count
         assert len({names[i] for i in b.indices}) == 1
 
 
@@ -87,6 +88,60 @@ def test_resume_mid_epoch_continues_the_same_order():
     assert first + rest == full
     with pytest.raises(ValueError, match="seed"):
         BucketBatchSampler(keys, names, 4, seed=10).load_state_dict(state)
+
+
+ASPECTS = (1.0, 0.75, 1.33, 0.56, 1.78, 0.4, 2.5)
+
+
+def mixed(n=2000, seed=0):
+    """n samples of 1-3 pictures over 7 aspects, the common ones far more frequent, as real data is:
+    most (count, aspects...) combinations hold only a few samples."""
+    rng = random.Random(seed)
+    weights = (30, 15, 15, 10, 10, 3, 2)
+    keys, names = [], []
+    for _ in range(n):
+        c = rng.choice([1, 1, 2, 3])
+        keys.append(("edit", c, tuple(aspect_bucket(rng.choices(ASPECTS, weights)[0] * 1000, 1000) for _ in range(c)),
+                     aspect_bucket(rng.choices(ASPECTS, weights)[0] * 1000, 1000)))
+        names.append("d")
+    return keys, names
+
+
+@pytest.mark.parametrize("batch, world", [(1, 8), (4, 1), (4, 8)])
+def test_small_buckets_merge_and_every_sample_is_used(batch, world, caplog):
+    keys, names = mixed()
+    with caplog.at_level("INFO", logger="firered_trainer.buckets"):
+        samplers = [BucketBatchSampler(keys, names, batch, seed=0, rank=r, world_size=world) for r in range(world)]
+        epochs = 3
+        seen = [set() for _ in range(world)]
+        for _ in range(epochs * samplers[0].epoch_steps):
+            drawn = [s.next_batch() for s in samplers]
+            assert len({(b.key[1], b.key) for b in drawn}) >= 1 and len({b.key[1] for b in drawn}) == 1  # same kind
+            for r, b in enumerate(drawn):
+                assert len(b.indices) == batch and {samplers[r].assigned[i] for i in b.indices} == {b.key}
+                seen[r].update(b.indices)
+    assert all(not (seen[a] & seen[b]) for a in range(world) for b in range(a + 1, world))  # disjoint shards
+    coverage = len(set().union(*seen)) / len(keys)
+    print(f"batch {batch} x {world} processes: {coverage:.2%} of {len(keys)} samples used in {epochs} epochs")
+    assert coverage >= 0.99
+    # a merged sample moved to a bucket of its own picture count, at the nearest aspects there
+    plan = samplers[0].plan
+    assert plan.merged > 0 and all(k[:2] == keys[i][:2] for i, k in enumerate(plan.keys))
+    assert any("epoch 1 on process 0 used" in r.getMessage() for r in caplog.records)
+
+
+def test_merged_samples_train_at_their_buckets_aspect():
+    from firered_trainer.data import EditSample
+
+    wide = EditSample(("a.png",), "b.png", "x", ((1900, 1000),), (1900, 1000))
+    square = [EditSample(("s.png",), "t.png", "x", ((1000, 1000),), (1000, 1000)) for _ in range(4)]
+    samples = [wide, *square]
+    s = BucketBatchSampler([bucket_key(x) for x in samples], ["d"] * 5, 2, seed=0)
+    assert s.plan.merged == 1 and s.assigned[0] == bucket_key(square[0])
+    fitted = fit_to_buckets(samples, s.assigned)
+    assert [bucket_key(f) for f in fitted] == s.assigned and fitted[1:] == square
+    w, h = fitted[0].target_size
+    assert w == h and abs(w * h - 1900 * 1000) / (1900 * 1000) < 0.01  # cropped to square, same area
 
 
 def test_a_bucket_set_that_cannot_fill_a_batch_is_a_clear_error():
