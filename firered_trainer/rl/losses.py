@@ -33,7 +33,7 @@ It is forward-process (no trajectories, no log-probabilities) and CFG-free. ``we
 ``x0_hat - x0 = sigma (v - v_pm)``, and divides its square by its own detached mean absolute
 value; ``"velocity"`` is eq. 3 literally. The policy term is multiplied by ``adv_clip_max / beta``
 as in the released code (a constant rescaling that keeps the published learning rate meaningful).
-The KL term is measured on velocities (departure: the released code compares x0-space means).
+The KL term is measured on velocities, ``|v_theta - v_ref|^2``, as in DiffusionNFT's released code.
 
 **Consistency loss** (report eqs. 6-8): :func:`consistency_loss` and :func:`identity_loss` call the
 same measures as consistency-guided editing (:mod:`firered_core.consistency`) and weight them with

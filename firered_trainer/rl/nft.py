@@ -12,17 +12,29 @@ Each iteration (one optimizer step):
    with the **old policy** (an EMA of the trained weights). Only the clean latents are kept.
 2. **Rewards** -- decoded pictures scored by :func:`firered_trainer.rl.rewards.build_reward`, standardised
    per prompt group and mapped to optimality probabilities ``r`` in [0, 1].
-3. **Update** -- for each rollout a fresh ``sigma`` (the training shift of
-   :func:`firered_trainer.objective.training_sigmas`) and noise; the trained, old and reference
-   velocities at ``x_sigma`` give :func:`firered_trainer.rl.losses.nft_loss`; one AdamW step; the old
-   policy moves toward the trained one by :func:`firered_trainer.rl.losses.old_policy_decay`.
+3. **Update** -- for each rollout a fresh ``sigma`` (:func:`train_sigmas`) and fresh noise; the
+   trained, old and reference velocities at ``x_sigma`` give :func:`firered_trainer.rl.losses.nft_loss`;
+   one AdamW step; the old policy moves toward the trained one by
+   :func:`firered_trainer.rl.losses.old_policy_decay`.
 
 Defaults are DiffusionNFT's published SD3.5 settings -- ``nft_beta`` 1.0 (use 0.1 for OCR, as
 ``nft_ocr_lora.yaml`` does), KL 1e-4, LoRA r32 / alpha 64 with Gaussian init, lr 3e-4, weight decay
-1e-4, grad clip 1, advantages clipped at 5, old-policy decay "ramp" ("ocr" for OCR). Departures:
-the KL is measured on velocities, not x0-space means; one optimizer step per iteration over all
-rollouts (no inner epochs); the default solver is the pack's Euler (DiffusionNFT: DPM2), 10 steps;
-groups of 8 (DiffusionNFT: 24) because an edit rollout at 1024^2 costs far more than SD3.5 at 512^2.
+1e-4, grad clip 1, advantages clipped at 5, old-policy decay "ramp" ("ocr" for OCR), and the KL
+to the reference on velocities, ``kl_weight * |v_theta - v_ref|^2``, as the released code has it.
+
+Departures, each stated:
+
+* **Where it trains in sigma** (``train_timesteps``). DiffusionNFT's released code draws each
+  training timestep from the sampler's own grid (the first ``timestep_fraction`` = 0.99 of its
+  steps), with fresh noise. The default here, ``shift``, draws a fresh sigma from the training
+  shift of :func:`firered_trainer.objective.training_sigmas` (the distribution SFT trains on)
+  instead: an edit rollout has 8-10 steps, so the grid is only 8-10 values, and with the
+  Lightning schedule most of them lie near sigma 1. ``train_timesteps: sampler`` is the released
+  behaviour.
+* one optimizer step per iteration over all rollouts (no inner epochs);
+* the default solver is the pack's Euler (DiffusionNFT: DPM2), 10 steps;
+* groups of 8 (DiffusionNFT: 24), because an edit rollout at 1024^2 costs far more than SD3.5 at
+  512^2.
 
 The **reference** for the KL is the base with the LoRA switched off (full fine-tuning keeps a frozen
 copy). Everything random is drawn from generators seeded by ``(seed, step)``, so a run resumed from
@@ -76,6 +88,8 @@ class NFTConfig:
     weighting: str = "adaptive"
     old_decay: str = "ramp"
     timesteps_per_sample: int = 1
+    train_timesteps: str = "shift"  # shift (fresh sigma, SFT's training shift) | sampler (DiffusionNFT: the rollout grid)
+    timestep_fraction: float = 0.99  # with train_timesteps=sampler: the share of the grid's steps trained on
     micro_batch: int = 4
     optimizer: str = "adamw"
     lr: float = 3e-4
@@ -100,6 +114,29 @@ class NFTConfig:
             raise common.ConfigError("group_size must be >= 2: rewards are normalised within each prompt's group")
         if self.nft_beta <= 0:
             raise common.ConfigError(f"nft_beta must be > 0, got {self.nft_beta}")
+        if self.train_timesteps not in ("shift", "sampler"):
+            raise common.ConfigError(f"train_timesteps: expected shift or sampler, got {self.train_timesteps!r}")
+        if not 0 < self.timestep_fraction <= 1:
+            raise common.ConfigError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+
+
+def train_sigmas(n: int, gen: torch.Generator, *, mode: str, grid: torch.Tensor, image_seq_len: int,
+                 scheduler_config=None, timestep_fraction: float = 0.99) -> torch.Tensor:
+    """``n`` training sigmas ``[n]`` for the NFT update.
+
+    ``mode="shift"``: fresh values from the training shift (``u`` uniform in [0.005, 0.995]
+    through :func:`firered_trainer.objective.training_sigmas`). ``mode="sampler"`` (DiffusionNFT's
+    released behaviour): each one of the first ``max(1, int(steps * timestep_fraction))`` sigmas
+    of the rollout's own descending ``grid`` (``steps + 1`` values ending in 0), uniformly."""
+    if mode == "sampler":
+        steps = len(grid) - 1
+        k = max(1, int(steps * timestep_fraction))
+        pick = torch.randint(0, k, (n,), generator=gen)
+        return grid[:k].float().cpu()[pick]
+    from ..objective import training_sigmas
+
+    u = torch.rand(n, generator=gen, dtype=torch.float64).float() * 0.99 + 0.005
+    return training_sigmas(u, image_seq_len=image_seq_len, config=scheduler_config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,8 +189,8 @@ class NFTRun:
         self.cfg = cfg
         self.rank, self.world = _dist()
         dev = _device(cfg.device)
+        self.prompts = common.read_prompts(cfg.prompts)  # before the model: bad data is reported at once
         self.editor = editor or FireRedEditor.from_pretrained(cfg.model, device=dev, dtype=cfg.dtype)
-        self.prompts = common.read_prompts(cfg.prompts)
         self.reward_fn = rewards.build_reward(cfg.reward)
         tr = self.editor.c.transformer
         self.policy = common.Policy(
@@ -226,8 +263,6 @@ class NFTRun:
         from firered_core import flow
         from firered_core.denoiser import Denoiser
 
-        from ..objective import training_sigmas
-
         cfg = self.cfg
         self.opt.zero_grad(set_to_none=True)
         total = sum(len(x) for _, x, _ in items) * cfg.timesteps_per_sample
@@ -236,13 +271,15 @@ class NFTRun:
         for idx, x0_all, r_all in items:
             enc = self.encoded[idx]
             den = Denoiser(tr, enc.cond)
+            grid = self.editor.sigmas(self.req, enc.size) if cfg.train_timesteps == "sampler" else None
             for _ in range(cfg.timesteps_per_sample):
                 for a in range(0, len(x0_all), cfg.micro_batch):
                     x0 = x0_all[a : a + cfg.micro_batch].to(self.editor.device)
                     r = r_all[a : a + cfg.micro_batch]
                     b = len(x0)
-                    u = torch.rand(b, generator=gen, dtype=torch.float64).float() * 0.99 + 0.005
-                    sigma = training_sigmas(u, image_seq_len=x0.shape[1], config=self.editor.c.scheduler_config).to(x0.device)
+                    sigma = train_sigmas(b, gen, mode=cfg.train_timesteps, grid=grid, image_seq_len=x0.shape[1],
+                                         scheduler_config=self.editor.c.scheduler_config,
+                                         timestep_fraction=cfg.timestep_fraction).to(x0.device)
                     eps = torch.randn(x0.shape, generator=gen).to(x0.device)
                     xt = flow.add_noise(x0, eps, flow.broadcast_sigma(sigma, x0)).to(self.editor.dtype)
                     with torch.no_grad():

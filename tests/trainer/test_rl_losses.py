@@ -171,3 +171,28 @@ def test_identity_loss_uses_the_shared_measure():
     got = L.identity_loss(x, ref, [[face]], emb, sigma, eta=4.0)
     want = 4.0 * 0.25 * consistency.identity_consistency(x, ref, [[face]], emb)
     assert got.item() == pytest.approx(want.item(), rel=1e-6) and got.item() > 0
+
+
+def test_nft_train_sigmas_released_grid_mode_and_shift_mode():
+    """``train_timesteps: sampler`` (DiffusionNFT's released code) trains only at the rollout grid's
+    first 99% of steps, each about equally often; ``shift`` draws fresh sigmas off the grid."""
+    from firered_core import schedules
+    from firered_trainer.objective import training_sigmas
+    from firered_trainer.rl import common, nft
+
+    grid = schedules.get_schedule("flowmatch")(10, image_seq_len=1024)
+    drawn = nft.train_sigmas(4000, torch.Generator().manual_seed(0), mode="sampler", grid=grid, image_seq_len=1024)
+    values, counts = torch.unique(drawn, return_counts=True)
+    assert torch.equal(torch.sort(values, descending=True).values, grid[:9].float())  # int(10 * 0.99) = 9 steps
+    assert counts.min() > 4000 / 9 * 0.8 and counts.max() < 4000 / 9 * 1.2
+    half = nft.train_sigmas(500, torch.Generator().manual_seed(0), mode="sampler", grid=grid, image_seq_len=1024,
+                            timestep_fraction=0.5)
+    assert set(half.tolist()) <= set(grid[:5].tolist())
+
+    g = torch.Generator().manual_seed(1)
+    shifted = nft.train_sigmas(64, g, mode="shift", grid=grid, image_seq_len=1024)
+    u = torch.rand(64, generator=torch.Generator().manual_seed(1), dtype=torch.float64).float() * 0.99 + 0.005
+    assert torch.equal(shifted, training_sigmas(u, image_seq_len=1024, config=None))
+    assert not set(shifted.tolist()) & set(grid.tolist())
+    with pytest.raises(common.ConfigError, match="train_timesteps"):
+        common.load_config(nft.NFTConfig, None, {"model": "m", "prompts": "p", "output_dir": "o", "train_timesteps": "grid"})
