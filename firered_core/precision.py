@@ -125,7 +125,7 @@ class FP8MatmulLinear(FP8Linear):
     kernel refuses, to an fp32 output afterwards ("tensor" mode). Falls back to the upcast path for
     e5m2 weights, sizes that are not multiples of 16, or when ``_scaled_mm`` refuses both."""
 
-    _mode = "rowwise"  # -> "tensor" -> "off", downgraded (for the process) at the first refusal
+    _mode = "rowwise"  # -> "tensor" -> "off": this layer's path, downgraded (for this layer only) at its first refusal
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self._mode != "off" and self.fp8_dtype == torch.float8_e4m3fn and self.in_features % 16 == 0
@@ -146,14 +146,14 @@ class FP8MatmulLinear(FP8Linear):
                 y = torch._scaled_mm(xq, w.t(), scale_a=sa, scale_b=sb, bias=bias, out_dtype=x.dtype)
             except (RuntimeError, NotImplementedError) as e:
                 log.info("rowwise-scaled fp8 matmul unavailable (%s); applying weight scales after the matmul", e)
-                type(self)._mode = "tensor"
+                self._mode = "tensor"
         if y is None:
             one = torch.ones((), device=x.device, dtype=torch.float32)
             try:
                 y = torch._scaled_mm(xq, w.t(), scale_a=sx.reshape(()), scale_b=one, out_dtype=torch.float32)
             except (RuntimeError, NotImplementedError) as e:  # an unsupported device / layout: upcast from now on
                 log.info("fp8 matmul unavailable (%s); upcasting fp8 weights per layer instead", e)
-                type(self)._mode = "off"
+                self._mode = "off"
                 return super().forward(x)
             if self.weight_scale is not None:
                 y = y * (self.weight_scale.reshape(1, -1) if self.weight_scale.dim() else self.weight_scale)

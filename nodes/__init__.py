@@ -14,7 +14,7 @@ import logging
 log = logging.getLogger("FireRed")
 
 #: node modules, in menu order; each exports NODE_CLASS_MAPPINGS / NODE_DISPLAY_NAME_MAPPINGS
-MODULES = ("loaders", "edit", "consistency", "native", "speed", "train", "rl")
+MODULES = ("loaders", "edit", "consistency", "native", "speed", "train")
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
@@ -25,8 +25,10 @@ def _load(name: str) -> None:
     try:
         mod = importlib.import_module(f".{name}", __name__)
     except ModuleNotFoundError as e:
-        if e.name and (e.name == f"{__name__}.{name}"):
-            return  # not part of this version of the pack
+        if e.name and (e.name == f"{__name__}.{name}"):  # a broken install: a file of the pack is missing
+            DISABLED[name] = "its file is missing from the pack (reinstall the pack)"
+            log.warning("FireRed: %s nodes missing: nodes/%s.py is not in this install of the pack (reinstall it)", name, name)
+            return
         DISABLED[name] = f"needs {e.name!r}, which is not installed"
         log.warning("FireRed: %s nodes disabled: they need the Python package %r (pip install it to enable them)", name, e.name)
         return

@@ -146,7 +146,7 @@ class FireRedSampler:
     def sample(self, dit, cond, seed, steps, cfg, sampler, schedule, shift, width, height, denoise=1.0, batch_size=1, latent=None, guidance=None, unique_id=None):
         samples = latent["samples"] if latent is not None else None
         vae_part = cond.vae if guidance is not None else None
-        with host.dit_placed(dit), host.on_device(vae_part):
+        with host.on_device(dit, vae_part):
             out = parts.sample_edit(
                 dit, cond, seed=seed, steps=steps, cfg=cfg, sampler=sampler, schedule=schedule, shift=shift or None,
                 size=_size(width, height), latent=samples, denoise=denoise, batch_size=batch_size,

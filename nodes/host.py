@@ -186,50 +186,42 @@ def on_device(*items) -> Iterator[torch.device]:
     """Run a block with the models of ``items`` (``firered_core.parts`` parts, or modules) on the
     load device, then move each to the offload device -- also when the block raises, e.g. on
     Cancel -- unless its part says ``keep_loaded``. Before moving a model in, ComfyUI is asked to
-    free that much memory."""
-    device = load_device()
-    pairs = [(m, bool(getattr(p, "keep_loaded", False))) for p in items if p is not None and (m := _module(p)) is not None]
-    moved = [m for m, _ in pairs if _device_of(m) != device]
-    if moved:
-        free_memory_for(sum(module_bytes(m) for m in moved), device)
-        for m in moved:
-            m.to(device)
-    for m, _ in pairs:
-        _resident.add(m)
-    try:
-        yield device
-    finally:
-        off = offload_device()
-        for m, keep in pairs:
-            if keep:
-                continue
-            if _device_of(m) != off:
-                m.to(off)
-            _resident.discard(m)
-        if device.type == "cuda":
-            soft_empty_cache()
+    free that much memory.
 
-
-@contextlib.contextmanager
-def dit_placed(dit) -> Iterator[str]:
-    """:func:`on_device` for a ``FIRERED_DIT`` with memory options: ComfyUI frees room, then the
-    MM-DiT is placed by its plan (resident, block swap, sequential; ``firered_core.parts.placed``)."""
+    This is the one placement path of every node: an MM-DiT part that carries memory options (from
+    FireRed Speed & Memory) is placed by its plan -- resident, block swap or sequential streaming,
+    :func:`firered_core.parts.placed` -- instead of being moved whole."""
     from ..firered_core import parts
 
-    if dit.memory is None:
-        with on_device(dit):
-            yield "resident"
-        return
     device = load_device()
-    free_memory_for(module_bytes(dit.transformer), device)
-    _resident.add(dit.transformer)
-    try:
-        with parts.placed(dit, device, offload_device()) as plan:
-            yield plan
-    finally:
-        _resident.discard(dit.transformer)
+    planned = [p for p in items if isinstance(p, parts.DiT) and p.memory is not None]
+    rest = [p for p in items if p is not None and not any(p is q for q in planned)]
+    pairs = [(m, bool(getattr(p, "keep_loaded", False))) for p in rest if (m := _module(p)) is not None]
+    with contextlib.ExitStack() as stack:
         if device.type == "cuda":
-            soft_empty_cache()
+            stack.callback(soft_empty_cache)  # runs last: after every part has left the device
+        for dit in planned:
+            free_memory_for(module_bytes(dit.transformer), device)
+            _resident.add(dit.transformer)
+            stack.callback(_resident.discard, dit.transformer)
+            stack.enter_context(parts.placed(dit, device, offload_device()))
+        moved = [m for m, _ in pairs if _device_of(m) != device]
+        if moved:
+            free_memory_for(sum(module_bytes(m) for m in moved), device)
+            for m in moved:
+                m.to(device)
+        for m, _ in pairs:
+            _resident.add(m)
+        try:
+            yield device
+        finally:
+            off = offload_device()
+            for m, keep in pairs:
+                if keep:
+                    continue
+                if _device_of(m) != off:
+                    m.to(off)
+                _resident.discard(m)
 
 
 def resident_models() -> list[torch.nn.Module]:

@@ -75,7 +75,7 @@ class FireRedTrainLoRA:
                 "preset": (_presets(), {"tooltip": "Training settings: sft_lora_24gb fits a 24 GB card (fp8 base, gradient checkpointing, AdamW8bit); tiny_cpu is a quick check."}),
                 "steps": ("INT", {"default": 1000, "min": 1, "max": 1_000_000, "tooltip": "Optimizer steps."}),
                 "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5, "round": False, "tooltip": "Peak learning rate."}),
-                "rank": ("INT", {"default": 32, "min": 1, "max": 512, "tooltip": "LoRA rank (alpha = rank)."}),
+                "rank": ("INT", {"default": 32, "min": 1, "max": 512, "tooltip": "LoRA rank. Its alpha: = rank for SFT (scale 1), = 2 x rank for the DPO / NFT presets (DiffusionNFT's r32 / alpha 64)."}),
                 "resolution": ("INT", {"default": 1024, "min": 64, "max": 2048, "step": 64, "tooltip": "Training pictures are resized to about resolution² pixels."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seed of the data order, timesteps and noise."}),
                 "overrides": ("STRING", {"multiline": True, "default": "", "tooltip": "More settings, one key=value per line (e.g. optim.name=lion8bit, checkpoint.every=100); see firered_trainer/configs."}),

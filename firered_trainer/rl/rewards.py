@@ -492,10 +492,13 @@ class VLMJudge:
         scores = []
         for _ in range(self.passes):
             inputs = self.processor(text=[chat], images=pics, return_tensors="pt").to(dev)
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            out = self.model.generate(
-                **inputs, do_sample=True, temperature=self.temperature, max_new_tokens=self.max_new_tokens
-            )
+            # generate() samples from torch's global generator: seed it for this pass inside a fork,
+            # so the caller's random state (the trainer's noise, the data order) is left as it was
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+                out = self.model.generate(
+                    **inputs, do_sample=True, temperature=self.temperature, max_new_tokens=self.max_new_tokens
+                )
             reasoning = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
             cut = reasoning.rfind(SCORE_PREFIX)
             reasoning = (reasoning[:cut] if cut >= 0 else reasoning.rstrip() + "\n")

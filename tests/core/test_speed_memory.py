@@ -211,11 +211,38 @@ def test_fp8_matmul_matches_upcast_layer(dtype):
     assert precision.enable_fp8_matmul(wrapper, force=True) == 1
     y = q(x)
     assert type(q) is precision.FP8MatmulLinear and y.shape == ref.shape and y.dtype == dtype
-    assert precision.FP8MatmulLinear._mode == "rowwise"  # neither kernel path refused
+    assert q._mode == "rowwise"  # neither kernel path refused
     rel = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
     assert 0 < rel < 0.06
     precision.disable_fp8_matmul(wrapper)
     assert torch.equal(q(x), ref)
+
+
+def test_a_refused_fp8_matmul_downgrades_only_that_layer(monkeypatch):
+    """A layer whose shape or device the fp8 kernel refuses falls back to the upcast path; the
+    other layers keep their fp8 matmul (the state is per layer, not per process)."""
+    from firered_core import precision
+
+    torch.manual_seed(0)
+    refused, ok = (precision.fp8_scaled_linear(torch.nn.Linear(64, n).to(torch.bfloat16)) for n in (32, 48))
+    wrapper = torch.nn.Sequential(refused, ok)
+    assert precision.enable_fp8_matmul(wrapper, force=True) == 2
+    real, calls = torch._scaled_mm, []
+
+    def scaled_mm(a, b, *args, **kw):
+        calls.append(b.shape[1])
+        if b.shape[1] == 32:  # the kernel refuses this layer
+            raise RuntimeError("unsupported")
+        return real(a, b, *args, **kw)
+
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    y = refused(x)
+    assert refused._mode == "off" and torch.equal(y, precision.FP8Linear.forward(refused, x))
+    calls.clear()
+    ok(x)
+    assert ok._mode == "rowwise" and calls == [48]  # still the fp8 kernel
+    assert precision.FP8MatmulLinear._mode == "rowwise"  # a layer enabled later starts on the fp8 path
 
 
 def test_attention_fallback_logs(editor, caplog):

@@ -42,3 +42,31 @@ def test_a_missing_optional_package_disables_only_its_feature():
     assert out.returncode == 0, out.stderr
     assert "FireRedModelLoader" in out.stdout and "FireRedSampler" in out.stdout
     assert "Traceback" not in out.stderr
+
+
+def test_every_listed_node_module_exists_and_a_missing_one_is_said():
+    import re
+
+    src = (ROOT / "nodes" / "__init__.py").read_text()
+    listed = re.search(r"MODULES = \(([^)]*)\)", src).group(1)
+    names = re.findall(r'"(\w+)"', listed)
+    assert names and all((ROOT / "nodes" / f"{n}.py").is_file() for n in names), names
+    # a file of the pack gone missing (a broken install) is one log line, not silence
+    code = textwrap.dedent(
+        f"""
+        import importlib.util, logging, sys
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        spec = importlib.util.spec_from_file_location("SomePack", {str(ROOT / '__init__.py')!r},
+                                                      submodule_search_locations=[{str(ROOT)!r}])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["SomePack"] = mod
+        spec.loader.exec_module(mod)
+        nodes = sys.modules["SomePack.nodes"]
+        nodes.DISABLED.clear()
+        nodes._load("gone")
+        print("DISABLED", sorted(nodes.DISABLED))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT.parent, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "DISABLED ['gone']" in out.stdout and "nodes/gone.py is not in this install" in out.stderr

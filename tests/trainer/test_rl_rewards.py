@@ -164,7 +164,10 @@ def test_vlm_judge_local_tiny(tiny_model_dir):
     judge = R.build_reward({"vlm_judge": {"model": model, "processor": processor, "passes": 2, "max_new_tokens": 6, "image_size": 56}})
     imgs = torch.rand(2, 56, 56, 3, generator=torch.Generator().manual_seed(0))
     batch = R.RewardBatch(prompts=["make it red", "make it blue"], sources=[torch.rand(56, 56, 3)] * 2)
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
     a, b = judge(imgs, batch), judge(imgs, batch)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's global random state is untouched
     assert a.shape == (2,) and torch.all((a >= 1) & (a <= 5))
     assert torch.equal(a, b)  # seeded sampling of the reasoning
 
