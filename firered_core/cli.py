@@ -78,15 +78,40 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_edit_args(args) -> list:
+    """Everything about the request that can be wrong without a model, checked before anything is
+    loaded: the steps, the output size and file, the instruction, and that every ``--image`` is a
+    readable picture (at most 3). Returns the pictures (RGB PIL); raises ValueError /
+    FileNotFoundError naming the option."""
+    from . import conditioning, images
+
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    if args.cfg is not None and args.cfg < 0:
+        raise ValueError(f"--cfg must be >= 0 (1 = no CFG), got {args.cfg}")
+    images.check_size(args.width, args.height)
+    if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise ValueError(f"--out {args.out!r} must end in .png, .jpg or .webp")
+    conditioning.check_instruction(args.prompt, "--prompt")
+    if len(args.image) > images.MAX_PICTURES:
+        raise ValueError(f"--image given {len(args.image)} times: FireRed-Image-Edit takes 1 to {images.MAX_PICTURES} pictures")
+    return [images.to_pil(p, f"--image {p!r}") for p in args.image]
+
+
 def _edit(args) -> int:
     import torch
     from tqdm import tqdm
 
     from .pipeline import FireRedEditor
 
+    try:
+        pictures = check_edit_args(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
-    steps = args.steps or (8 if args.schedule == "lightning" else 40)
+    steps = args.steps if args.steps is not None else (8 if args.schedule == "lightning" else 40)
     cfg = args.cfg if args.cfg is not None else (1.0 if args.schedule == "lightning" else 4.0)
     tmp = None
     model = args.model
@@ -98,9 +123,6 @@ def _edit(args) -> int:
         model = make_tiny(Path(tmp.name) / "tiny")
         print(f"no --model given: using a tiny random model made at {model} (output is not a real edit)", file=sys.stderr)
     out = Path(args.out)
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        print(f"error: --out {args.out!r} must end in .png, .jpg or .webp", file=sys.stderr)
-        return 2
     try:
         t0 = time.perf_counter()
         speed, memory = _speed_memory(args)
@@ -126,7 +148,7 @@ def _edit(args) -> int:
         print("encoding the instruction and pictures...", file=sys.stderr)
         t1 = time.perf_counter()
         result = editor.edit(
-            args.image or None,
+            pictures or None,
             args.prompt,
             negative_prompt=args.negative_prompt,
             steps=steps,

@@ -13,6 +13,7 @@ through the same template with the same pictures, so true CFG contrasts the text
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -20,6 +21,8 @@ import torch
 from PIL import Image
 
 from .modules import module_device
+
+log = logging.getLogger(__name__)
 
 EDIT_SYSTEM = (
     "Describe the key features of the input image (color, shape, size, texture, objects, background), "
@@ -36,10 +39,13 @@ PICTURE_BLOCK = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """A chat template with one ``{}`` slot for the user turn, and how many leading tokens to drop."""
+    """A chat template with one ``{}`` slot for the user turn, how many leading tokens to drop, and
+    how many encoder states at most are kept after them (the rest of a very long instruction is cut,
+    with one warning)."""
 
     text: str
     drop_tokens: int
+    max_tokens: int
 
     def format(self, user: str) -> str:
         return self.text.format(user)
@@ -49,8 +55,12 @@ def _chat(system: str) -> str:
     return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{{}}<|im_end|>\n<|im_start|>assistant\n"
 
 
-EDIT_TEMPLATE = PromptTemplate(_chat(EDIT_SYSTEM), 64)
-T2I_TEMPLATE = PromptTemplate(_chat(T2I_SYSTEM), 34)
+# The limits are the reference pipelines': QwenImagePipeline cuts the states at its
+# max_sequence_length (512 by default); QwenImageEditPlusPipeline does not cut (a longer sequence
+# then fails in the MM-DiT's RoPE, whose text positions end at 4096) and accepts no
+# max_sequence_length above 1024, its tokenizer_max_length, so 1024 is the edit's limit.
+EDIT_TEMPLATE = PromptTemplate(_chat(EDIT_SYSTEM), 64, 1024)
+T2I_TEMPLATE = PromptTemplate(_chat(T2I_SYSTEM), 34, 512)
 
 
 @dataclass
@@ -128,4 +138,9 @@ def encode_prompt(
             f"the prompt template has only {int(keep.sum())} tokens, not more than the {template.drop_tokens} "
             "it drops: the tokenizer does not match this model"
         )
+    if states.shape[0] > template.max_tokens:
+        log.warning("FireRed: the instruction is too long: %d encoder tokens, only the first %d are used "
+                    "(the reference pipeline's limit); the end of the instruction is ignored",
+                    states.shape[0], template.max_tokens)
+        states = states[: template.max_tokens]
     return TextCond(states.unsqueeze(0).to(dtype=dtype or hidden.dtype))

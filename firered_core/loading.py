@@ -166,7 +166,7 @@ def load_components(
         raise ModelFolderError(
             f"no model folder given and no file for the {', '.join(missing)}: give a release folder or a file for each part"
         )
-    processor = find_processor(tokenizer_dir=tokenizer, model_dir=root)
+    processor = find_processor(tokenizer_dir=tokenizer, model_dir=root, text_encoder_file=text_encoder)
     tr = load_transformer(transformer or root / "transformer", dtype=dtype, device=device, weight_dtype=weight_dtype)
     te = load_text_encoder(text_encoder or root / "text_encoder", dtype=dtype, device=device, processor=processor)
     va = load_vae(vae or root / "vae", dtype=dtype, device=device)

@@ -197,12 +197,8 @@ def load_text_encoder(path, *, tokenizer=None, comfyui_root=None, device="cpu", 
     from .formats.text_encoder_files import load_text_encoder as _load_te
 
     p = Path(path)
-    if tokenizer is None and p.is_file():
-        beside = p.with_name(p.stem + "_tokenizer")
-        if beside.is_dir():
-            tokenizer = beside
     model_dir = p if p.is_dir() else None
-    processor = find_processor(tokenizer_dir=tokenizer, model_dir=model_dir, comfyui_root=comfyui_root)
+    processor = find_processor(tokenizer_dir=tokenizer, model_dir=model_dir, comfyui_root=comfyui_root, text_encoder_file=p)
     te = _load_te(p, dtype=resolve_dtype(dtype), device=device, processor=processor)
     te.eval().requires_grad_(False)
     return TextEncoder(te, processor, str(p))

@@ -60,6 +60,11 @@ class EditRequest:
     cfg_norm_rescale: bool = True
     denoise: float = 1.0
 
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a whole number of at least 1, got {self.steps!r}")
+        images.check_size(self.width, self.height)
+
 
 @dataclass
 class EncodedEdit:

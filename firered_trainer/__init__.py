@@ -5,3 +5,5 @@ Stages: ``python -m firered_trainer sft|pretrain --config firered_trainer/config
 
 ``firered_trainer`` never imports ``nodes`` or ComfyUI; it reuses the core's conditioning, samplers and
 consistency measures so training and inference cannot drift apart."""
+
+import firered_core as _core  # noqa: F401,E402  (light; installs the core's log filters before bitsandbytes loads)

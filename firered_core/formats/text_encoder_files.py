@@ -283,6 +283,12 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], token_ids: dict[str, 
         for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if k in token_ids and token_ids[k] is not None:
                 cfg["text_config"][k] = int(token_ids[k])
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        # the 7B preset's ids do not exist in a smaller vocabulary whose tokenizer names none (the
+        # encoder only reads, so they are unused): unset rather than a config warning on every load
+        v = cfg["text_config"].get(k)
+        if isinstance(v, int) and v >= vocab:
+            cfg["text_config"][k] = None
     too_big = {k: cfg[k] for k in VISION_TOKENS if cfg[k] >= vocab}
     if too_big:
         raise TextEncoderFileError(
@@ -513,11 +519,13 @@ def _comfyui_roots(comfyui_root) -> list[tuple[str, Path]]:
     return roots
 
 
-def find_processor(tokenizer_dir=None, model_dir=None, comfyui_root=None):
+def find_processor(tokenizer_dir=None, model_dir=None, comfyui_root=None, text_encoder_file=None):
     """Find and load the Qwen2.5-VL tokenizer with its image-processor settings (a ``Qwen2VLProcessor``).
 
     Looks, in order, at: ``tokenizer_dir`` (a folder with tokenizer.json or vocab.json + merges.txt;
-    a failure here is an error, since it was asked for), ``model_dir``'s ``processor/`` and
+    a failure here is an error, since it was asked for), a ``<stem>_tokenizer/`` folder beside
+    ``text_encoder_file`` (a single text-encoder file; ``make-tiny --layout comfyui`` writes its
+    tokenizer there), ``model_dir``'s ``processor/`` and
     ``tokenizer/`` (or ``model_dir`` itself), then ``comfy/text_encoders/qwen25_tokenizer`` under
     ``comfyui_root``, ``$COMFYUI_PATH`` and the ComfyUI install this pack sits in. Image settings
     come from the folder's ``preprocessor_config.json`` / ``processor_config.json`` when present,
@@ -536,6 +544,10 @@ def find_processor(tokenizer_dir=None, model_dir=None, comfyui_root=None):
                 "name a Qwen2.5-VL tokenizer folder (e.g. a release's tokenizer/ or ComfyUI's comfy/text_encoders/qwen25_tokenizer)"
             )
         return _checked(_processor_from_folder(folder), folder)
+    if text_encoder_file is not None and Path(text_encoder_file).is_file():
+        beside = Path(text_encoder_file).with_name(Path(text_encoder_file).stem + "_tokenizer")
+        if _has_tokenizer(beside):
+            return _checked(_processor_from_folder(beside), beside)
     if model_dir is not None:
         root = Path(model_dir)
         if (root / "processor").is_dir() and _has_tokenizer(root / "processor"):
