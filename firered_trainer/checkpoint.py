@@ -7,26 +7,55 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step-00001000/`` holding
 * accelerate's files: the optimizer (``optimizer.bin``, 8-bit states included), the LR scheduler,
   every process's RNG states (python, numpy, torch, CUDA: ``random_states_<rank>.pkl``) and the
   registered objects (the bucket sampler's position, the EMA, the step),
-* ``config.yaml`` (the run's config) and ``meta.json`` (step, loss, time).
+* ``config.yaml`` (the run's config) and, written last, ``meta.json`` (step, loss, time and the
+  size of every other file: the checkpoint's manifest).
 
 It is written into a hidden ``.tmp-step-...`` folder and renamed into place with ``os.replace``
 only when every process has finished writing, so a crash at any moment leaves either the whole
 checkpoint or none: a ``step-*`` folder is always complete. Leftover temporary folders are removed
 at the next start. Only the last ``keep_last`` checkpoints are kept.
+
+A checkpoint damaged later (a disk filled up, a copy cut short) is found before anything is loaded
+from it: :func:`verify_checkpoint` checks each file against the manifest and its own format.
+:func:`choose_resume` -- shared with the RL stages' one-file checkpoints -- then resumes from the
+newest usable checkpoint, moves each unusable newer one aside as ``step-N.corrupt`` (never deleted:
+the user decides) and says so in one log line; when none is usable it raises a
+:class:`CheckpointError` naming every file at fault, and moves nothing.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import time
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
+log = logging.getLogger(__name__)
+
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+#: zip archives (torch.save files) up to this size get their CRCs checked when verified; larger
+#: ones only their structure (a full read of a 20B model's optimizer state would double its load)
+_CRC_LIMIT = 256 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names the file and what was expected."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """One file of a checkpoint is missing, truncated or unreadable (``file``: that file)."""
+
+    def __init__(self, file, why: str):
+        self.file, self.why = Path(file), why
+        super().__init__(f"{self.file}: {why}")
 
 
 class TrainState:
@@ -147,7 +176,7 @@ def install_hooks(accelerator) -> None:
             params = dict(model.named_parameters())
             missing = [k for k in sd if k not in params]
             if missing:
-                raise ValueError(f"{input_dir}: checkpoint weights {missing[:3]} are not in this model "
+                raise CheckpointError(f"{input_dir}: checkpoint weights {missing[:3]} are not in this model "
                                  "(was it saved with another train_mode or LoRA setting?)")
             with torch.no_grad():
                 for k, v in sd.items():
@@ -175,15 +204,17 @@ def save_checkpoint(accelerator, output_dir, step: int, *, config_yaml: str, met
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time(), **(meta or {})}, indent=1))
         if extra is not None:
             extra(tmp)
-    accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()  # every process's files are written: the manifest sees them all
     if accelerator.is_main_process:
-        for f in tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+        written = sorted(f for f in tmp.rglob("*") if f.is_file())
+        files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in written}
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time(), **(meta or {}), "files": files},
+                                                  indent=1))
+        for f in [*written, tmp / "meta.json"]:
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
         if final.exists():  # the same step saved again (a resumed run): the new one replaces it
             old = root / f".tmp-old-{step:08d}"
             os.replace(final, old)
@@ -198,10 +229,171 @@ def save_checkpoint(accelerator, output_dir, step: int, *, config_yaml: str, met
     return final
 
 
-def load_checkpoint(accelerator, path) -> int:
-    """Restore everything saved by :func:`save_checkpoint`; returns its step."""
+# ---------------------------------------------------------------------------------------------
+# verify, choose, load
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_safetensors(f: Path, size: int) -> None:
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CorruptCheckpoint(f, f"{size} bytes, too short for a safetensors file (truncated?)")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise CorruptCheckpoint(f, f"{size} bytes, shorter than its {n}-byte safetensors header (truncated?)")
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError:
+            raise CorruptCheckpoint(f, "its safetensors header is not valid JSON (damaged?)") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise CorruptCheckpoint(f, f"{size} bytes where its safetensors header describes {8 + n + end} (truncated?)")
+
+
+def _check_file(f: Path, size: int) -> None:
+    """The format checks a file can get without loading it into a model."""
+    try:
+        if f.suffix == ".safetensors":
+            _check_safetensors(f, size)
+        elif f.suffix in (".bin", ".pkl", ".pt", ".pth"):
+            if size == 0:
+                raise CorruptCheckpoint(f, "empty (0 bytes)")
+            with open(f, "rb") as fh:
+                zipped = fh.read(4) == b"PK\x03\x04"
+            if zipped:  # torch.save's format
+                with zipfile.ZipFile(f) as z:
+                    bad = z.testzip() if size <= _CRC_LIMIT else None
+                if bad is not None:
+                    raise CorruptCheckpoint(f, f"member {bad} of the archive fails its CRC check (damaged)")
+        elif f.suffix == ".json":
+            json.loads(f.read_text(encoding="utf-8"))
+        elif f.suffix in (".yaml", ".yml"):
+            import yaml
+
+            yaml.safe_load(f.read_text(encoding="utf-8"))
+    except CorruptCheckpoint:
+        raise
+    except zipfile.BadZipFile:
+        raise CorruptCheckpoint(f, f"{size} bytes, not a complete torch.save zip archive (truncated?)") from None
+    except FileNotFoundError:
+        raise CorruptCheckpoint(f, "missing") from None
+    except Exception as e:  # noqa: BLE001 -- any failure to read the file makes the checkpoint unusable
+        raise CorruptCheckpoint(f, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def verify_checkpoint(path) -> None:
+    """Raise :class:`CorruptCheckpoint` naming the first file of checkpoint folder ``path`` that is
+    missing, of another size than ``meta.json`` records, or not readable in its format. Reads the
+    small files; of a large one only its structure (safetensors header, zip directory)."""
     path = Path(path)
-    if not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no meta.json)")
+    meta_path = path / "meta.json"
+    if not path.is_dir():
+        raise CorruptCheckpoint(path, "not found (expected a checkpoint folder .../checkpoints/step-NNNNNNNN)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CorruptCheckpoint(meta_path, "missing (it is written last: the checkpoint is incomplete)") from None
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(meta_path, f"not valid JSON ({e}; truncated?)") from None
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise CorruptCheckpoint(meta_path, "expected a JSON object with the checkpoint's step")
+    files = meta.get("files")
+    if not isinstance(files, dict):  # written before meta.json had a manifest: check what is there
+        files = {f.relative_to(path).as_posix(): None for f in sorted(path.rglob("*")) if f.is_file() and f != meta_path}
+    for rel, want in files.items():
+        f = path / rel
+        try:
+            size = f.stat().st_size
+        except FileNotFoundError:
+            raise CorruptCheckpoint(f, "missing (meta.json lists it)") from None
+        if want is not None and size != want:
+            raise CorruptCheckpoint(f, f"{size} bytes where {want} were written" + (" (truncated)" if size < want else ""))
+        _check_file(f, size)
+
+
+def set_aside(path) -> Path:
+    """Rename an unusable checkpoint (folder or file) to ``<name>.corrupt`` (``.corrupt-2``, ... if
+    taken) -- out of the resume and ``keep_last`` lists, kept for the user to inspect."""
+    path = Path(path)
+    target = path.with_name(path.name + ".corrupt")
+    k = 2
+    while target.exists():
+        target, k = path.with_name(f"{path.name}.corrupt-{k}"), k + 1
+    os.replace(path, target)
+    return target
+
+
+@dataclass
+class Resume:
+    """The checkpoint to resume from (``value``: what ``check`` returned for it) and the newer
+    ones found unusable (``skipped``: ``(error, where it was moved)``)."""
+
+    path: Path
+    value: Any = None
+    skipped: list = field(default_factory=list)
+
+
+def choose_resume(candidates, check: Callable[[Path], Any], *, is_main: bool = True,
+                  start_afresh: str = "checkpoint.resume=none", logger: logging.Logger | None = None) -> Resume | None:
+    """The newest of ``candidates`` (checkpoints, oldest first) for which ``check(path)`` does not
+    raise :class:`CorruptCheckpoint`, or None when there are none. Unusable newer ones are moved
+    aside (:func:`set_aside`, on the main process) and named in one log line; if every candidate is
+    unusable, raises :class:`CheckpointError` naming each fault and moves nothing. Every process
+    may call this (the main one renames; another that meets a folder mid-rename sees it as
+    unusable and moves on to the same choice)."""
+    logger = logger or log
+    bad: list[tuple[Path, CorruptCheckpoint]] = []
+    for path in reversed(list(candidates)):
+        try:
+            value = check(Path(path))
+        except CorruptCheckpoint as e:
+            bad.append((Path(path), e))
+            continue
+        chosen = Resume(Path(path), value)
+        if bad:
+            for p, e in bad:
+                moved = set_aside(p) if is_main and p.exists() else None
+                chosen.skipped.append((e, moved))
+            if is_main:
+                faults = "; ".join(f"{e}" + (f" (moved aside to {m.name})" if m else "") for e, m in chosen.skipped)
+                logger.warning("unusable checkpoint: %s -- resuming from the previous complete one, %s", faults, path)
+        elif is_main:
+            logger.info("resuming from %s", path)
+        return chosen
+    if bad:
+        faults = "; ".join(str(e) for _, e in bad)
+        raise CheckpointError(f"no usable checkpoint in {bad[0][0].parent}: {faults}. Move the damaged ones away "
+                              f"(nothing was moved or deleted), name one with a resume setting, or start afresh "
+                              f"with {start_afresh}")
+    return None
+
+
+def load_checkpoint(accelerator, path) -> int:
+    """Verify (:func:`verify_checkpoint`) and restore everything saved by :func:`save_checkpoint`;
+    returns its step."""
+    path = Path(path)
+    verify_checkpoint(path)
     accelerator.load_state(str(path))
     return checkpoint_step(path)
+
+
+def resume(accelerator, output_dir, setting: str) -> Path | None:
+    """Restore the run's state per ``checkpoint.resume``: ``none``; ``auto`` -- the newest usable
+    checkpoint of ``output_dir`` (falling back past damaged ones, :func:`choose_resume`); or a
+    folder -- that one, verified, with no fallback. Returns the folder resumed from, or None."""
+    if setting == "none":
+        return None
+    if setting == "auto":
+        found = choose_resume(list_checkpoints(output_dir), verify_checkpoint, is_main=accelerator.is_main_process)
+        accelerator.wait_for_everyone()  # the damaged ones are moved aside before anyone loads
+        if found is None:
+            return None
+        path = found.path
+    else:
+        path = Path(setting)
+        verify_checkpoint(path)
+        if accelerator.is_main_process:
+            log.info("resuming from %s", path)
+    accelerator.load_state(str(path))
+    return path

@@ -469,11 +469,8 @@ def train(cfg: StageConfig, *, progress: Progress | None = None, should_stop: Ca
 
     # ---- resume --------------------------------------------------------------------------------
     loss_log = LossLog(out / "loss.csv")
-    resume = None if cfg.checkpoint.resume == "none" else (
-        ckpt.latest_checkpoint(out) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume))
-    if resume is not None:
-        ckpt.load_checkpoint(accelerator, resume)
-        log.info("resumed from %s at step %d", resume, state.step)
+    # the newest usable checkpoint; damaged newer ones are moved aside (step-N.corrupt) with one log line
+    ckpt.resume(accelerator, out, cfg.checkpoint.resume)
     if accelerator.is_main_process:
         loss_log.truncate(state.step)
 

@@ -1,6 +1,8 @@
 """A tiny edit dataset for tests and the README demo: ``n`` pairs of small pictures where the
 target is the source with its red and blue channels swapped and a bright square added (a simple,
-learnable edit), written as FireRed JSONL (plus a text-to-image row and optional bad rows)."""
+learnable edit), written as FireRed JSONL (plus a text-to-image row and optional bad rows); the
+same pictures as DPO preference pairs and NFT prompts (:func:`make_tiny_rl_data`); and the demo's
+commands (:func:`demo_commands`), which ``make-tiny-data`` and ``--help`` print."""
 
 from __future__ import annotations
 
@@ -52,3 +54,45 @@ def make_tiny_pairs(folder, n: int = 8, *, size: int = 64, seed: int = 0, t2i: i
     path = root / "pairs.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def make_tiny_rl_data(folder, n: int = 8) -> tuple[Path, Path]:
+    """Beside :func:`make_tiny_pairs`'s ``pairs.jsonl`` (same ``folder``, same pictures), write
+    ``prefs.jsonl`` -- DPO pairs: the edit done (preferred) against the source left as it was
+    (rejected) -- and ``prompts.jsonl`` -- NFT prompts for the ``brightness`` reward: two edits
+    of source pictures and one text-to-image prompt. Returns (prefs, prompts)."""
+    root = Path(folder)
+    srcs = [f"img/{i:03d}_src.png" for i in range(n) if (root / "img" / f"{i:03d}_src.png").is_file()]
+    if not srcs:
+        raise FileNotFoundError(f"{root / 'img'}: no tiny pairs (write them first with make_tiny_pairs)")
+    prefs = [json.dumps({"source_image": s, "instruction": "swap red and blue in Picture 1 and add a white square",
+                         "preferred": s.replace("_src", "_tgt"), "rejected": s}) for s in srcs]
+    prompts = [json.dumps({"instruction": "make Picture 1 brighter", "source_image": s}) for s in srcs[:2]]
+    prompts.append(json.dumps({"instruction": "a bright picture", "source_image": None}))
+    (root / "prefs.jsonl").write_text("\n".join(prefs) + "\n", encoding="utf-8")
+    (root / "prompts.jsonl").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    return root / "prefs.jsonl", root / "prompts.jsonl"
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working folder when it lies inside it (as a user would type it)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def demo_commands(root) -> dict[str, str]:
+    """The CPU demo's training commands on what ``make-tiny-data root`` writes: stage -> command."""
+    root = Path(root)
+    configs = Path(__file__).resolve().parent / "configs"
+    model, data = root / "tiny-model", root / "data"
+    head = "python -m firered_trainer"
+    return {
+        "sft": f"{head} sft --config {_shown(configs / 'tiny_cpu.yaml')} model.path={model} "
+               f"data.jsonl={data / 'pairs.jsonl'} output_dir={root / 'sft'}",
+        "dpo": f"{head} dpo --config {_shown(configs / 'dpo_tiny_cpu.yaml')} model={model} "
+               f"data={data / 'prefs.jsonl'} output_dir={root / 'dpo'}",
+        "nft": f"{head} nft --config {_shown(configs / 'nft_tiny_cpu.yaml')} model={model} "
+               f"prompts={data / 'prompts.jsonl'} output_dir={root / 'nft'}",
+    }  # fmt: skip

@@ -1,6 +1,7 @@
 """Parts the DPO and NFT stages share: typed configs from YAML with ``key=value`` overrides, the
 trained policy (LoRA adapters or full weights) with its reference and old-policy views, atomic
-checkpoints with exact resume, the metrics curve, and the prompt / preference JSONL readers.
+checkpoints with exact resume (past a damaged newest one: :func:`firered_trainer.checkpoint.choose_resume`),
+the metrics curve, and the prompt / preference JSONL readers.
 """
 
 from __future__ import annotations
@@ -16,13 +17,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..config import ConfigError  # every stage's one config error (it names the key), re-exported
+
 # ---------------------------------------------------------------------------------------------
 # Configs
 # ---------------------------------------------------------------------------------------------
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the key."""
 
 
 def _coerce(cls_field: dataclasses.Field, value: Any, where: str):
@@ -59,7 +58,10 @@ def load_config(cls, path=None, overrides: Any = None):
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of options, got {type(loaded).__name__}")
         data.update(loaded)
@@ -70,7 +72,10 @@ def load_config(cls, path=None, overrides: Any = None):
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must be key=value")
             k, v = item.split("=", 1)
-            data[k.strip()] = yaml.safe_load(v)
+            try:
+                data[k.strip()] = yaml.safe_load(v)
+            except yaml.YAMLError:
+                raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -309,14 +314,39 @@ def save_checkpoint(path: Path, **state) -> None:
     atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 
 
+def list_checkpoints(folder: Path) -> list[Path]:
+    """The ``step_N.pt`` checkpoints of ``folder``, oldest first (``*.corrupt`` ones set aside are not listed)."""
+    found = [p for p in Path(folder).glob("step_*.pt") if p.stem.split("_")[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.stem.split("_")[1]))
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
-    folder = Path(folder)
-    found = sorted(folder.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    found = list_checkpoints(folder)
     return found[-1] if found else None
 
 
+#: what every stage's :meth:`state` holds
+_STATE_KEYS = ("step", "policy", "optimizer", "rng")
+
+
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """The state saved by :func:`save_checkpoint`; a truncated or foreign file raises
+    :class:`firered_trainer.checkpoint.CorruptCheckpoint` naming it."""
+    from ..checkpoint import CorruptCheckpoint
+
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CorruptCheckpoint(path, "missing") from None
+    except Exception as e:  # noqa: BLE001 -- a file torch cannot read back is unusable, whatever the reason
+        why = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__  # torch's first sentence
+        raise CorruptCheckpoint(path, f"{path.stat().st_size if path.exists() else 0} bytes, not a readable "
+                                      f"torch.save checkpoint ({why}; truncated?)") from None
+    lacking = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if lacking:
+        raise CorruptCheckpoint(path, f"expected a stage checkpoint with {list(_STATE_KEYS)}, it lacks {lacking}")
+    return state
 
 
 class Curve:
@@ -474,8 +504,14 @@ def run_stage(cfg, make_run: Callable[[], Any], *, stage: str, curve_keys, progr
     ckpt_dir = out / "checkpoints"
     torch.manual_seed(cfg.seed)
     state = None
-    if cfg.resume and (last := latest_checkpoint(ckpt_dir)) is not None:
-        state = load_checkpoint(last)
+    if cfg.resume:
+        # the newest readable checkpoint; damaged newer ones are moved aside (step_N.pt.corrupt) with one log line
+        from ..checkpoint import choose_resume
+        from .nft import _dist
+
+        found = choose_resume(list_checkpoints(ckpt_dir), load_checkpoint, is_main=_dist()[0] == 0,
+                              start_afresh="resume=false")
+        state = found.value if found is not None else None
     r = make_run()
     if state is not None:
         r.load(state)
@@ -521,6 +557,11 @@ def cli_main(argv, run, *, prog: str, description: str, example: str, show) -> i
     ap.add_argument("--config", required=True, help=f"YAML file (see {example})")
     ap.add_argument("overrides", nargs="*", help="key=value options overriding the file")
     a = ap.parse_args(argv)
-    res = run(a.config, overrides=a.overrides, progress=show)
-    print(f"done: {res['steps']} steps; LoRA {res['lora']}; curve {res['curve']}")
-    return 0
+    from ..__main__ import _reported
+
+    def go() -> int:
+        res = run(a.config, overrides=a.overrides, progress=show)
+        print(f"done: {res['steps']} steps; LoRA {res['lora']}; curve {res['curve']}")
+        return 0
+
+    return _reported(go)  # a bad config, data file or checkpoint: one line naming it, as every stage

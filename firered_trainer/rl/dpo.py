@@ -83,8 +83,8 @@ class DPORun:
 
         self.cfg = cfg
         self.rank, self.world = _dist()
+        self.pairs = common.read_preferences(cfg.data)  # before the model: bad data is reported at once
         self.editor = editor or FireRedEditor.from_pretrained(cfg.model, device=_device(cfg.device), dtype=cfg.dtype)
-        self.pairs = common.read_preferences(cfg.data)
         tr = self.editor.c.transformer
         self.policy = common.Policy(tr, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, need_reference=True, seed=cfg.seed)
         for p in self.policy.parameters():
