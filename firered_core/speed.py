@@ -21,8 +21,9 @@ from .attention import CHOICES as ATTENTION_CHOICES
 @dataclass
 class SpeedOptions:
     """attention: "sdpa" (default), "flash", "sage", "auto" (see :mod:`.attention`).
-    cache_threshold: step-cache relative-L1 threshold; 0 = off (default). 0.05-0.1 is mild,
-        0.15 is FireRed's fast pipeline (aggressive). cache_compute_blocks: blocks always run
+    cache_threshold: step-cache relative-L1 threshold; 0 = off (default). 0.05-0.1 is meant as mild,
+        0.15 is FireRed's fast pipeline (aggressive); none is tested on the released weights here
+        (``bench/cache_calibration.py --model`` calibrates on them). cache_compute_blocks: blocks always run
         (8 of 60 like DBCache F8B0; clamped below the block count). cache_warmup: full forwards per
         stream before any skip. cache_max_skips: most consecutive skipped forwards.
         cache_taylor_order: 1 = first-order TaylorSeer extrapolation of the skipped residual, 0 = reuse.

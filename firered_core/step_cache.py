@@ -21,6 +21,16 @@ The cache hooks the block loop of diffusers' ``QwenImageTransformer2DModel.forwa
 in enumerate(self.transformer_blocks)``) by giving that ModuleList, for the duration of a sampling
 run, a subclass whose iteration yields the blocks through the cache; no weights or module names
 change, so LoRA, block swap and compiled blocks are unaffected.
+
+Calibration. Every change measured is recorded (:attr:`StepCache.records`: stream, sigma, change),
+so a run with a tiny threshold (nothing skipped: each change is step to step) is a probe;
+:func:`calibrate` turns a probe's records into the threshold that skips a wanted share of the
+forwards, by replaying them (:func:`simulate`: warm-up, ``max_skips`` and the change accumulated
+since the last computed forward, as the cache compares against that forward's residual). The
+changes depend on the weights: random weights move the first blocks' residual far more per step
+than trained ones, so thresholds calibrated on random weights (every figure in this repository so
+far) are not known to hold on the released weights -- calibrate on them with
+``bench/cache_calibration.py --model <release folder>``.
 """
 
 from __future__ import annotations
@@ -55,6 +65,7 @@ class StepCacheStats:
 
 @dataclass
 class _Stream:
+    key: Hashable = None
     calls: int = 0
     consecutive: int = 0
     ref: torch.Tensor | None = None  # first-blocks residual of the last computed forward
@@ -113,6 +124,7 @@ class StepCache:
         self.taylor_order = int(taylor_order)
         self.stats = StepCacheStats()
         self.deltas: list[float] = []  # every relative-L1 change measured (largest row), to tune the threshold
+        self.records: list[tuple[Hashable, float, float]] = []  # (stream key, sigma, change), in order
         self._streams: dict[Hashable, _Stream] = {}
         self._current: tuple[_Stream, float] | None = None
 
@@ -136,7 +148,7 @@ class StepCache:
     @contextlib.contextmanager
     def stream(self, key: Hashable, sigma: float):
         """Run one forward of stream ``key`` at ``sigma`` through the cache."""
-        st = self._streams.setdefault(key, _Stream())
+        st = self._streams.setdefault(key, _Stream(key))
         prev, self._current = self._current, (st, float(sigma))
         try:
             yield
@@ -147,6 +159,7 @@ class StepCache:
         self._streams.clear()
         self.stats = StepCacheStats()
         self.deltas = []
+        self.records = []
 
     # -- the block loop ----------------------------------------------------------------------------
 
@@ -196,6 +209,7 @@ class StepCache:
         if self.threshold > 0 and st.ref is not None and st.ref.shape == r.shape:
             delta = float(relative_l1(r, st.ref).max())
             self.deltas.append(delta)
+            self.records.append((st.key, sigma, delta))
         skip = delta is not None and st.calls > self.warmup and st.consecutive < self.max_skips and delta < self.threshold
         if skip:
             est = self._estimate(st, sigma)
@@ -218,3 +232,64 @@ class StepCache:
         st.ref = r
         st.history = (st.history + [(sigma, h_out - h_head)])[-2:]
         self.stats.blocks_run += n
+
+
+# -- calibration -------------------------------------------------------------------------------------
+
+
+def step_changes(records) -> dict[Hashable, list[float]]:
+    """The changes of a probe run (:attr:`StepCache.records`, nothing skipped) per stream, in order:
+    entry ``i`` is the change between forwards ``i + 1`` and ``i + 2`` of that stream (the first
+    forward has nothing to compare with)."""
+    out: dict[Hashable, list[float]] = {}
+    for key, _sigma, delta in records:
+        out.setdefault(key, []).append(float(delta))
+    return out
+
+
+def simulate(changes: dict[Hashable, list[float]], threshold: float, *, warmup: int = 3, max_skips: int = 3) -> tuple[int, int]:
+    """(forwards skipped, forwards) that ``threshold`` would give on the streams' step changes,
+    following :class:`StepCache`'s rule; after a skip the compared residual is the last computed
+    one, so the change is taken as the sum of the step changes since then (an upper bound of the
+    distance, by the triangle inequality)."""
+    skipped = total = 0
+    for seq in changes.values():
+        total += len(seq) + 1
+        acc, run = 0.0, 0
+        for i, d in enumerate(seq):
+            acc += d
+            call = i + 2
+            if threshold > 0 and call > warmup and run < max_skips and acc < threshold:
+                skipped += 1
+                run += 1
+            else:
+                acc, run = 0.0, 0
+    return skipped, total
+
+
+def calibrate(records, skip_fraction: float, *, warmup: int = 3, max_skips: int = 3) -> float:
+    """The smallest threshold (4 significant digits, rounded up) whose replay (:func:`simulate`)
+    skips at least ``skip_fraction`` of the forwards of a probe run; the largest reachable share
+    (warm-up and ``max_skips`` bound it) when ``skip_fraction`` cannot be reached."""
+    if not 0 < skip_fraction < 1:
+        raise ValueError(f"skip_fraction must be in (0, 1), got {skip_fraction}")
+    changes = step_changes(records)
+    if not changes:
+        raise ValueError("no changes recorded: run a probe with a tiny threshold (e.g. 1e-9) over at least two steps")
+    # candidate thresholds: just above every accumulated change a replay can compare
+    cands = set()
+    for seq in changes.values():
+        for i in range(len(seq)):
+            acc = 0.0
+            for d in seq[i : i + max_skips]:
+                acc += d
+                cands.add(acc)
+    best = None
+    for c in sorted(cands):
+        t = float(f"{c * (1 + 1e-6) + 1e-12:.4g}")
+        t = t if t > c else c * (1 + 1e-3)
+        sk, tot = simulate(changes, t, warmup=warmup, max_skips=max_skips)
+        best = t
+        if sk >= skip_fraction * tot:
+            return t
+    return best

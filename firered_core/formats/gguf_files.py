@@ -7,23 +7,24 @@ tensors are F32, the rest BF16/F16 or quantized (Q8_0, Q4_0/Q4_1/Q5_0/Q5_1, the 
 Q2_K..Q6_K, IQ4_NL/IQ4_XS ...). Files without an architecture (sd.cpp) are judged by their keys;
 a ``model.diffusion_model.`` prefix is stripped; ``comfy.gguf.orig_shape.*`` metadata is honoured.
 
-Loading goes through diffusers' own GGUF support (``diffusers.quantizers.gguf``): the state dict we
-read here (validated against the architecture read from the shapes) is handed to
-``QwenImageTransformer2DModel.from_single_file(..., quantization_config=GGUFQuantizationConfig)``,
-which builds the model without weights and swaps every ``nn.Linear`` whose weight is quantized for
-``GGUFLinear``: the weight stays a ``GGUFParameter`` of raw GGUF blocks (uint8) in memory and is
-dequantized on the fly, layer by layer, in ``forward``. Unquantized GGUF tensors (F32/F16/BF16)
-become ordinary tensors in the compute dtype; a quantized tensor that is not a Linear weight (rare)
-is dequantized once at load.
+Loading builds the model the way diffusers' own GGUF support does (``diffusers.quantizers.gguf``:
+its ``GGUFQuantizer`` swaps every ``nn.Linear`` whose weight is quantized for ``GGUFLinear``, the
+weight staying a ``GGUFParameter`` of raw GGUF blocks (uint8) that is dequantized on the fly, layer
+by layer, in ``forward``), but reads the tensors itself: after the header has been checked against
+the architecture read from the shapes, each tensor's bytes are read from the file straight into the
+tensor the model keeps (one plain read into a fresh allocation, no memory map, no intermediate state
+dict), so loading peaks at about the file size (``bench/load_memory.py``: 1.0x, where handing a
+state dict to ``from_single_file`` peaked at 2.26x). Unquantized GGUF tensors (F32/F16/BF16) become
+ordinary tensors in the compute dtype; a quantized tensor that is not a Linear weight (rare) is
+dequantized once at load.
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -158,6 +159,33 @@ def _expected(config: dict):
     return shapes, linear
 
 
+def _read_raw(fh, t, path: Path) -> torch.Tensor:
+    """The bytes of GGUF tensor ``t`` read from the open file into a fresh uint8 tensor."""
+    n = int(t.n_bytes)
+    raw = torch.empty(n, dtype=torch.uint8)
+    try:
+        fh.seek(int(t.data_offset))
+        got = fh.readinto(memoryview(raw.numpy())) if n else 0
+    except OSError as e:
+        raise GGUFFileError(f"{str(path)!r}: tensor {t.name} cannot be read ({e}); the file is truncated or corrupt") from None
+    if got != n:
+        raise GGUFFileError(
+            f"{str(path)!r}: tensor {t.name} has {got} of its {n} bytes; the file is truncated or corrupt"
+        )
+    return raw
+
+
+def _assign(model, name: str, value: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if attr in mod._parameters:
+        mod._parameters[attr] = value if isinstance(value, torch.nn.Parameter) else torch.nn.Parameter(value, requires_grad=False)
+    elif attr in mod._buffers:
+        mod._buffers[attr] = value
+    else:
+        raise KeyError(name)
+
+
 def load_gguf_transformer(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu"):
     """Load a GGUF MM-DiT as a diffusers ``QwenImageTransformer2DModel`` whose quantized Linear layers
     stay quantized (``GGUFLinear`` with ``GGUFParameter`` weights, dequantized per layer in forward).
@@ -173,8 +201,9 @@ def load_gguf_transformer(path, *, dtype: torch.dtype = torch.bfloat16, device="
             found and what was expected.
     """
     gguf = _gguf()  # first: diffusers' GGUF code needs it too
-    import numpy as np
+    import accelerate
     from diffusers import GGUFQuantizationConfig, QwenImageTransformer2DModel
+    from diffusers.quantizers.gguf import GGUFQuantizer
     from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES, GGUFParameter, dequantize_gguf_tensor
 
     p = Path(path)
@@ -192,24 +221,18 @@ def load_gguf_transformer(path, *, dtype: torch.dtype = torch.bfloat16, device="
         n = next(iter(bad))
         raise GGUFFileError(f"{str(p)!r}: {n} has shape {bad[n]}, expected {expected[n]}")
     plain = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+    plain_dtypes = {gguf.GGMLQuantizationType.F32: torch.float32, gguf.GGMLQuantizationType.F16: torch.float16,
+                    gguf.GGMLQuantizationType.BF16: torch.bfloat16}
     reader = _reader(p)
-    state: dict[str, torch.Tensor] = {}
+    # 1. what each tensor becomes, from the header alone (no tensor data is touched yet)
+    plan: list[tuple[str, Any, str]] = []  # (name, reader tensor, "linear" | "plain" | "dequantize")
     for t in reader.tensors:
         if info.prefix and not t.name.startswith(info.prefix):
             continue
         name = t.name[len(info.prefix) :]
-        shape = info.shapes[name]
         qtype = t.tensor_type
-        try:
-            data = torch.from_numpy(np.array(t.data))  # a copy: the file's mmap is closed after loading
-        except (ValueError, OSError) as e:
-            raise GGUFFileError(
-                f"{str(p)!r}: tensor {t.name} cannot be read ({e}); the file is truncated or corrupt"
-            ) from None
         if qtype in plain:
-            if qtype == gguf.GGMLQuantizationType.BF16:
-                data = data.view(torch.uint8).view(torch.bfloat16)
-            state[name] = data.reshape(shape).to(dtype)
+            plan.append((name, t, "plain"))
             continue
         if qtype not in SUPPORTED_GGUF_QUANT_TYPES:
             supported = ", ".join(sorted(getattr(q, "name", str(q)) for q in SUPPORTED_GGUF_QUANT_TYPES))
@@ -217,29 +240,53 @@ def load_gguf_transformer(path, *, dtype: torch.dtype = torch.bfloat16, device="
                 f"{str(p)!r}: tensor {name} is quantized as {getattr(qtype, 'name', qtype)}, which cannot be "
                 f"dequantized here (supported: F32, F16, BF16, {supported})"
             )
-        param = GGUFParameter(data.view(torch.uint8), quant_type=qtype)
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        shape = info.shapes[name]
+        fits = len(shape) == 2 and shape[-1] % block == 0
+        quant_shape = (shape[0], shape[1] // block * type_size) if fits else None
         reshaped = _orig_shape(reader, t.name) is not None
-        if name in linear and not reshaped and tuple(param.quant_shape) == shape:
-            state[name] = param
-        else:  # not a Linear weight (or stored reshaped): dequantize once
-            state[name] = dequantize_gguf_tensor(param).reshape(shape).to(dtype)
-    del reader  # the tensors above are copies: the file's memory map can go
-    with tempfile.TemporaryDirectory(prefix="firered-gguf-") as cfg_dir:
-        (Path(cfg_dir) / "config.json").write_text(
-            json.dumps({"_class_name": "QwenImageTransformer2DModel", **info.config})
-        )
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = QwenImageTransformer2DModel.from_single_file(
-                    state,
-                    config=cfg_dir,
-                    quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
-                    torch_dtype=dtype,
-                    local_files_only=True,
-                )
-        except (ValueError, RuntimeError, KeyError, OSError) as e:
-            raise GGUFFileError(f"could not build the MM-DiT from {str(p)!r}: {e}") from e
+        kept = name in linear and not reshaped and quant_shape is not None and t.n_bytes == quant_shape[0] * quant_shape[1]
+        plan.append((name, t, "linear" if kept else "dequantize"))
+    # 2. the model without weights, its quantized Linears swapped for GGUFLinear (diffusers' own
+    # quantizer does the swap, so the model is exactly what ``from_single_file`` would build)
+    with accelerate.init_empty_weights(include_buffers=False):
+        model = QwenImageTransformer2DModel(**info.config)
+    quantizer = GGUFQuantizer(GGUFQuantizationConfig(compute_dtype=dtype))
+    markers = {name: GGUFParameter(torch.empty(0, dtype=torch.uint8), quant_type=t.tensor_type)
+               for name, t, how in plan if how == "linear"}
+    keep_fp32 = list(model._keep_in_fp32_modules or [])
+    quantizer.preprocess_model(model=model, device_map=None, state_dict=markers, keep_in_fp32_modules=keep_fp32)
+    # 3. every tensor read from the file straight into the tensor the model keeps (plain reads into
+    # a fresh allocation, never a memory map: the file's pages are not held on top of the weights,
+    # so the peak is about one file size; see bench/load_memory.py)
+    try:
+        fh = open(p, "rb")
+    except OSError as e:
+        raise GGUFFileError(f"{str(p)!r} cannot be opened ({e})") from None
+    try:
+        for name, t, how in plan:
+            raw = _read_raw(fh, t, p)
+            shape = info.shapes[name]
+            if how == "plain":
+                data = raw.view(plain_dtypes[t.tensor_type]).reshape(shape)
+                target = torch.float32 if any(k in name.split(".") for k in keep_fp32) else dtype
+                value = data if data.dtype == target else data.to(target)
+            elif how == "linear":
+                block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+                value = GGUFParameter(raw.view(shape[0], shape[1] // block * type_size), quant_type=t.tensor_type)
+            else:  # not a Linear weight (or stored reshaped): dequantize once
+                deq = dequantize_gguf_tensor(GGUFParameter(raw.view(1, -1), quant_type=t.tensor_type))
+                value = deq.reshape(shape).to(dtype)
+            _assign(model, name, value)
+            del raw
+    finally:
+        fh.close()
+    del reader
+    left = [n for n, v in list(model.named_parameters()) + list(model.named_buffers()) if v.device.type == "meta"]
+    if left:
+        raise GGUFFileError(f"could not build the MM-DiT from {str(p)!r}: tensors never loaded: {left[:5]}")
+    quantizer.postprocess_model(model)
+    model.hf_quantizer = quantizer
     model = model.to(device) if str(device) != "cpu" else model
     return model.eval().requires_grad_(False)
 
