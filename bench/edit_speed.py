@@ -92,6 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=512, help="input and output picture side")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", help="use this model folder instead of making one")
+    ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
 
     from diffusers import QwenImageEditPlusPipeline
@@ -143,6 +144,13 @@ def main(argv=None) -> int:
     diff = float(np.abs(outs["firered_core"] - outs["diffusers"]).max())
     print(f"ratio ours/diffusers: time {best['firered_core'] / best['diffusers']:.3f}   "
           f"peak memory {peak['firered_core'] / max(peak['diffusers'], 1):.3f}   (max pixel difference {diff:.2e})")
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({
+            "device": str(device), "dtype": args.dtype, "size": args.size, "steps": args.steps, "cfg": args.cfg,
+            "best_s": best, "peak_bytes": peak, "time_ratio": best["firered_core"] / best["diffusers"],
+            "memory_ratio": peak["firered_core"] / max(peak["diffusers"], 1), "max_pixel_difference": diff}, indent=1))
     return 0
 
 

@@ -91,6 +91,10 @@ def main() -> int:
     ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     ap.add_argument("--optimizer", default="adamw8bit")
     ap.add_argument("--blocks-to-swap", type=int, default=16, help="the 24 GB config's block swap (0 = off)")
+    ap.add_argument("--cap-gb", type=float, default=24.0,
+                    help="on a GPU, cap this process's memory here (torch.cuda.set_per_process_memory_fraction), "
+                         "as a card of that size would; 0 = no cap")
+    ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args()
     args.layers, args.heads, args.head_dim, args.text_dim, args.rope = 60, 24, 128, 3584, (16, 56, 56)
     if args.tiny:
@@ -134,6 +138,10 @@ def main() -> int:
     shapes = [(1, side, side), (1, side, side)]
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
+        if args.cap_gb and not args.tiny:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 2**30 / total), device)
+            print(f"memory capped at {args.cap_gb:g} GiB of {total / 2**30:.0f} GiB: a step past it fails out of memory")
     times, losses = [], []
     for step in range(args.steps + 1):
         if cuda:
@@ -161,6 +169,15 @@ def main() -> int:
     print("losses:", " ".join(f"{v:.4f}" for v in losses))
     if cuda and not args.tiny:
         print(f"24 GB target: {'met' if peak < 24 * 10**9 else 'NOT met'} ({peak / 1e9:.2f} GB)")
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({
+            "device": torch.cuda.get_device_name(device) if cuda else "CPU", "resolution": args.resolution,
+            "blocks": args.layers, "rank": args.rank, "fp8_base": args.fp8, "blocks_to_swap": args.blocks_to_swap,
+            "cap_gb": args.cap_gb if cuda and not args.tiny else None, "peak_bytes": peak,
+            "peak_kind": "max allocated" if cuda else "RSS", "step_s": sum(times) / len(times), "losses": losses,
+            "fits_24gb": bool(cuda and peak < 24 * 10**9)}, indent=1))
     return 0
 
 

@@ -80,6 +80,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--fp8", action="store_true", help="frozen base in scaled fp8 (the 24 GB setting)")
     ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args()
     args.layers, args.heads, args.head_dim, args.text_dim, args.rope = 60, 24, 128, 3584, (16, 56, 56)
     if args.tiny:
@@ -161,6 +162,13 @@ def main() -> int:
     if cuda:
         print(f"peak memory during updates: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated, "
               f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved ({torch.cuda.get_device_name(device)})")
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({
+            "device": torch.cuda.get_device_name(device) if cuda else "CPU", "resolution": args.resolution,
+            "blocks": args.layers, "fp8_base": args.fp8, "batch": args.batch, "rollout_forward_s": t_fwd,
+            "update_s": mean, "peak_bytes": torch.cuda.max_memory_allocated(device) if cuda else None}, indent=1))
     return 0
 
 

@@ -132,7 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", default="sdpa", choices=attention.CHOICES)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd blocks (warm-up printed)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the card, if not in the table")
-    ap.add_argument("--skip", default="", help="comma list of variants to leave out: swap, fp8, cache")
+    ap.add_argument("--skip", default="", help="comma list of variants to leave out: swap, fp8, int8, cache")
+    ap.add_argument("--json", help="also write the figures (per variant: s/step, peak GB, MFU) to this JSON file")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
 
@@ -168,9 +169,15 @@ def main(argv=None) -> int:
     sigma = torch.tensor([0.5], device=device)
     results = []
 
-    def record(label, dt, peak, note="", flop=flops["total"]):
-        mfu = f"{flop / dt / (peak_tflops * 1e12) * 100:5.1f}%" if peak_tflops and flop else "  n/a"
+    figures = {"device": name, "blocks": cfg["num_layers"], "params": n_params, "size": size,
+               "text_tokens": args.text_tokens, "pflop_per_forward": flops["total"] / 1e15,
+               "peak_tflops": peak_tflops, "attention": attn_in_use, "variants": {}}
+
+    def record(label, dt, peak, note="", flop=flops["total"], key=None):
+        mfu_v = flop / dt / (peak_tflops * 1e12) if peak_tflops and flop else None
+        mfu = f"{mfu_v * 100:5.1f}%" if mfu_v is not None else "  n/a"
         results.append((label, dt, peak, mfu, note))
+        figures["variants"][key or label.strip()] = {"s_per_step": dt, "peak_gb": peak, "mfu": mfu_v, "note": note}
         print(f"  {label:30s} {dt:8.3f} s/step  peak {peak if peak is not None else float('nan'):6.1f} GB  MFU {mfu}  {note}",
               flush=True)
 
@@ -182,11 +189,11 @@ def main(argv=None) -> int:
         return model(hidden_states=hidden, encoder_hidden_states=text.embeds, timestep=timestep,
                      img_shapes=[shapes], return_dict=False)[0]
 
-    record("diffusers plain", *timer.run(diffusers_step, args.steps))
+    record("diffusers plain", *timer.run(diffusers_step, args.steps), key="diffusers")
 
     # 2. ours, bf16 resident
     den = Denoiser(model, cond)
-    record("bf16 resident (ours)", *timer.run(lambda: den.predict(x, sigma, [text]), args.steps))
+    record("bf16 resident (ours)", *timer.run(lambda: den.predict(x, sigma, [text]), args.steps), key="bf16")
     t_plain = results[-1][1]
 
     # 3. step cache over an 8-step Lightning-like Euler run
@@ -216,7 +223,7 @@ def main(argv=None) -> int:
         st = cache.stats
         record(f"step cache thr {args.cache_threshold}", dt, peak,
                f"{st.cached_forwards}/8 steps cached, {st.blocks_skipped} block evals skipped; "
-               f"{t_plain / dt:.2f}x vs resident", flop=flops["total"] * (1 - st.skipped_fraction))
+               f"{t_plain / dt:.2f}x vs resident", flop=flops["total"] * (1 - st.skipped_fraction), key="cache")
 
         # the cost of one cached step on its own (first `compute` blocks + the residual reuse)
         always = StepCache(model, threshold=1e9, compute_blocks=compute, warmup=1, max_skips=10**9)
@@ -225,7 +232,7 @@ def main(argv=None) -> int:
             da.predict(x, sigma, [text])  # fills the cache
             dt, peak = timer.run(lambda: da.predict(x, sigma, [text]), args.steps)
         record("  one cached step", dt, peak, f"{compute} of {cfg['num_layers']} blocks run",
-               flop=flops["total"] * compute / cfg["num_layers"])
+               flop=flops["total"] * compute / cfg["num_layers"], key="cache_one_step")
 
     # 4. optional: compiled blocks
     if args.compile:
@@ -235,7 +242,7 @@ def main(argv=None) -> int:
         timer.sync()
         warm = time.perf_counter() - t
         record("bf16 + compiled blocks", *timer.run(lambda: den.predict(x, sigma, [text]), args.steps),
-               f"warm-up {warm:.1f}s")
+               f"warm-up {warm:.1f}s", key="compile")
         precision.uncompile_blocks(model)
 
     # 5. block swap at a budget (the planner's choice, with the real text encoder's size planned in)
@@ -257,9 +264,21 @@ def main(argv=None) -> int:
         if timer.cuda:
             torch.cuda.empty_cache()
         t_install = time.perf_counter() - t
-        dt, peak = timer.run(lambda: den.predict(x, sigma, [text]), args.steps)
-        record(f"block swap @ {args.budget_gb:g} GB", dt, peak,
-               f"{plan.name}: {n_res}/{len(blocks)} resident, pinned in {t_install:.1f}s; {dt / t_plain:.2f}x resident time")
+        capped = timer.cuda and not args.tiny
+        if capped:  # the budget enforced: an allocation past it raises out-of-memory, as on a smaller card
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_gb * GB / total), device)
+        try:
+            dt, peak = timer.run(lambda: den.predict(x, sigma, [text]), args.steps)
+            record(f"block swap @ {args.budget_gb:g} GB", dt, peak,
+                   f"{plan.name}: {n_res}/{len(blocks)} resident, pinned in {t_install:.1f}s; {dt / t_plain:.2f}x resident "
+                   f"time{'; memory capped at the budget' if capped else ''}", key="block_swap")
+        except torch.OutOfMemoryError as e:
+            print(f"  block swap @ {args.budget_gb:g} GB: out of memory under the cap ({str(e).splitlines()[0]})")
+            figures["variants"]["block_swap"] = {"error": f"out of memory under a {args.budget_gb:g} GB cap"}
+        finally:
+            if capped:
+                torch.cuda.set_per_process_memory_fraction(1.0, device)
         sw.uninstall(device)
 
     # 6. fp8: scaled e4m3 block linears (in place, one layer at a time), upcast, then fp8 matmul
@@ -268,19 +287,37 @@ def main(argv=None) -> int:
         if timer.cuda:
             torch.cuda.empty_cache()
         record("fp8 scaled (upcast)", *timer.run(lambda: den.predict(x, sigma, [text]), args.steps),
-               f"model {module_bytes(model) / GB:.1f} GB")
+               f"model {module_bytes(model) / GB:.1f} GB", key="fp8_upcast")
         n = precision.enable_fp8_matmul(model, force=args.tiny)
         if n:
             record("fp8 scaled + fp8 matmul", *timer.run(lambda: den.predict(x, sigma, [text]), args.steps),
-                   f"{n} layers on torch._scaled_mm")
+                   f"{n} layers on torch._scaled_mm", key="fp8_matmul")
         else:
             print("  fp8 matmul: not supported on this device (needs compute capability >= 8.9)")
+
+    # 7. int8: the block linears of a fresh bf16 model quantized per channel (weights only)
+    if "int8" not in skip:
+        del den, model
+        if timer.cuda:
+            torch.cuda.empty_cache()
+        model = build(cfg, device, dtype)
+        attention.set_attention(model, args.attention)
+        precision.quantize_weights(model, "int8")
+        if timer.cuda:
+            torch.cuda.empty_cache()
+        den = Denoiser(model, cond)
+        record("int8 weights", *timer.run(lambda: den.predict(x, sigma, [text]), args.steps),
+               f"model {module_bytes(model) / GB:.1f} GB", key="int8")
 
     print()
     print(f"| variant ({name}) | s/step | peak GB | MFU (of {peak_tflops or '?'} TFLOP/s) | note |")
     print("|---|---|---|---|---|")
     for label, dt, peak, mfu, note in results:
         print(f"| {label.strip()} | {dt:.3f} | {'-' if peak is None else f'{peak:.1f}'} | {mfu.strip()} | {note} |")
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(figures, indent=1))
     return 0
 
 

@@ -55,3 +55,15 @@ def make_picture(width: int, height: int, seed: int = 0):
     b = ((x - cx) ** 2 + (y - cy) ** 2 < rad**2).astype(np.float32)
     arr = np.stack([r, g, 0.2 + 0.6 * b], -1) + rng.normal(0, 0.03, (height, width, 3))
     return Image.fromarray((np.clip(arr, 0, 1) * 255).astype(np.uint8))
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests need CUDA: skipped, with the reason, on a machine without it."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (bench/gpu_check.sh runs these on one)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
