@@ -47,7 +47,9 @@ def test_nft_raises_the_reward_of_fresh_samples(tiny_model_dir, tmp_path):
     brightness of fresh samples (fixed seeds, 8 per prompt, 2 prompts) for each training seed. The
     tiny random VAE maps latents to a narrow brightness band (samples: 0.490 +- 0.008), so the
     margin is small in absolute terms: measured +0.014 and +0.012 (seeds 0, 1); asserted > +0.004,
-    twice the standard error of a 16-sample mean."""
+    twice the standard error of a 16-sample mean. The control: the same run with the reward
+    inverted (weight -1) must move brightness the other way (a sign error in the advantage or the
+    loss passes the first check only by luck, and fails this one)."""
     from firered_core import FireRedEditor
 
     prompts = _prompts(tmp_path)
@@ -64,8 +66,17 @@ def test_nft_raises_the_reward_of_fresh_samples(tiny_model_dir, tmp_path):
         after, _ = run.validate()
         gains.append(after - before)
         assert all(np.isfinite(r["loss"]) for r in rows)
-    print("NFT brightness gains over seeds:", [round(g, 4) for g in gains])
+    ed = FireRedEditor(dataclasses.replace(base.c, transformer=copy.deepcopy(base_tr)))
+    inv = nft.NFTRun(_nft_cfg(tiny_model_dir, prompts, tmp_path / "inv", seed=0, reward={"brightness": -1.0}),
+                     editor=ed, encoded=encoded)
+    before, _ = inv.validate()  # the inverted reward: minus the brightness
+    for _ in range(inv.cfg.steps):
+        inv.iteration()
+    after, _ = inv.validate()
+    inverted_gain = -(after - before)  # in brightness
+    print("NFT brightness gains over seeds:", [round(g, 4) for g in gains], "inverted reward:", round(inverted_gain, 4))
     assert min(gains) > 0.004, gains
+    assert inverted_gain < -0.004, inverted_gain
 
 
 def test_dpo_moves_toward_the_preferred_side(tiny_model_dir, tmp_path):
@@ -73,7 +84,9 @@ def test_dpo_moves_toward_the_preferred_side(tiny_model_dir, tmp_path):
     Fresh samples (16 fixed seeds, CFG 1, 4 Euler steps) are projected on the line from the
     rejected latent (0) to the preferred one (1); 20 DPO-AGO steps (default beta 100, omega 1.5,
     lam 1) move them toward the preferred end. Measured +0.105 (and +0.088 with lam = 0, the DPO
-    term alone); asserted > +0.03."""
+    term alone); asserted > +0.03. Then the DPO term alone (lam = 0: the SFT term on the preferred
+    edit cannot carry the test) on the pairs and on the same pairs with the preference swapped:
+    the first moves toward the preferred end, the control away from it."""
     from firered_core import samplers
     from firered_core.denoiser import Denoiser
 
@@ -84,16 +97,24 @@ def test_dpo_moves_toward_the_preferred_side(tiny_model_dir, tmp_path):
     Image.fromarray(np.clip(a * 0.2, 0, 255).astype(np.uint8)).save(tmp_path / "lose.png")
     rec = {"source_image": "src.png", "instruction": "make it brighter", "preferred": "win.png", "rejected": "lose.png"}
     (tmp_path / "prefs.jsonl").write_text(json.dumps(rec) + "\n")
-    cfg = common.load_config(dpo.DPOConfig, None, dict(
-        model=str(tiny_model_dir), data=str(tmp_path / "prefs.jsonl"), output_dir=str(tmp_path / "dpo"), steps=20,
-        width=32, height=32, ref_area=32 * 32, vl_area=56 * 56, lr=3e-3, warmup_steps=1, lora_rank=4, lora_alpha=8,
-        dtype="fp32", device="cpu", save_every=0, resume=False,
-    ))  # fmt: skip
-    run = dpo.DPORun(cfg)
+    swapped = {**rec, "preferred": "lose.png", "rejected": "win.png"}
+    (tmp_path / "swapped.jsonl").write_text(json.dumps(swapped) + "\n")
+
+    def make(data, out, **kw):
+        return dpo.DPORun(common.load_config(dpo.DPOConfig, None, dict(
+            model=str(tiny_model_dir), data=str(tmp_path / data), output_dir=str(tmp_path / out), steps=20,
+            width=32, height=32, ref_area=32 * 32, vl_area=56 * 56, lr=3e-3, warmup_steps=1, lora_rank=4, lora_alpha=8,
+            dtype="fp32", device="cpu", save_every=0, resume=False, **kw,
+        )))  # fmt: skip
+
+    run = make("prefs.jsonl", "dpo")
+    cfg = run.cfg
+    zw0, zl0 = run.encoded(0)[1:]  # the line of the original pairs (a swapped run encodes them the other way)
 
     @torch.no_grad()
-    def side():
-        enc, zw, zl = run.encoded(0)
+    def side(run=run):
+        enc = run.encoded(0)[0]
+        zw, zl = zw0, zl0
         sig = run.editor.sigmas(dataclasses.replace(run.req, steps=4), enc.size)
         x = torch.randn(16, *zw.shape[1:], generator=torch.Generator().manual_seed(123))
         x0 = samplers.sample_euler(Denoiser(run.editor.c.transformer, enc.cond).model_fn(enc.positive), x, sig)
@@ -106,6 +127,16 @@ def test_dpo_moves_toward_the_preferred_side(tiny_model_dir, tmp_path):
     print(f"DPO: samples moved {after - before:+.3f} toward the preferred latent; last step {rows[-1]}")
     assert after - before > 0.03
     assert rows[-1]["accuracy"] == 1.0 and rows[-1]["win_diff"] < 0  # the preferred error fell below the reference's
+
+    moved = {}
+    for data in ("prefs.jsonl", "swapped.jsonl"):
+        r = make(data, f"dpo-{data}", lam=0.0)
+        b = side(r)
+        for _ in range(r.cfg.steps):
+            r.iteration()
+        moved[data] = side(r) - b
+    print(f"DPO term alone (lam 0): moved {moved['prefs.jsonl']:+.3f}; preference swapped: {moved['swapped.jsonl']:+.3f}")
+    assert moved["prefs.jsonl"] > 0.03 and moved["swapped.jsonl"] < -0.03, moved
 
 
 _CHILD = r"""
