@@ -331,7 +331,18 @@ def test_full_finetune_stop_resume_and_loss_falls(tiny_model_dir, tiny_data, tmp
     assert second.eval_loss_after < 0.9 * first.eval_loss_before, (first.eval_loss_before, second.eval_loss_after)
     assert [s for s, _ in read_csv(out / "loss.csv")] == list(range(1, 11))
     reloaded = load_transformer(second.transformer, dtype=torch.float32)
-    assert isinstance(reloaded, torch.nn.Module)
+    # the written transformer holds the trained weights (the last checkpoint's), not the base's
+    from safetensors.torch import load_file
+
+    trained = load_file(str(second.checkpoint / "trainable.safetensors"))
+    base = load_transformer(tiny_model_dir / "transformer", dtype=torch.float32).state_dict()
+    got = reloaded.state_dict()
+    names = {k: next((g for g in got if k == g or k.endswith("." + g) or g.endswith("." + k)), None) for k in trained}
+    assert trained and all(names.values()), [k for k, v in names.items() if v is None][:5]
+    for k, g in names.items():
+        assert torch.equal(got[g], trained[k].float()), k
+    moved = [g for g in names.values() if not torch.equal(got[g], base[g])]
+    assert len(moved) > len(names) // 2, f"only {len(moved)} of {len(names)} tensors differ from the base"
 
 
 @pytest.mark.comfyui
