@@ -22,19 +22,35 @@ Lightning (lightx2v, FireRed)  diffusers names with ``lora_down`` / ``lora_up`` 
                                (any of the prefixes above)
 =============================  ==============================================================
 
+Also: ``lora_A`` / ``lora_B`` without ``.weight``, diffusers' older ``.lora_linear_layer.down`` /
+``.up``, a ``lora_mid`` factor (LoCon's Tucker form: ``up @ mid @ down``), a LoRA bias
+(``lora_B.bias`` / ``lora_up.bias``, PEFT's ``lora_bias``: scaled with the layer), full-weight
+``diff`` / ``diff_b`` patches, and DoRA (``dora_scale``).
+
 The names are matched against the model's own linear layers (as ComfyUI's ``model_lora_keys_unet``
 does), so the kohya underscore form is resolved exactly, not guessed. A layer's update is
-``strength * alpha / rank * up @ down``. The same normalisation is what diffusers'
-``QwenImageLoraLoaderMixin.lora_state_dict`` does for these layouts; the tests check the two agree.
+``strength * alpha / rank * up @ down``, with ``alpha`` from the file's ``.alpha`` tensor where it
+has one -- for ``lora_A`` / ``lora_B`` files too, as ComfyUI applies it (diffusers' loader ignores
+an ``.alpha`` beside ``lora_A`` / ``lora_B`` names and scales by 1): the file's author wrote it to
+be applied, and ComfyUI is what users compare a picture with. Without one, PEFT's ``lora_alpha /
+r`` from the file's ``lora_adapter_metadata`` or an ``adapter_config.json`` (``lora_alpha /
+sqrt(r)`` with ``use_rslora``), else 1. For the other layouts this is what diffusers'
+``QwenImageLoraLoaderMixin.lora_state_dict`` does too; the tests check the two agree.
+
+DoRA, as ComfyUI's weight decomposition computes it: ``V = W + alpha / rank * up @ down``, ``W' =
+dora_scale * V / (||V|| + eps)`` with the norm taken along the axis ``dora_scale`` does not span
+(per output row for ``[out, 1]``, per input column for ``[1, in]``), and at strength ``s`` the
+layer computes ``W + s * (W' - W)``. That update depends on the base weight, so it is built once
+from it at load (a full ``[out, in]`` tensor per layer, like a ``diff`` patch).
 
 LoRAs are not merged: each adapted linear (``nn.Linear`` or the fp8 :class:`FP8Linear`) gets a
 forward hook that adds ``s * up(down(x))`` for every LoRA on it, so fp8 bases keep their fp8
 weights untouched, a strength change is one number, and removal restores the exact base output.
 LyCORIS LoHa (``hada_w1_a`` ...) and LoKr (``lokr_w1`` / ``lokr_w2`` or their ``_a`` / ``_b``
 factors) load too, under any of the prefixes (SimpleTuner writes ``lycoris_``), scaled as LyCORIS
-and ComfyUI scale them. Their CP-decomposed variants (``hada_t1``, ``lokr_t2``, conv-only), DoRA,
-OFT and full-weight ``diff`` patches are recognised and reported as not supported (listed among
-the unmatched keys; an error if nothing else matched).
+and ComfyUI scale them. Their CP-decomposed variants (``hada_t1``, ``lokr_t2``, conv-only) and
+OFT are recognised and reported as not supported (listed among the unmatched keys; an error if
+nothing else matched).
 """
 
 from __future__ import annotations
@@ -81,7 +97,17 @@ _SUFFIXES = {
     ".lora_up.weight": "up",
     ".lora.up.weight": "up",
     "_lora.up.weight": "up",
+    ".lora_A": "down",
+    ".lora_B": "up",
+    ".lora_linear_layer.down.weight": "down",
+    ".lora_linear_layer.up.weight": "up",
+    ".lora_mid.weight": "mid",
+    ".lora_B.bias": "up_bias",
+    ".lora_up.bias": "up_bias",
     ".alpha": "alpha",
+    ".dora_scale": "dora_scale",
+    ".diff": "diff",
+    ".diff_b": "diff_b",
 }
 # LyCORIS LoHa / LoKr factors (the role is the suffix without its dot)
 for _k in (
@@ -98,7 +124,7 @@ for _k in (
 ):
     _SUFFIXES["." + _k] = _k
 # recognised adapter kinds this loader does not apply, by the last component of a key
-_UNSUPPORTED_NAMES = {"dora_scale": "DoRA", "diff": "full-weight diff", "diff_b": "bias diff"}
+_UNSUPPORTED_NAMES: dict[str, str] = {}
 _UNSUPPORTED_STARTS = {
     "hada_t": "LyCORIS LoHa with CP tensors (hada_t1/t2)",
     "lokr_t": "LyCORIS LoKr with a CP tensor (lokr_t2)",
@@ -108,9 +134,7 @@ _UNSUPPORTED_STARTS = {
 
 
 def _unsupported_kind(key: str) -> str | None:
-    head, _, last = key.rpartition(".")
-    if last == "bias" and head.endswith(("lora_B", "lora_up")):
-        return "LoRA bias"
+    last = key.rpartition(".")[2]
     return _UNSUPPORTED_NAMES.get(last) or next((v for k, v in _UNSUPPORTED_STARTS.items() if last.startswith(k)), None)
 
 
@@ -139,12 +163,14 @@ _FORMAT_NAMES = {
 
 @dataclass
 class LoraLayer:
-    """One adapted linear: ``down`` [rank, in], ``up`` [out, rank], ``scale`` = alpha / rank.
-    ``layer(x)`` is the output a strength of 1 adds: ``scale * up(down(x))``, in ``x.dtype``."""
+    """One adapted linear: ``down`` [rank, in], ``up`` [out, rank], ``scale`` = alpha / rank and an
+    optional ``bias`` [out] of the up projection (PEFT's ``lora_bias``). ``layer(x)`` is the output
+    a strength of 1 adds: ``scale * (up(down(x)) + bias)``, in ``x.dtype``."""
 
     down: torch.Tensor
     up: torch.Tensor
     scale: float
+    bias: torch.Tensor | None = None
     kind = "LoRA"
 
     @property
@@ -152,7 +178,8 @@ class LoraLayer:
         return self.up.shape[0], self.down.shape[1]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"down": self.down, "up": self.up}
+        t = {"down": self.down, "up": self.up}
+        return t if self.bias is None else {**t, "bias": self.bias}
 
     def to(self, device, dtype):
         return type(self)(**{k: v.to(device, dtype) for k, v in self.tensors().items()}, scale=self.scale)
@@ -163,7 +190,73 @@ class LoraLayer:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         d, u = _cast(x, self.down, self.up)
-        return nn.functional.linear(nn.functional.linear(x, d), u) * self.scale
+        b = None if self.bias is None else _cast(x, self.bias)[0]
+        return nn.functional.linear(nn.functional.linear(x, d), u, b) * self.scale
+
+
+@dataclass
+class DeltaLayer(LoraLayer):
+    """A full update of a layer: ``delta`` [out, in] added to its weight and / or ``delta_b``
+    [out] to its bias -- a ``diff`` / ``diff_b`` patch, or a DoRA layer's ``W' - W`` (built from
+    the base weight at load). ``layer(x) = x @ delta^T + delta_b``."""
+
+    down: torch.Tensor = None  # unused
+    up: torch.Tensor = None
+    scale: float = 1.0
+    delta: torch.Tensor | None = None
+    delta_b: torch.Tensor | None = None
+    kind = "diff"
+
+    @property
+    def shape(self) -> tuple[int, int] | None:
+        return tuple(self.delta.shape) if self.delta is not None else None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in (("delta", self.delta), ("delta_b", self.delta_b)) if v is not None}
+
+    def to(self, device, dtype):
+        new = super().to(device, dtype)
+        new.kind = self.kind
+        return new
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.delta.float()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.delta is None:
+            return _cast(x, self.delta_b)[0].expand(*x.shape[:-1], -1)
+        d = _cast(x, self.delta)[0]
+        b = None if self.delta_b is None else _cast(x, self.delta_b)[0]
+        return nn.functional.linear(x, d, b)
+
+
+def _dense_weight(m: nn.Module) -> torch.Tensor:
+    """A layer's weight as a float32 [out, in] tensor (fp8 and GGUF weights dequantized)."""
+    if isinstance(m, FP8Linear):
+        return m.dequantized_weight(torch.float32)
+    w = m.weight
+    if type(w).__name__ == "GGUFParameter":
+        from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+        return dequantize_gguf_tensor(w).float().reshape(m.out_features, m.in_features)
+    return w.detach().float()
+
+
+def dora_delta(weight: torch.Tensor, lora_delta: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
+    """``W' - W`` of a DoRA layer (float32): ``W' = dora_scale * V / (||V|| + eps)``, ``V = W +
+    lora_delta``, the norm along the axis ``dora_scale`` does not span (module docstring)."""
+    v = weight.float() + lora_delta.float()
+    m = dora_scale.float()
+    if m.dim() == 1:
+        m = m[:, None]
+    if m.shape == (v.shape[0], 1):  # a magnitude per output row (PEFT's layout)
+        norm = v.norm(dim=1, keepdim=True)
+    elif m.shape == (1, v.shape[1]):  # a magnitude per input column (LyCORIS / kohya)
+        norm = v.norm(dim=0, keepdim=True)
+    else:
+        raise ValueError(f"dora_scale of shape {tuple(dora_scale.shape)} fits neither [out, 1] nor [1, in] "
+                         f"of a {v.shape[1]} -> {v.shape[0]} layer")
+    return v * (m / (norm + torch.finfo(torch.float32).eps)) - weight.float()
 
 
 def _cast(x: torch.Tensor, *ts: torch.Tensor):
@@ -357,6 +450,71 @@ def _pattern_value(module: str, patterns: Mapping[str, Any] | None):
     return None
 
 
+def _lora_pair(src: str, module: str, g: dict, extra: dict, conf: Mapping[str, Any]) -> LoraLayer:
+    """The :class:`LoraLayer` of a ``down`` / ``up`` pair (with ``lora_mid`` and the up bias when
+    present), scaled by the file's alpha, else PEFT's config (rsLoRA included), else 1."""
+    down, up = g["down"], g["up"]
+    if down.dim() == 4:  # 1x1 conv form some trainers write
+        down, up = down.flatten(1), up.flatten(1)
+    rank = down.shape[0]
+    mid = extra.get("mid")
+    if mid is not None:  # LoCon's Tucker form: up @ mid @ down
+        if mid.dim() == 4 and tuple(mid.shape[2:]) == (1, 1):
+            mid = mid.flatten(1)
+        if mid.dim() != 2 or mid.shape != (up.shape[1], rank):
+            raise LoraFormatError(f"{src}: layer {module!r} has lora_mid {tuple(extra['mid'].shape)}, expected "
+                                  f"[{up.shape[1] if up.dim() == 2 else '?'}, {rank}] between its up and down")
+        down = mid.to(down.dtype) @ down
+    if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
+        raise LoraFormatError(
+            f"{src}: layer {module!r} has down {tuple(down.shape)} / up {tuple(up.shape)}, not a LoRA pair"
+        )
+    if "alpha" in g:
+        scale = float(g["alpha"].float().item()) / rank
+    else:
+        # PEFT scales by lora_alpha / r (its configured rank; rsLoRA: / sqrt(r)); no alpha at all: 1
+        a = _pattern_value(module, conf.get("alpha_pattern")) or conf.get("lora_alpha")
+        r = float(_pattern_value(module, conf.get("rank_pattern")) or conf.get("r") or rank)
+        scale = float(a) / (r**0.5 if conf.get("use_rslora") else r) if a else 1.0
+    bias = extra.get("up_bias")
+    if bias is not None and tuple(bias.shape) != (up.shape[0],):
+        raise LoraFormatError(f"{src}: layer {module!r} has a LoRA bias of {tuple(bias.shape)}, expected [{up.shape[0]}]")
+    return LoraLayer(down, up, scale, bias=bias)
+
+
+def _with_full_patches(src: str, module: str, m: nn.Module, layer: LoraLayer | None, extra: dict) -> LoraLayer:
+    """``layer`` with the layer's ``diff`` / ``diff_b`` patches and DoRA applied (a
+    :class:`DeltaLayer` then), or ``layer`` itself when it has none."""
+    diff, diff_b, dora = extra.get("diff"), extra.get("diff_b"), extra.get("dora_scale")
+    if diff is None and diff_b is None and dora is None:
+        return layer
+    out_f, in_f = m.out_features, m.in_features
+    if diff is not None and tuple(diff.shape) != (out_f, in_f):
+        raise LoraFormatError(f"{src}: the diff patch for layer {module!r} is {tuple(diff.shape)}, but the layer is "
+                              f"{in_f} -> {out_f} (expected [{out_f}, {in_f}])")
+    if diff_b is not None and tuple(diff_b.shape) != (out_f,):
+        raise LoraFormatError(f"{src}: the diff_b patch for layer {module!r} is {tuple(diff_b.shape)}, expected [{out_f}]")
+    bias = diff_b.float() if diff_b is not None else None
+    if layer is not None and layer.bias is not None:  # a LoRA bias joins the bias update
+        lb = layer.bias.float() * layer.scale
+        bias = lb if bias is None else bias + lb
+    delta = layer.delta_weight() if layer is not None else None
+    if diff is not None:
+        delta = diff.float() if delta is None else delta + diff.float()
+    kind = "diff"
+    if dora is not None:
+        if delta is None:
+            raise LoraFormatError(f"{src}: layer {module!r} has a dora_scale but no LoRA update to decompose")
+        try:
+            delta = dora_delta(_dense_weight(m), delta, dora)
+        except ValueError as e:
+            raise LoraFormatError(f"{src}: layer {module!r}: {e}") from None
+        kind = "DoRA"
+    out = DeltaLayer(delta=delta, delta_b=bias)
+    out.kind = kind
+    return out
+
+
 def read_lora(lora, model: nn.Module, *, source: str | None = None) -> ParsedLora:
     """Parse a LoRA (a file path or a state dict) and match it to ``model``'s linear layers.
 
@@ -406,46 +564,31 @@ def read_lora(lora, model: nn.Module, *, source: str | None = None) -> ParsedLor
     for module, g in groups.items():
         keys = g.pop("_keys")  # type: ignore[arg-type]
         m = modules[module]
+        extra = {k: g.pop(k) for k in ("dora_scale", "diff", "diff_b", "mid", "up_bias") if k in g}
         try:
             layer = _lycoris_layer(g) if any(k.startswith(("hada_", "lokr_")) for k in g) else None
         except (KeyError, RuntimeError, IndexError) as e:
             raise LoraFormatError(
                 f"{src}: incomplete or inconsistent LyCORIS factors for layer {module!r}: {e!r}"
             ) from None
-        if layer is None and ("down" not in g or "up" not in g):
+        pair = "down" in g and "up" in g
+        if layer is None and not pair and "diff" not in extra and "diff_b" not in extra:
             unmatched.extend(keys)
             continue
-        if layer is None:
-            down, up = g["down"], g["up"]
-            if down.dim() == 4:  # 1x1 conv form some trainers write
-                down, up = down.flatten(1), up.flatten(1)
-            rank = down.shape[0]
-            if down.dim() != 2 or up.dim() != 2 or up.shape[1] != rank:
-                raise LoraFormatError(
-                    f"{src}: layer {module!r} has down {tuple(down.shape)} / up {tuple(up.shape)}, not a LoRA pair"
-                )
-        if (layer.shape if layer is not None else (up.shape[0], down.shape[1])) != (m.out_features, m.in_features):
+        if layer is None and pair:
+            layer = _lora_pair(src, module, g, extra, conf)
+        if layer is not None and layer.shape != (m.out_features, m.in_features):
             found = (
-                f"a {layer.kind} update of {tuple(layer.shape)}"
-                if layer
-                else f"down {tuple(down.shape)} / up {tuple(up.shape)}"
+                f"down {tuple(g['down'].shape)} / up {tuple(g['up'].shape)}"
+                if pair and layer.kind == "LoRA"
+                else f"a {layer.kind} update of {tuple(layer.shape)}"
             )
             raise LoraFormatError(
                 f"{src}: the LoRA for layer {module!r} has {found}, but the "
                 f"layer is {m.in_features} -> {m.out_features}; expected a LoRA made for this model size "
                 "(is it for another Qwen-Image variant or another model?)"
             )
-        if layer is not None:
-            layers[module] = layer
-            continue
-        if "alpha" in g:
-            alpha = float(g["alpha"].float().item())
-        else:
-            # PEFT scales by lora_alpha / r (its configured rank); without any alpha the scale is 1
-            a = _pattern_value(module, conf.get("alpha_pattern")) or conf.get("lora_alpha")
-            r = _pattern_value(module, conf.get("rank_pattern")) or conf.get("r") or rank
-            alpha = float(a) * rank / float(r) if a else float(rank)
-        layers[module] = LoraLayer(down, up, alpha / rank)
+        layers[module] = _with_full_patches(src, module, m, layer, extra)
 
     if not layers:
         raise LoraFormatError(
@@ -457,7 +600,8 @@ def read_lora(lora, model: nn.Module, *, source: str | None = None) -> ParsedLor
             "'diffusion_model.') or 'lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight'"
         )
     pre = max(prefixes, key=prefixes.get) if prefixes else ""
-    styles |= {f"LyCORIS {la.kind}" for la in layers.values() if la.kind != "LoRA"}
+    styles |= {f"LyCORIS {la.kind}" if la.kind in ("LoHa", "LoKr") else la.kind
+               for la in layers.values() if la.kind != "LoRA"}
     fmt = f"{_FORMAT_NAMES.get(pre, repr(pre))}, {'+'.join(sorted(styles))}"
     if unmatched:
         detail = f" ({', '.join(f'{v} {k}' for k, v in unsupported.items())} not supported)" if unsupported else ""
