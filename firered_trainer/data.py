@@ -26,7 +26,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 from PIL import Image, UnidentifiedImageError
 
@@ -148,12 +148,15 @@ def _finish(samples: list[EditSample], report: LoadReport, max_bad: int, what: s
     return samples
 
 
-def read_jsonl(path, *, dataset: str | None = None, max_bad: int = 10, report: LoadReport | None = None) -> list[EditSample]:
-    """Read a FireRed JSONL file; bad lines are skipped and counted in ``report``."""
+def read_records(path, parse: Callable[[dict, Path, str], Any], *, max_bad: int = 10,
+                 report: LoadReport | None = None, what: str = "samples") -> list:
+    """Every stage's JSONL reader: ``parse(record, folder of the file, "file:line")`` turns each
+    line into a sample; a line that is not a JSON object, or that ``parse`` rejects with a
+    :class:`DataError`, is skipped and counted in ``report`` (with file and line); more than
+    ``max_bad`` of them, or no usable line at all, is a :class:`DataError`."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"dataset file not found: {path}")
-    dataset = dataset or path.stem
     report = report if report is not None else LoadReport()
     samples = []
     with path.open(encoding="utf-8") as f:
@@ -166,10 +169,19 @@ def read_jsonl(path, *, dataset: str | None = None, max_bad: int = 10, report: L
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-                samples.append(sample_from_record(rec, path.parent, dataset=dataset, where=where))
+                if not isinstance(rec, dict):
+                    raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+                samples.append(parse(rec, path.parent, where))
             except DataError as e:
                 report.errors.append(str(e))
-    return _finish(samples, report, max_bad, str(path))
+    return _finish(samples, report, max_bad, f"{path} ({what})")
+
+
+def read_jsonl(path, *, dataset: str | None = None, max_bad: int = 10, report: LoadReport | None = None) -> list[EditSample]:
+    """Read a FireRed JSONL file; bad lines are skipped and counted in ``report``."""
+    dataset = dataset or Path(path).stem
+    return read_records(path, lambda rec, base, where: sample_from_record(rec, base, dataset=dataset, where=where),
+                        max_bad=max_bad, report=report, what="edit pairs")
 
 
 def _find_picture(folder: Path, stem: str) -> Path | None:

@@ -404,26 +404,6 @@ class PreferenceSample:
     where: str = ""
 
 
-def _records(path) -> Iterator[tuple[dict, str, Path]]:
-    from ..data import DataError
-
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"dataset file not found: {p}")
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{p}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{where}: expected a JSON object")
-            yield rec, where, p.parent
-
-
 def _source(rec, base, where):
     from ..data import DataError, picture_size
 
@@ -440,31 +420,30 @@ def _source(rec, base, where):
     return str(base / src)
 
 
-def read_prompts(path) -> list[PromptSample]:
-    """NFT prompts, JSONL: ``{"instruction", "source_image"?, "target_text"?, "target_box"?}``."""
-    from ..data import DataError
+def read_prompts(path, *, max_bad: int = 10, report=None) -> list[PromptSample]:
+    """NFT prompts, JSONL: ``{"instruction", "source_image"?, "target_text"?, "target_box"?}``;
+    bad lines are skipped and counted as in every stage (:func:`firered_trainer.data.read_records`)."""
+    from ..data import DataError, read_records
 
-    out = []
-    for rec, where, base in _records(path):
+    def parse(rec, base, where):
         ins = rec.get("instruction") or rec.get("instruction_cn")
         if not isinstance(ins, str) or not ins.strip():
             raise DataError(f"{where}: no instruction")
         box = rec.get("target_box")
         if box is not None and (not isinstance(box, list) or len(box) != 4):
             raise DataError(f"{where}: 'target_box' must be [x0, y0, x1, y1] in output pixels")
-        out.append(PromptSample(ins, _source(rec, base, where), rec.get("target_text"), tuple(box) if box else None, where))
-    if not out:
-        raise DataError(f"{path}: no prompts")
-    return out
+        return PromptSample(ins, _source(rec, base, where), rec.get("target_text"), tuple(box) if box else None, where)
+
+    return read_records(path, parse, max_bad=max_bad, report=report, what="prompts")
 
 
-def read_preferences(path) -> list[PreferenceSample]:
+def read_preferences(path, *, max_bad: int = 10, report=None) -> list[PreferenceSample]:
     """DPO pairs, JSONL: ``{"source_image"?, "instruction", "preferred", "rejected"}`` (also
-    accepted: ``chosen`` / ``win`` for the preferred edit and ``lose`` for the rejected one)."""
-    from ..data import DataError, picture_size
+    accepted: ``chosen`` / ``win`` for the preferred edit and ``lose`` for the rejected one); bad
+    lines are skipped and counted as in every stage."""
+    from ..data import DataError, picture_size, read_records
 
-    out = []
-    for rec, where, base in _records(path):
+    def parse(rec, base, where):
         ins = rec.get("instruction") or rec.get("instruction_cn")
         if not isinstance(ins, str) or not ins.strip():
             raise DataError(f"{where}: no instruction")
@@ -474,10 +453,9 @@ def read_preferences(path) -> list[PreferenceSample]:
             raise DataError(f"{where}: a preference pair needs 'preferred' and 'rejected' picture paths")
         picture_size(base / pref, where)
         picture_size(base / rej, where)
-        out.append(PreferenceSample(ins, str(base / pref), str(base / rej), _source(rec, base, where), where))
-    if not out:
-        raise DataError(f"{path}: no preference pairs")
-    return out
+        return PreferenceSample(ins, str(base / pref), str(base / rej), _source(rec, base, where), where)
+
+    return read_records(path, parse, max_bad=max_bad, report=report, what="preference pairs")
 
 
 # ---------------------------------------------------------------------------------------------

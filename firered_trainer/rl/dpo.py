@@ -39,6 +39,7 @@ class DPOConfig:
     model: str
     data: str  # preference JSONL
     output_dir: str
+    max_bad: int = 10  # bad lines skipped (and counted, with file and line) before the run stops, as in SFT
     steps: int = 1000
     batch_size: int = 1  # pairs per step and process
     width: int = 512
@@ -83,7 +84,7 @@ class DPORun:
 
         self.cfg = cfg
         self.rank, self.world = _dist()
-        self.pairs = common.read_preferences(cfg.data)  # before the model: bad data is reported at once
+        self.pairs = common.read_preferences(cfg.data, max_bad=cfg.max_bad)  # before the model: bad data is reported at once
         self.editor = editor or FireRedEditor.from_pretrained(cfg.model, device=_device(cfg.device), dtype=cfg.dtype)
         tr = self.editor.c.transformer
         self.policy = common.Policy(tr, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, need_reference=True, seed=cfg.seed)

@@ -71,6 +71,7 @@ class NFTConfig:
     model: str  # a FireRed / Qwen-Image-Edit release folder
     prompts: str  # JSONL: {"instruction", "source_image"?, "target_text"?, "target_box"?}
     output_dir: str
+    max_bad: int = 10  # bad lines skipped (and counted, with file and line) before the run stops, as in SFT
     reward: Any = "brightness"  # a name or {name: weight | {weight, **options}}, see firered_trainer.rl.rewards
     steps: int = 500
     prompts_per_step: int = 1
@@ -189,7 +190,7 @@ class NFTRun:
         self.cfg = cfg
         self.rank, self.world = _dist()
         dev = _device(cfg.device)
-        self.prompts = common.read_prompts(cfg.prompts)  # before the model: bad data is reported at once
+        self.prompts = common.read_prompts(cfg.prompts, max_bad=cfg.max_bad)  # before the model: bad data is reported at once
         self.editor = editor or FireRedEditor.from_pretrained(cfg.model, device=dev, dtype=cfg.dtype)
         self.reward_fn = rewards.build_reward(cfg.reward)
         tr = self.editor.c.transformer

@@ -84,3 +84,40 @@ def test_mixing_names_every_sample(jsonl, tmp_path):
     assert len(samples) == 4 and names == ["a", "a", "a", "b"]
     with pytest.raises(DataError, match="not found"):
         load_dataset(tmp_path / "nope.jsonl")
+
+
+def test_rl_readers_skip_and_count_bad_lines_like_sft(tmp_path):
+    """The DPO and NFT readers follow the SFT rule: a bad line is skipped and counted with its file
+    and line; more than max_bad of them stops the run with a DataError naming the limit."""
+    from firered_trainer.data import DataError, LoadReport
+    from firered_trainer.rl import common
+
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "a.png")
+    Image.new("RGB", (16, 16), (10, 10, 200)).save(tmp_path / "b.png")
+    good = {"instruction": "make it red", "preferred": "a.png", "rejected": "b.png", "source_image": "b.png"}
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("\n".join([
+        json.dumps(good),
+        "{not json",
+        json.dumps({**good, "rejected": None}),
+        json.dumps({**good, "preferred": "missing.png"}),
+        json.dumps(good),
+    ]) + "\n")
+    report = LoadReport()
+    pairs = common.read_preferences(prefs, report=report)
+    assert len(pairs) == 2 and report.loaded == 2 and report.skipped == 3
+    assert [e.split(": ")[0] for e in report.errors] == [f"{prefs}:{n}" for n in (2, 3, 4)]
+    assert "missing.png" in report.errors[2]
+    with pytest.raises(DataError, match=r"3 bad samples \(more than max_bad=2\)"):
+        common.read_preferences(prefs, max_bad=2)
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join([json.dumps({"instruction": "a cat"}), "[1, 2]",
+                                  json.dumps({"instruction": "x", "target_box": [1, 2]}),
+                                  json.dumps({"instruction": "a dog", "source_image": "a.png"})]) + "\n")
+    report = LoadReport()
+    got = common.read_prompts(prompts, report=report)
+    assert [p.instruction for p in got] == ["a cat", "a dog"] and report.skipped == 2
+    assert "expected a JSON object" in report.errors[0] and "target_box" in report.errors[1]
+    with pytest.raises(DataError, match="max_bad=1"):
+        common.read_prompts(prompts, max_bad=1)
