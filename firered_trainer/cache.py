@@ -21,7 +21,6 @@ alignment can produce), so all of them are extracted up front.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import tempfile
 from dataclasses import dataclass
@@ -129,39 +128,10 @@ class FeatureCache:
 # ---------------------------------------------------------------------------------------------
 
 
-def _orders(text: str, n: int, sia) -> list[tuple[int, ...]]:
-    """Every picture order :func:`firered_trainer.sia.shuffle_and_drop` can return for this text."""
-    if n <= 1:
-        return [tuple(range(n))]
-    refs = {r - 1 for r in sia_mod.referenced_pictures(text) if 1 <= r <= n}
-    sizes = range(1, n + 1) if sia.drop_prob > 0 else [n]
-    out = []
-    for k in sizes:
-        for subset in itertools.combinations(range(n), k):
-            if not refs <= set(subset):
-                continue
-            out.extend(itertools.permutations(subset) if sia.shuffle else [subset])
-    return out
-
-
-def instruction_choices(sample, sia) -> list[tuple[str, tuple[str, ...], str]]:
-    """(text, sources, target) for every instruction :func:`firered_trainer.sia.choose_instruction` can pick."""
-    out = [(sample.instruction, tuple(sample.sources), sample.target)]
-    if sample.instruction_cn and sia.chinese_prob > 0:
-        out.append((sample.instruction_cn, tuple(sample.sources), sample.target))
-    if sample.n_sources == 1 and sia.inverse_prob > 0:
-        for t in (sample.inverse_instruction, sample.inverse_instruction_cn):
-            if t:
-                out.append((t, (sample.target,), sample.sources[0]))
-    if sia.text_dropout > 0:
-        out.extend(("", s, t) for _, s, t in list(out))
-    return list(dict.fromkeys(out))
-
-
 def text_variants(sample, sia) -> list[TextVariant]:
     out = []
-    for text, sources, _ in instruction_choices(sample, sia):
-        for order in _orders(text, len(sources), sia):
+    for text, sources, _ in sia_mod.instruction_choices(sample, sia):
+        for order in sia_mod.possible_orders(text, len(sources), sia):
             mapping = {old + 1: new + 1 for new, old in enumerate(order)}
             out.append(TextVariant(tuple(sources[i] for i in order), sia_mod.renumber(text, mapping)))
     return list(dict.fromkeys(out))

@@ -61,7 +61,7 @@ from .data import LoadReport, load_dataset
 from .lora import add_lora, load_lora_weights_into, quantize_frozen_base, quantize_frozen_base_nf4, save_lora
 from .objective import EMA, flow_matching_loss, stratified_uniform, training_sigmas
 from .optim import build_optimizer
-from .sia import choose_instruction, shuffle_and_drop
+from .sia import choose_instruction, instruction_choices, shuffle_and_drop
 from .validation import LossLog, plot_loss, sample_edits
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def target_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
 def latent_jobs(sample, cfg: StageConfig) -> list[tuple[str, int, int]]:
     sizes = {sample.target: sample.target_size, **dict(zip(sample.sources, sample.source_sizes))}
     jobs = []
-    for _, sources, target in cache_mod.instruction_choices(sample, cfg.sia):
+    for _, sources, target in instruction_choices(sample, cfg.sia):
         jobs.append((target, *target_size(sizes[target], cfg.data.resolution)))
         jobs.extend((s, *target_size(sizes[s], cfg.data.ref_resolution)) for s in sources)
         if cfg.objective.consistency_weight > 0 and len(sources) == 1 and sizes[sources[0]] == sizes[target]:

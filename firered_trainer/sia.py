@@ -18,6 +18,7 @@ Choices where the report is silent (documented, and options):
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from dataclasses import dataclass
@@ -152,3 +153,39 @@ def choose_instruction(sample, rng: random.Random, *, chinese_prob: float = 0.5,
     if rng.random() < text_dropout:
         text = ""
     return text, sources, target
+
+
+# ---------------------------------------------------------------------------------------------
+# what the rules above can produce (the feature cache encodes exactly these)
+# ---------------------------------------------------------------------------------------------
+
+
+def possible_orders(text: str, n: int, sia) -> list[tuple[int, ...]]:
+    """Every picture order :func:`shuffle_and_drop` can return for this text under the settings
+    ``sia`` (``drop_prob``, ``shuffle``): what the feature cache must hold. Kept next to the rule
+    it enumerates; a test checks the two agree."""
+    if n <= 1:
+        return [tuple(range(n))]
+    refs = {r - 1 for r in referenced_pictures(text) if 1 <= r <= n}
+    sizes = range(1, n + 1) if sia.drop_prob > 0 else [n]
+    out = []
+    for k in sizes:
+        for subset in itertools.combinations(range(n), k):
+            if not refs <= set(subset):
+                continue
+            out.extend(itertools.permutations(subset) if sia.shuffle else [subset])
+    return out
+
+
+def instruction_choices(sample, sia) -> list[tuple[str, tuple[str, ...], str]]:
+    """(text, sources, target) for every instruction :func:`choose_instruction` can pick under ``sia``."""
+    out = [(sample.instruction, tuple(sample.sources), sample.target)]
+    if sample.instruction_cn and sia.chinese_prob > 0:
+        out.append((sample.instruction_cn, tuple(sample.sources), sample.target))
+    if sample.n_sources == 1 and sia.inverse_prob > 0:
+        for t in (sample.inverse_instruction, sample.inverse_instruction_cn):
+            if t:
+                out.append((t, (sample.target,), sample.sources[0]))
+    if sia.text_dropout > 0:
+        out.extend(("", s, t) for _, s, t in list(out))
+    return list(dict.fromkeys(out))

@@ -207,3 +207,37 @@ def test_instruction_choice_and_inverse(tmp_path):
     for text, sources, target in outs:
         if text == "make it blue":
             assert sources == ["tgt.png"] and target == "src.png"
+
+
+@pytest.mark.parametrize("text,n", [("put the lamp of Picture 1 into Picture 3", 3), ("make it red", 3),
+                                    ("把图2的猫放到图1中", 2), ("swap them", 1)])
+@pytest.mark.parametrize("drop_prob,shuffle", [(0.3, True), (0.0, True), (0.3, False)])
+def test_the_cache_enumerates_exactly_what_sia_draws(text, n, drop_prob, shuffle):
+    """``sia.possible_orders`` (what the feature cache encodes) is the set of orders
+    ``shuffle_and_drop`` draws: nothing drawn is missing from the cache, nothing cached is never drawn."""
+    import random
+    from types import SimpleNamespace
+
+    from firered_trainer import sia
+
+    settings = SimpleNamespace(drop_prob=drop_prob, shuffle=shuffle)
+    rng = random.Random(0)
+    drawn = {sia.shuffle_and_drop(text, n, rng, drop_prob=drop_prob, shuffle=shuffle).order for _ in range(3000)}
+    assert drawn == set(sia.possible_orders(text, n, settings))
+
+
+def test_the_cache_enumerates_every_instruction_sia_picks():
+    import random
+    from types import SimpleNamespace
+
+    from firered_trainer import sia
+    from firered_trainer.data import EditSample
+
+    s = EditSample(sources=("a.png",), target="t.png", instruction="make it red", instruction_cn="变红",
+                   inverse_instruction="make it blue", inverse_instruction_cn=None, source_sizes=((8, 8),),
+                   target_size=(8, 8))
+    settings = SimpleNamespace(chinese_prob=0.5, inverse_prob=0.3, text_dropout=0.1)
+    rng = random.Random(1)
+    picked = {(t, tuple(src), tgt) for t, src, tgt in (
+        sia.choose_instruction(s, rng, chinese_prob=0.5, inverse_prob=0.3, text_dropout=0.1) for _ in range(4000))}
+    assert picked == set(sia.instruction_choices(s, settings))
