@@ -35,6 +35,18 @@ def pytest_configure(config):
     config.pluginmanager.register(_PackRootIsADirectory(), "firered-pack-root-as-directory")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One CPU thread for a module's training runs: on a shared 2-core machine several times faster
+    than two contended threads, and the float reductions match those of the subprocess runs."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from firered_core.tiny import make_tiny

@@ -41,14 +41,6 @@ def _truncate(f: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
 def sft_run(tiny_model_dir, tmp_path_factory, one_thread):
     """An uninterrupted 8-step LoRA run checkpointing at steps 4 and 8."""
     from firered_trainer import sft

@@ -29,12 +29,7 @@ CONFIG = ROOT / "firered_trainer" / "configs" / "tiny_cpu.yaml"
 STEPS = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
