@@ -94,7 +94,7 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E8M0", "float8_e8m0fnu")):
     if hasattr(torch, _attr):
         ST_DTYPES[_name] = getattr(torch, _attr)
 
@@ -280,6 +280,9 @@ def describe_keys(keys: Iterable[str]) -> str:
     if has("lora_A", "lora_B", "lora_down", "lora_up", ".hada_w1", ".lokr_w1", ".lora."):
         return "a LoRA / LyCORIS adapter (load it as a LoRA, not as a model)"
     if has("txt_norm.weight") and has("img_mod.1.weight", "img_mod.1.comfy_quant", "img_mod.1.scale_weight"):
+        if has("__index_timestep_zero__"):
+            return ("a Qwen-Image-Edit-2511 MM-DiT (transformer; its __index_timestep_zero__ marker: reference "
+                    "pictures conditioned at timestep 0, loaded with zero_cond_t)")  # fmt: skip
         return "a Qwen-Image / Qwen-Image-Edit / FireRed MM-DiT (transformer)"
     if has("double_blocks.", "single_blocks.", "single_transformer_blocks."):
         return "a Flux-style MM-DiT (Flux / Chroma / HiDream)"

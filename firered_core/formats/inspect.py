@@ -57,6 +57,7 @@ _PRECISION = {
 }
 _KIND_WORDS = {"mmdit": "MM-DiT", "text_encoder": "Text encoder", "vae": "VAE", "lora": "LoRA"}
 _UNQUANTIZED_GGML = {"F32", "F16", "BF16", "F64"}
+_BLOCK_NAMES = ("int8_tensorwise", "mxfp8", "nvfp4")
 #: a dtype holding at least this share of the weights names the file's precision; below, "mixed"
 _DOMINANT = 0.9
 
@@ -207,6 +208,12 @@ def _classify_safetensors(path: Path, header: SafetensorsHeader, info: dict[str,
         info["layers"] = ck.config.get("num_layers")
         if path.is_dir():  # the precision of the transformer's own files, not a release folder's
             info["precision"] = _st_precision({k: (v[2], v[3]) for k, v in ck.entries.items()}, {})
+        block = sorted({f for f in ck.quant_formats.values() if f in _BLOCK_NAMES})
+        if block:  # comfy_quant int8 / mxfp8 / nvfp4 layers: name the formats, not the storage dtypes
+            plain = sorted({_PRECISION.get(v[2], v[2].lower()) for k, v in ck.entries.items()
+                            if k[: -len(".weight")] not in ck.quant_formats and v[2] in ("BF16", "F16", "F32")
+                            and len(v[3]) == 2})  # fmt: skip
+            info["precision"] = f"mixed ({' + '.join([*block, *plain])})"
         return
     if not path.is_file():
         return

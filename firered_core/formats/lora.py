@@ -43,7 +43,8 @@ dora_scale * V / (||V|| + eps)`` with the norm taken along the axis ``dora_scale
 layer computes ``W + s * (W' - W)``. That update depends on the base weight, so it is built once
 from it at load (a full ``[out, in]`` tensor per layer, like a ``diff`` patch).
 
-LoRAs are not merged: each adapted linear (``nn.Linear`` or the fp8 :class:`FP8Linear`) gets a
+LoRAs are not merged: each adapted linear (``nn.Linear``, the fp8 :class:`FP8Linear` or a block-quantized
+:class:`~.comfy_quant.QuantLinear`) gets a
 forward hook that adds ``s * up(down(x))`` for every LoRA on it, so fp8 bases keep their fp8
 weights untouched, a strength change is one number, and removal restores the exact base output.
 LyCORIS LoHa (``hada_w1_a`` ...) and LoKr (``lokr_w1`` / ``lokr_w2`` or their ``_a`` / ``_b``
@@ -67,6 +68,7 @@ import torch
 from torch import nn
 
 from ._common import LoraFormatError, read_safetensors_header
+from .comfy_quant import QuantLinear
 from .transformer_files import FP8Linear
 
 log = logging.getLogger(__name__)
@@ -232,7 +234,7 @@ class DeltaLayer(LoraLayer):
 
 def _dense_weight(m: nn.Module) -> torch.Tensor:
     """A layer's weight as a float32 [out, in] tensor (fp8 and GGUF weights dequantized)."""
-    if isinstance(m, FP8Linear):
+    if isinstance(m, (FP8Linear, QuantLinear)):
         return m.dequantized_weight(torch.float32)
     w = m.weight
     if type(w).__name__ == "GGUFParameter":
@@ -385,7 +387,7 @@ def _lora_target_guess(keys) -> str:
 
 
 def _adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, FP8Linear))}
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, FP8Linear, QuantLinear))}
 
 
 def _split_suffix(key: str) -> tuple[str, str] | None:
@@ -640,7 +642,8 @@ def _lora_hook(module: nn.Module, args, output):
 def _module_dtype_device(m: nn.Module) -> tuple[torch.dtype, torch.device]:
     """Where and in what dtype a layer's adapters are kept: its compute dtype (GGUF and fp8 layers
     hold their weights in a storage dtype), on its device."""
-    t = m.bias if getattr(m, "bias", None) is not None else m.weight_fp8 if isinstance(m, FP8Linear) else m.weight
+    t = (m.bias if getattr(m, "bias", None) is not None else m.weight_fp8 if isinstance(m, FP8Linear)
+         else m.qdata if isinstance(m, QuantLinear) else m.weight)  # fmt: skip
     dtype = getattr(m, "compute_dtype", None) or t.dtype
     if not dtype.is_floating_point or dtype.itemsize == 1:
         dtype = torch.bfloat16

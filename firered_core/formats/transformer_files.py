@@ -20,8 +20,18 @@ never from the file name:
   fp8 matmul kernels and ignored here);
 - ComfyUI's mixed-precision files: per-layer ``<layer>.comfy_quant`` (JSON bytes naming the
   format) and ``<layer>.weight_scale`` (and ``input_scale``), or the same layer table in the
-  ``_quantization_metadata`` header entry; layers not listed stay in bf16. The fp8 formats
-  (``float8_e4m3fn``, ``float8_e5m2``) load; others (nvfp4, mxfp8, int8) fail naming the format.
+  ``_quantization_metadata`` header entry; layers not listed stay in bf16. Formats: the fp8 ones
+  (``float8_e4m3fn``, ``float8_e5m2``) become :class:`FP8Linear`; ``int8_tensorwise``, ``mxfp8``
+  and ``nvfp4`` (layouts in :mod:`.comfy_quant`) become :class:`~.comfy_quant.QuantLinear`, kept
+  as stored and dequantized per layer in ``forward`` (this pack has no kernels for them; one log
+  line says so). Any other format, or a layer whose scales are missing or misshapen, fails naming
+  the layer and the format;
+- the ``__index_timestep_zero__`` marker that ComfyUI's Qwen-Image-Edit-2511 files carry (an
+  empty tensor: ComfyUI's Qwen-Image model registers it when the reference pictures are to be
+  conditioned at timestep 0, its ``index_timestep_zero`` reference method). It is not a weight; the
+  model is built with diffusers' ``zero_cond_t=True``, which does exactly that (the reference
+  tokens are modulated with the embedding of t = 0, the target tokens with the real t). FireRed's
+  own files do not carry it (FireRed does not use it); ``config={"zero_cond_t": False}`` overrides.
 
 fp8 weights stay fp8 in memory: each such ``nn.Linear`` becomes an :class:`FP8Linear` that
 dequantizes its weight into the input's dtype inside ``forward`` (one layer at a time), so the
@@ -54,12 +64,15 @@ from ._common import (
     read_safetensors_header,
     sniff,
 )
+from .comfy_quant import BLOCK_FORMATS, QuantLinear, check_layer, decode_conf
+from .comfy_quant import describe as describe_formats
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointFormatError",
     "FP8Linear",
+    "QuantLinear",
     "TransformerCheckpoint",
     "config_from_shapes",
     "inspect_transformer",
@@ -88,10 +101,16 @@ _AUX_SUFFIXES = {
     ".scale_input": "input_scale",
     ".input_scale": "input_scale",
     ".comfy_quant": "quant_conf",
-    ".weight_scale_2": "unsupported",
-    ".pre_quant_scale": "unsupported",
+    ".weight_scale_2": "aux",  # nvfp4's per-tensor scale
+    ".pre_quant_scale": "aux",  # refused by comfy_quant.check_layer
 }
 _MARKERS = ("scaled_fp8",)
+#: ComfyUI's Qwen-Image-Edit-2511 marker (see the module docstring)
+INDEX_TIMESTEP_ZERO = "__index_timestep_zero__"
+ZERO_COND_T_NOTE = (
+    "__index_timestep_zero__ marker: a Qwen-Image-Edit-2511 file, whose reference pictures are conditioned at "
+    "timestep 0 (ComfyUI's index_timestep_zero); built with zero_cond_t=True, which the pack supports"
+)
 _SIGNATURE = "txt_norm.weight"  # only the Qwen-Image DiT has it (ComfyUI detects the model by it too)
 _PREFIX_HINTS = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.", "")
 
@@ -104,9 +123,13 @@ class TransformerCheckpoint:
     prefix: the key prefix stripped (``""``, ``"model.diffusion_model."``, ...);
     entries: local key (diffusers name) -> (file, key in the file, header dtype, shape);
     scales: layer name -> (file, key) of its per-tensor weight scale;
-    quant_formats: layer name -> quant format name (``"float8_e4m3fn"``, ...) for quantized layers;
+    quant_formats: layer name -> quant format name (``"float8_e4m3fn"``, ``"mxfp8"``, ...) for
+    quantized layers; quant_confs: layer name -> its whole comfy_quant entry (a dict);
+    aux: layer name -> {``"weight_scale_2"`` / ``"pre_quant_scale"``: (file, key)};
+    markers: non-weight marker keys found (``"scaled_fp8"``, ``"__index_timestep_zero__"``);
     format: a one-line description (``"single file, prefix 'model.diffusion_model.', scaled fp8"``);
-    config: the ``QwenImageTransformer2DModel`` arguments read from the key shapes.
+    config: the ``QwenImageTransformer2DModel`` arguments read from the key shapes (with
+    ``zero_cond_t=True`` for a file carrying the 2511 marker).
     """
 
     path: str
@@ -118,6 +141,9 @@ class TransformerCheckpoint:
     format: str
     config: dict[str, Any]
     headers: dict[str, SafetensorsHeader] = field(default_factory=dict, repr=False)
+    quant_confs: dict[str, dict] = field(default_factory=dict)
+    aux: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)
+    markers: tuple[str, ...] = ()
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -186,10 +212,9 @@ def _find_prefix(keys, where: str) -> str:
 
 def _decode_quant_conf(value: torch.Tensor, where: str) -> dict:
     try:
-        conf = json.loads(bytes(value.to(torch.uint8).flatten().tolist()).decode("utf-8"))
+        return decode_conf(value)
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointFormatError(f"{where}: unreadable comfy_quant entry ({e})") from None
-    return conf if isinstance(conf, dict) else {"format": conf}
 
 
 def config_from_shapes(
@@ -279,15 +304,15 @@ def inspect_transformer(path) -> TransformerCheckpoint:
 
     entries: dict[str, tuple[str, str, str, tuple[int, ...]]] = {}
     scales: dict[str, tuple[str, str]] = {}
-    quant_confs: dict[str, tuple[str, str]] = {}
-    unsupported: list[str] = []
-    is_scaled_fp8 = False
+    conf_keys: dict[str, tuple[str, str]] = {}
+    aux: dict[str, dict[str, tuple[str, str]]] = {}
+    markers: list[str] = []
     for k, (f, dt, shape) in all_keys.items():
         if not k.startswith(prefix):
             continue  # another component of an all-in-one checkpoint (vae., text_encoders., ...)
         local = k[len(prefix) :]
-        if local in _MARKERS:
-            is_scaled_fp8 = True
+        if local in _MARKERS or local == INDEX_TIMESTEP_ZERO:
+            markers.append(local)
             continue
         for suf, role in _AUX_SUFFIXES.items():
             if local.endswith(suf):
@@ -295,14 +320,15 @@ def inspect_transformer(path) -> TransformerCheckpoint:
                 if role == "scale":
                     scales[layer] = (f, k)
                 elif role == "quant_conf":
-                    quant_confs[layer] = (f, k)
-                elif role == "unsupported":
-                    unsupported.append(local)
+                    conf_keys[layer] = (f, k)
+                elif role == "aux":
+                    aux.setdefault(layer, {})[suf[1:]] = (f, k)
                 break
         else:
             entries[local] = (f, k, dt, shape)
 
     quant_formats: dict[str, str] = {}
+    quant_confs: dict[str, dict] = {}
     if "_quantization_metadata" in metadata:
         try:
             layers = json.loads(metadata["_quantization_metadata"]).get("layers", {})
@@ -310,36 +336,54 @@ def inspect_transformer(path) -> TransformerCheckpoint:
             raise CheckpointFormatError(f"{where}: unreadable _quantization_metadata ({e})") from None
         for name, conf in layers.items():
             name = name[len(prefix) :] if prefix and name.startswith(prefix) else name
-            quant_formats[name] = conf.get("format", "?") if isinstance(conf, dict) else str(conf)
+            quant_confs[name] = conf if isinstance(conf, dict) else {"format": str(conf)}
     by_path = {h.path: h for h in headers}
-    for layer, (f, k) in quant_confs.items():
+    for layer, (f, k) in conf_keys.items():
         with open(f, "rb") as fh:
-            quant_formats[layer] = str(_decode_quant_conf(by_path[f].read(fh, k), f"{f}: {k}").get("format", "?"))
+            quant_confs[layer] = _decode_quant_conf(by_path[f].read(fh, k), f"{f}: {k}")
+    quant_formats = {layer: str(conf.get("format", "?")) for layer, conf in quant_confs.items()}
     for layer in scales:
         # old scaled fp8: every layer with a scale and an 8-bit weight is fp8 (a full-precision weight
         # with a scale is multiplied out at load)
         dt = entries.get(layer + ".weight", ("", "", "", ()))[2]
         if layer not in quant_formats and dt in ("F8_E4M3", "F8_E5M2", "U8", "I8"):
             quant_formats[layer] = "float8_e5m2" if dt == "F8_E5M2" else "float8_e4m3fn"
-    bad = sorted({fmt for fmt in quant_formats.values() if fmt not in FP8_FORMATS})
-    if bad or unsupported:
+    bad = {layer: fmt for layer, fmt in quant_formats.items() if fmt not in FP8_FORMATS and fmt not in BLOCK_FORMATS}
+    if bad:
+        layer, fmt = next(iter(sorted(bad.items())))
         raise CheckpointFormatError(
-            f"{where}: quantized with {bad or 'scales'} ({len(unsupported)} unsupported scale keys, e.g. {unsupported[:2]}); "
-            f"this loader supports per-tensor fp8 ({', '.join(FP8_FORMATS)}), scaled fp8 and GGUF files; "
+            f"{where}: layer {layer!r} is quantized as {fmt!r} ({len(bad)} layers in formats "
+            f"{sorted(set(bad.values()))}); this loader reads the comfy_quant formats "
+            f"{', '.join([*FP8_FORMATS, *BLOCK_FORMATS])}, scaled fp8 and GGUF files; "
             "use a bf16, fp8 or GGUF file of the model instead"
+        )
+    stray = sorted(layer for layer in aux if quant_formats.get(layer) not in BLOCK_FORMATS)
+    if stray:
+        names = [f"{layer}.{suf}" for layer in stray for suf in aux[layer]]
+        raise CheckpointFormatError(
+            f"{where}: {names[:3]} belong to no layer marked nvfp4 (or another block format) by a comfy_quant "
+            f"entry; expected a <layer>.comfy_quant naming the format of {stray[0]!r}"
         )
     for layer in quant_formats:
         if layer + ".weight" not in entries:
             raise CheckpointFormatError(f"{where}: quantization info for layer {layer!r} but no {layer}.weight tensor")
 
     shapes = {k: v[3] for k, v in entries.items()}
-    config = config_from_shapes(shapes, file_config, where=where)
+    for layer, fmt in quant_formats.items():  # the layer's shape, not the packed storage's
+        if fmt == "nvfp4" and len(shapes[layer + ".weight"]) == 2:
+            rows, packed = shapes[layer + ".weight"]
+            shapes[layer + ".weight"] = (rows, 2 * packed)
+    base = dict(file_config)
+    if INDEX_TIMESTEP_ZERO in markers:
+        base.setdefault("zero_cond_t", True)
+    config = config_from_shapes(shapes, base, where=where)
 
     dtypes = sorted({v[2] for k, v in entries.items() if k.endswith(".weight") and len(v[3]) == 2})
-    if scales and is_scaled_fp8:
+    if scales and "scaled_fp8" in markers:
         quant = "scaled fp8 (ComfyUI scaled_fp8, per-tensor scale_weight)"
-    elif quant_confs or "_quantization_metadata" in metadata:
-        quant = f"mixed precision (comfy_quant: {len(quant_formats)} fp8 layers, others {[d for d in dtypes if not d.startswith('F8')]})"
+    elif conf_keys or "_quantization_metadata" in metadata:
+        plain = [d for d in dtypes if d in ("BF16", "F16", "F32")]
+        quant = f"mixed precision (comfy_quant: {describe_formats(quant_formats)}; others {plain})"
     elif scales:
         quant = "fp8 with per-tensor scales"
     elif any(d.startswith("F8") for d in dtypes):
@@ -347,7 +391,10 @@ def inspect_transformer(path) -> TransformerCheckpoint:
     else:
         quant = "/".join(dtypes) or "?"
     fmt = f"{layout}, prefix {prefix!r}, {quant}"
-    return TransformerCheckpoint(where, files, prefix, entries, scales, quant_formats, fmt, config, by_path)
+    if INDEX_TIMESTEP_ZERO in markers:
+        fmt += f"; {ZERO_COND_T_NOTE}"
+    return TransformerCheckpoint(where, files, prefix, entries, scales, quant_formats, fmt, config, by_path,
+                                 quant_confs, aux, tuple(markers))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -620,7 +667,9 @@ def load_transformer(
             f"{len(missing)} missing (e.g. {missing[:4]}), {len(extra)} unexpected (e.g. {extra[:4]}); "
             "expected the complete diffusers key set (the file may be incomplete or of a different variant)"
         )
-    wrong = [(k, ckpt.entries[k][3], s) for k, s in expected.items() if ckpt.entries[k][3] != s]
+    block = {n: f for n, f in ckpt.quant_formats.items() if f in BLOCK_FORMATS}  # checked per layer below
+    wrong = [(k, ckpt.entries[k][3], s) for k, s in expected.items()
+             if ckpt.entries[k][3] != s and k[: -len(".weight")] not in block]  # fmt: skip
     if wrong:
         raise CheckpointFormatError(
             f"{where}: tensor shapes differ from the architecture read from the keys, e.g. {wrong[:3]}"
@@ -628,6 +677,18 @@ def load_transformer(
 
     fp8_target = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}.get(weight_dtype)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    not_linear = sorted(set(block) - set(linears))
+    if not_linear:
+        raise CheckpointFormatError(f"{where}: {not_linear[0]!r} is quantized as {block[not_linear[0]]!r} but is not "
+                                    "a linear layer of the model; expected block formats on linear layers only")  # fmt: skip
+    for name, fmt in block.items():  # the header alone: nothing is read before every layer is known good
+        h = ckpt.headers[ckpt.entries[name + ".weight"][0]]
+        aux_info = {suf: ckpt.headers[f].tensors[k] for suf, (f, k) in ckpt.aux.get(name, {}).items()}
+        if name in ckpt.scales:
+            aux_info["weight_scale"] = ckpt.headers[ckpt.scales[name][0]].tensors[ckpt.scales[name][1]]
+        lin = linears[name]
+        check_layer(fmt, name, ckpt.quant_confs.get(name), h.tensors[ckpt.entries[name + ".weight"][1]], aux_info,
+                    lin.out_features, lin.in_features, where=where, error=CheckpointFormatError)  # fmt: skip
     device = torch.device(device)
     handles: dict[str, Any] = {}
 
@@ -643,11 +704,31 @@ def load_transformer(
         dt = ST_DTYPES.get(ckpt.entries[layer + ".weight"][2])
         return dt if dt in FP8_DTYPES else None
 
+    def put(name: str, module: nn.Module) -> None:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
     done: set[str] = set()
-    n_fp8 = 0
+    n_fp8 = n_block = 0
     try:
+        for name, fmt in block.items():
+            lin, wkey = linears[name], name + ".weight"
+            aux = {suf: get(fk) for suf, fk in ckpt.aux.get(name, {}).items()}
+            aux["weight_scale"] = get(ckpt.scales[name])
+            bias = get(ckpt.entries[name + ".bias"][:2]).to(dtype) if lin.bias is not None else None
+            q = QuantLinear.from_stored(fmt, get(ckpt.entries[wkey][:2]), aux, lin.out_features, lin.in_features, bias)
+            if weight_dtype == "dequantize":
+                _set_tensor(model, wkey, q.dequantized_weight(dtype))
+                if bias is not None:
+                    _set_tensor(model, name + ".bias", bias)
+            else:
+                put(name, q)
+                n_block += 1
+            done.update((wkey, name + ".bias"))
         for name, lin in linears.items():
             wkey = name + ".weight"
+            if wkey in done:
+                continue
             fp8 = stored_fp8(name)
             if fp8 is None and fp8_target is None:
                 continue
@@ -666,9 +747,7 @@ def load_transformer(
                 if bias is not None:
                     _set_tensor(model, name + ".bias", bias)
             else:
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, child, FP8Linear(w, bias, scale))
+                put(name, FP8Linear(w, bias, scale))
                 n_fp8 += 1
             done.update((wkey, name + ".bias"))
         for key, (f, k, _, _) in ckpt.entries.items():
@@ -688,7 +767,8 @@ def load_transformer(
         raise CheckpointFormatError(f"{where}: these tensors were never loaded: {left[:5]}")
     model.to(device)
     model.eval().requires_grad_(False)
-    model.firered_source = {"path": ckpt.path, "format": ckpt.format, "fp8_linears": n_fp8}
+    model.firered_source = {"path": ckpt.path, "format": ckpt.format, "fp8_linears": n_fp8,
+                            "quant_linears": n_block, "zero_cond_t": bool(cfg.get("zero_cond_t"))}  # fmt: skip
     log.info(
         "loaded the MM-DiT from %s: %d blocks, width %d, %d fp8 linears",
         where,
@@ -696,4 +776,12 @@ def load_transformer(
         cfg["num_attention_heads"] * cfg["attention_head_dim"],
         n_fp8,
     )
+    if n_block:
+        log.info("%s: %d linears (%s) stay quantized and are dequantized per layer in forward: this pack has no "
+                 "int8 / mxfp8 / nvfp4 matmul kernel on any device (the matmul runs in %s)", ckpt.path, n_block,
+                 describe_formats({n: block[n] for n in block}), str(dtype).replace("torch.", ""))  # fmt: skip
+    if INDEX_TIMESTEP_ZERO in ckpt.markers:
+        log.info("%s: %s%s", ckpt.path, ZERO_COND_T_NOTE,
+                 "" if cfg.get("zero_cond_t") else " -- but config overrides set zero_cond_t=False: reference "
+                 "pictures are conditioned at the sampling timestep, which is not how this model was trained")  # fmt: skip
     return model

@@ -11,11 +11,17 @@ Each writer produces the layout its loader in this package reads:
 * :func:`vae_to_comfyui` -- the Qwen-Image VAE in ComfyUI's Wan-2.1 layout (``comfy/ldm/wan/vae.py``:
   ``conv1`` / ``conv2`` quant convs, flat ``downsamples`` / ``upsamples`` lists, ``middle`` =
   [residual, attention, residual], ``head`` = [norm, SiLU, conv]);
-* :func:`write_gguf` -- a city96 ComfyUI-GGUF style file (2-D weights quantized, the rest F16/F32).
+* :func:`to_comfy_quant` -- ComfyUI's block-quantized mixed-precision layers (``int8_tensorwise``,
+  ``mxfp8``, ``nvfp4``: per-layer ``comfy_quant`` JSON and scales, padded and swizzled as ComfyUI
+  stores them; layouts in :mod:`.comfy_quant`);
+* :func:`write_gguf` -- a city96 ComfyUI-GGUF style file (2-D weights quantized, the rest F16/F32);
+* :func:`write_gguf_text_encoder` -- a Qwen2.5-VL text encoder as llama.cpp writes it: the language
+  model (``qwen2vl``) in one GGUF and, with ``mmproj``, the vision tower (``clip``) in another.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -108,3 +114,63 @@ def write_gguf(state: dict[str, torch.Tensor], path, quant: str = "Q8_0", *, arc
     w.write_tensors_to_file()
     w.close()
     return Path(path)
+
+
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def _pad2(w: torch.Tensor, multiple: int) -> torch.Tensor:
+    rows, cols = w.shape
+    out = w.new_zeros(-(-rows // multiple) * multiple, -(-cols // multiple) * multiple)
+    out[:rows, :cols] = w
+    return out
+
+
+def quantize_comfy(w: torch.Tensor, fmt: str, *, per_row: bool = False) -> dict[str, torch.Tensor]:
+    """One ``[out, in]`` weight in a ComfyUI comfy_quant format: ``{"weight", "weight_scale"[,
+    "weight_scale_2"]}`` as the file stores them (round to nearest; block scales from each block's
+    absolute maximum, as comfy-kitchen's eager quantizers choose them). ``per_row``: one int8 scale
+    per output row instead of one per tensor."""
+    from .comfy_quant import swizzle
+
+    w = w.detach().float()
+    if fmt == "int8_tensorwise":
+        amax = w.abs().amax(dim=1, keepdim=True) if per_row else w.abs().amax()
+        scale = (amax / 127.0).clamp_min(1e-12)
+        q = torch.round(w / scale).clamp_(-127, 127).to(torch.int8)
+        return {"weight": q, "weight_scale": scale.reshape(-1) if per_row else scale.reshape(())}
+    if fmt == "mxfp8":
+        w = _pad2(w, 32)
+        rows, cols = w.shape
+        blocks = w.reshape(rows, cols // 32, 32)
+        amax = blocks.abs().amax(dim=-1)
+        exp = torch.ceil(torch.log2((amax / 448.0).clamp_min(2.0**-127))).to(torch.int32) + 127
+        exp = torch.where(amax == 0, torch.zeros_like(exp), exp.clamp(0, 254))
+        step = torch.pow(2.0, (exp - 127).float())
+        q = (blocks / step.unsqueeze(-1)).clamp_(-448, 448).reshape(rows, cols).to(torch.float8_e4m3fn)
+        return {"weight": q, "weight_scale": swizzle(exp.to(torch.uint8))}
+    if fmt == "nvfp4":
+        w = _pad2(w, 16)
+        rows, cols = w.shape
+        s2 = (w.abs().amax() / (448.0 * 6.0)).clamp_min(1e-12)
+        blocks = w.reshape(rows, cols // 16, 16)
+        bs = (blocks.abs().amax(dim=-1) / 6.0 / s2).clamp_(max=448.0).to(torch.float8_e4m3fn)
+        step = (bs.float() * s2).unsqueeze(-1)
+        x = torch.where(step > 0, blocks / torch.where(step > 0, step, torch.ones_like(step)), torch.zeros_like(blocks))
+        mags = torch.tensor(E2M1_MAGNITUDES)
+        codes = (x.abs().unsqueeze(-1) - mags).abs().argmin(dim=-1).to(torch.uint8)
+        codes = torch.where(x < 0, codes | 8, codes).reshape(rows, cols)
+        packed = (codes[:, 0::2] << 4) | codes[:, 1::2]  # high nibble first
+        return {"weight": packed, "weight_scale": swizzle(bs.view(torch.uint8)).view(torch.float8_e4m3fn),
+                "weight_scale_2": s2.reshape(())}  # fmt: skip
+    raise ValueError(f"unknown comfy_quant format {fmt!r}")
+
+
+def to_comfy_quant(state: dict[str, torch.Tensor], layers: dict[str, str], **kw) -> dict[str, torch.Tensor]:
+    """``state`` with each layer in ``layers`` (name -> format) stored as ComfyUI stores it: the
+    tensors of :func:`quantize_comfy` and a ``<layer>.comfy_quant`` JSON tensor; the rest unchanged."""
+    out = dict(state)
+    for layer, fmt in layers.items():
+        out.update({f"{layer}.{k}": v for k, v in quantize_comfy(state[layer + ".weight"], fmt, **kw).items()})
+        out[layer + ".comfy_quant"] = torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
+    return out

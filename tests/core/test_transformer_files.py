@@ -242,10 +242,10 @@ def test_comfy_mixed_precision_files(tmp_path, base):
 
 def test_unsupported_quant_format_is_named(tmp_path, base):
     sd = state(base)
-    sd["img_in.comfy_quant"] = torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)
-    f = tmp_path / "nvfp4.safetensors"
+    sd["img_in.comfy_quant"] = torch.tensor(list(b'{"format": "svdquant_w4a4"}'), dtype=torch.uint8)
+    f = tmp_path / "w4a4.safetensors"
     save_file(sd, str(f))
-    with pytest.raises(CheckpointFormatError, match="nvfp4") as e:
+    with pytest.raises(CheckpointFormatError, match="layer 'img_in' is quantized as 'svdquant_w4a4'") as e:
         load_transformer(f)
     assert str(f) in str(e.value)
 
