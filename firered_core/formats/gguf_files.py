@@ -5,7 +5,9 @@ ComfyUI-GGUF's ``tools/convert.py`` (+ llama.cpp's quantizer) carry ``general.ar
 "qwen_image"`` and the diffusers tensor names of ``QwenImageTransformer2DModel``; 1-D and small
 tensors are F32, the rest BF16/F16 or quantized (Q8_0, Q4_0/Q4_1/Q5_0/Q5_1, the K-quants
 Q2_K..Q6_K, IQ4_NL/IQ4_XS ...). Files without an architecture (sd.cpp) are judged by their keys;
-a ``model.diffusion_model.`` prefix is stripped; ``comfy.gguf.orig_shape.*`` metadata is honoured.
+a ``model.diffusion_model.`` prefix is stripped; ``comfy.gguf.orig_shape.*`` metadata is honoured; a
+Qwen-Image-Edit-2511 ``__index_timestep_zero__`` marker tensor builds the model with ``zero_cond_t``
+(see :mod:`.transformer_files`).
 
 Loading builds the model the way diffusers' own GGUF support does (``diffusers.quantizers.gguf``:
 its ``GGUFQuantizer`` swaps every ``nn.Linear`` whose weight is quantized for ``GGUFLinear``, the
@@ -21,6 +23,7 @@ dequantized once at load.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +32,7 @@ from typing import Any
 import torch
 
 from ._common import FORMAT_WORDS, GGUFFileError, describe_keys, sniff
-from .transformer_files import config_from_shapes
+from .transformer_files import INDEX_TIMESTEP_ZERO, ZERO_COND_T_NOTE, config_from_shapes
 
 __all__ = [
     "GGUFFileError",
@@ -39,6 +42,8 @@ __all__ = [
     "load_gguf_transformer",
     "quantized_linear_count",
 ]
+
+log = logging.getLogger(__name__)
 
 EXPECTED = (
     "a Qwen-Image / FireRed-Image-Edit MM-DiT GGUF file (general.architecture 'qwen_image', e.g. from ComfyUI-GGUF)"
@@ -63,6 +68,7 @@ class GGUFInfo:
     qtypes: dict[str, str]
     type_counts: dict[str, int] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    markers: tuple[str, ...] = ()
 
 
 def is_gguf(path) -> bool:
@@ -127,11 +133,14 @@ def inspect_gguf(path) -> GGUFInfo:
         raise GGUFFileError(f"{str(p)!r} is a GGUF {arch!r} model, but {EXPECTED} was expected")
     names = [t.name for t in reader.tensors]
     prefix = next((c for c in PREFIXES if sum(n.startswith(c) for n in names) > len(names) // 2), "")
-    shapes, qtypes, counts = {}, {}, {}
+    shapes, qtypes, counts, markers = {}, {}, {}, []
     for t in reader.tensors:
         if prefix and not t.name.startswith(prefix):
             continue
         name = t.name[len(prefix) :]
+        if name == INDEX_TIMESTEP_ZERO:
+            markers.append(name)
+            continue
         shapes[name] = _orig_shape(reader, t.name) or tuple(int(v) for v in reversed(t.shape.tolist()))
         qname = getattr(t.tensor_type, "name", str(t.tensor_type))
         qtypes[name] = qname
@@ -143,8 +152,9 @@ def inspect_gguf(path) -> GGUFInfo:
             else f"a GGUF file holding {describe_keys(shapes)}"
         )
         raise GGUFFileError(f"{str(p)!r} is {found}, but {EXPECTED} was expected")
-    config = config_from_shapes(shapes, where=f"{str(p)!r} (a Qwen-Image GGUF)", error=GGUFFileError)
-    return GGUFInfo(arch, prefix, shapes, qtypes, counts, config)
+    base = {"zero_cond_t": True} if markers else None
+    config = config_from_shapes(shapes, base, where=f"{str(p)!r} (a Qwen-Image GGUF)", error=GGUFFileError)
+    return GGUFInfo(arch, prefix, shapes, qtypes, counts, config, tuple(markers))
 
 
 def _expected(config: dict):
@@ -230,6 +240,8 @@ def load_gguf_transformer(path, *, dtype: torch.dtype = torch.bfloat16, device="
         if info.prefix and not t.name.startswith(info.prefix):
             continue
         name = t.name[len(info.prefix) :]
+        if name in info.markers:
+            continue
         qtype = t.tensor_type
         if qtype in plain:
             plan.append((name, t, "plain"))
@@ -287,6 +299,8 @@ def load_gguf_transformer(path, *, dtype: torch.dtype = torch.bfloat16, device="
         raise GGUFFileError(f"could not build the MM-DiT from {str(p)!r}: tensors never loaded: {left[:5]}")
     quantizer.postprocess_model(model)
     model.hf_quantizer = quantizer
+    if info.markers:
+        log.info("%s: %s", p, ZERO_COND_T_NOTE)
     model = model.to(device) if str(device) != "cpu" else model
     return model.eval().requires_grad_(False)
 

@@ -192,3 +192,19 @@ def test_bad_files_fail_naming_file_found_and_expected(reference, tiny_model_dir
     write_gguf(holed, sd, Q.Q8_0)
     with pytest.raises(GGUFFileError, match=r"holed\.gguf.*missing.*proj_out\.bias"):
         load_gguf_transformer(holed)
+
+
+def test_2511_marker_in_a_gguf_builds_zero_cond_t(reference, tmp_path):
+    """A GGUF converted from a Qwen-Image-Edit-2511 ComfyUI file keeps the ``__index_timestep_zero__``
+    marker: it is not an unexpected tensor, and the model conditions the references at t = 0."""
+    sd = {k: v for k, v in reference.state_dict().items()}
+    sd["__index_timestep_zero__"] = torch.zeros(1)
+    f = tmp_path / "qwen-image-edit-2511-Q8_0.gguf"
+    write_gguf(f, sd, Q.Q8_0)
+    assert inspect_gguf(f).markers == ("__index_timestep_zero__",)
+    m = load_gguf_transformer(f, dtype=torch.float32)
+    assert m.config.zero_cond_t
+    plain = tmp_path / "plain-Q8_0.gguf"
+    write_gguf(plain, reference.state_dict(), Q.Q8_0)
+    assert not load_gguf_transformer(plain, dtype=torch.float32).config.zero_cond_t
+    assert rel(run(m), run(load_gguf_transformer(plain, dtype=torch.float32))) > 1e-3
