@@ -11,8 +11,10 @@ naming the file, what was found and what was expected.
   ``float8_e4m3fn`` / ``float8_e5m2``, ComfyUI's "scaled fp8" (``scaled_fp8`` marker +
   per-layer ``scale_weight``) or mixed precision (per-layer ``comfy_quant`` / ``weight_scale``, or
   ``_quantization_metadata``); or the diffusers ``transformer/`` folder (sharded or not) or a
-  release folder holding it. fp8 weights stay fp8 in memory (:class:`FP8Linear`). A GGUF file
-  given to :func:`load_transformer` goes to the GGUF loader.
+  release folder holding it. fp8 weights stay fp8 in memory (:class:`FP8Linear`); ComfyUI's
+  ``int8_tensorwise`` / ``mxfp8`` / ``nvfp4`` layers stay as stored (:class:`QuantLinear`,
+  :mod:`.comfy_quant`); a Qwen-Image-Edit-2511 ``__index_timestep_zero__`` marker builds the model
+  with ``zero_cond_t``. A GGUF file given to :func:`load_transformer` goes to the GGUF loader.
 - GGUF MM-DiT, :mod:`.gguf_files` -- :func:`load_gguf_transformer`, :func:`inspect_gguf`:
   city96 ComfyUI-GGUF files (``general.architecture = "qwen_image"``, or sd.cpp files judged by
   their keys): F32 / F16 / BF16, Q8_0, Q4_0 / Q4_1 / Q5_0 / Q5_1, the K-quants, kept quantized and
@@ -29,7 +31,8 @@ naming the file, what was found and what was expected.
   ``vae/`` folder; a ``vae.`` / ``first_stage_model.`` prefix is stripped.
 - Text encoder, :mod:`.text_encoder_files` -- :func:`load_text_encoder`,
   :func:`inspect_text_encoder`, :func:`find_processor`: Qwen2.5-VL-7B from ComfyUI's files (bf16,
-  scaled fp8; classic or transformers-5 key names, under a prefix or not) or the
+  scaled fp8, comfy_quant int8 / mxfp8 / nvfp4; classic or transformers-5 key names, under a prefix
+  or not), a GGUF with its mmproj vision tower (:mod:`.gguf_text_encoder`) or the
   ``text_encoder/`` folder; the tokenizer and image settings are looked for beside the file, in
   a ComfyUI install and in a release folder.
 - :mod:`.writers`: the other direction -- writing these layouts (tiny models, tests, benchmarks).
@@ -59,6 +62,7 @@ _EXPORTS = {
         "sniff",
     ),
     "transformer_files": ("FP8Linear", "inspect_transformer", "load_transformer", "model_memory_bytes"),
+    "comfy_quant": ("QuantLinear",),
     "gguf_files": ("inspect_gguf", "is_gguf", "load_gguf_transformer", "quantized_linear_count"),
     "lora": (
         "apply_loras",

@@ -18,6 +18,7 @@ size       bytes (a folder: its files added up); ``size_human``: ``"20.4 GB"``
 layers     transformer blocks of an MM-DiT (``None`` otherwise)
 lora       for a LoRA: ``{"format": "PEFT"|"kohya"|"ComfyUI"|"LoHa"|"LoKr"|..., "layout": the
            prefix in words, "rank", "alpha", "modules"}`` (``None`` otherwise)
+mmproj     a Qwen2.5-VL GGUF text encoder only: the vision-tower GGUF found beside it
 error      why the file could not be read, or why the pack's loader for its kind cannot load it
            (``None`` when it can)
 loadable   ``True`` when the pack's loader for ``kind`` reads the file (a known kind, no ``error``)
@@ -257,8 +258,13 @@ def _classify_gguf(path: Path, info: dict[str, Any]) -> None:
         arch = _field(reader, "general.architecture")
         if arch in TEXT_ARCHS:
             info["kind"] = "text_encoder"
+        if arch in ("qwen2vl", "clip"):
+            _qwen_gguf(path, reader, info)
         names = [t.name for t in reader.tensors]
         info["what"] = f"a GGUF {arch!r} file holding {describe_keys(names)}" if arch else describe_keys(names)
+        if info["kind"] == "text_encoder" and arch in ("qwen2vl", "clip"):
+            info["what"] = ("the vision tower (mmproj) of a Qwen2.5-VL GGUF text encoder" if arch == "clip" else
+                            "a Qwen2.5-VL text encoder (GGUF language model; vision tower in its mmproj GGUF)")  # fmt: skip
         by_type: Counter[str] = Counter()
         for t in reader.tensors:
             by_type[_ggml_name(t.tensor_type)] += int(t.n_elements)
@@ -271,6 +277,28 @@ def _classify_gguf(path: Path, info: dict[str, Any]) -> None:
     for name, q in g.qtypes.items():
         by_type[q] += _numel(g.shapes[name])
     info["precision"] = _gguf_precision(by_type)
+
+
+def _qwen_gguf(path: Path, reader, info: dict[str, Any]) -> None:
+    """A Qwen2.5-VL GGUF text encoder (loadable when its mmproj vision tower sits beside it) or
+    such an mmproj file (read with the text encoder, not alone)."""
+    from .gguf_text_encoder import _is_mmproj, find_mmproj
+
+    info["kind"] = "text_encoder"
+    if _is_mmproj(reader):
+        info["error"] = (f"{str(path)!r} is the vision tower (mmproj) of a Qwen2.5-VL GGUF text encoder; load the "
+                         "qwen2vl GGUF beside it (this file is read with it)")  # fmt: skip
+        return
+    try:
+        mm = find_mmproj(path)
+    except FileFormatError as e:
+        info["error"] = str(e)
+        return
+    info["error"] = None if mm is not None else (
+        f"{str(path)!r} is a Qwen2.5-VL GGUF holding the language model only; FireRed also needs its vision tower, the "
+        "mmproj GGUF (e.g. mmproj-Qwen2.5-VL-7B-Instruct-F16.gguf): put it beside this file")  # fmt: skip
+    if mm is not None:
+        info["mmproj"] = str(mm)
 
 
 def _gguf_precision(by_type: Counter[str]) -> str:

@@ -13,6 +13,12 @@ Text-encoder formats (detected from the keys and dtypes, never the file name):
   ``input_scale`` are only used by fp8 matmuls and are ignored). The weights are dequantized to
   the compute dtype while loading (``w = fp8 * scale``, row chunk by row chunk): the 7B encoder in
   bf16 is about 16 GB, and it runs once per prompt.
+- the same names with ComfyUI's block-quantized layers (``<layer>.comfy_quant`` naming
+  ``int8_tensorwise``, ``mxfp8`` or ``nvfp4``, layouts in :mod:`.comfy_quant`, or the
+  ``_quantization_metadata`` header table): checked layer by layer (a missing or misshapen scale
+  fails naming the layer, the format and what was expected) and dequantized to the compute dtype;
+- a Qwen2.5-VL GGUF (llama.cpp's ``qwen2vl`` language model, as ComfyUI-GGUF users hold it) with
+  its vision tower from the ``mmproj`` GGUF beside it: :mod:`.gguf_text_encoder`;
 - the current transformers names (``model.language_model.*``, ``model.visual.*``);
 - a ComfyUI checkpoint merge (``text_encoders.qwen25_7b.transformer.`` prefix), stripped;
 - the diffusers ``text_encoder/`` folder (or a release folder holding one).
@@ -51,6 +57,8 @@ from ._common import (
     read_safetensors_header,
     sniff,
 )
+from .comfy_quant import BLOCK_FORMATS, QuantLinear, check_layer, decode_conf
+from .comfy_quant import describe as describe_formats
 
 __all__ = [
     "COMFYUI_TOKENIZER_SUBDIR",
@@ -144,7 +152,8 @@ QWEN2VL_IMAGE_PROCESSOR: dict[str, Any] = {
 # --------------------------------------------------------------------------- key layout
 
 
-_SCALE_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale", ".comfy_quant", ".weight_scale_2")
+_SCALE_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale", ".comfy_quant", ".weight_scale_2",
+                   ".pre_quant_scale")  # fmt: skip
 
 
 def _module_name(key: str) -> str:
@@ -317,11 +326,11 @@ def vision_token_ids(processor) -> dict[str, int]:
 # --------------------------------------------------------------------------- loading
 
 
-def _quant_format(t: torch.Tensor) -> str:
+def _quant_conf(t: torch.Tensor) -> dict:
     try:
-        return str(json.loads(bytes(t.to(torch.uint8).flatten().tolist()).decode("utf-8")).get("format", "?"))
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        return "?"
+        return decode_conf(t)
+    except (ValueError, UnicodeDecodeError):
+        return {"format": "?"}
 
 
 def _dequantize(
@@ -370,51 +379,48 @@ def _load_folder(folder: Path, dtype, device):
 
 
 def load_text_encoder(
-    path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", processor=None, config: dict | None = None
+    path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device="cpu",
+    processor=None,
+    config: dict | None = None,
+    mmproj=None,
 ):
     """Load the Qwen2.5-VL text encoder as a transformers ``Qwen2_5_VLForConditionalGeneration``.
 
     Args:
         path: ``qwen_2.5_vl_7b.safetensors``, ``qwen_2.5_vl_7b_fp8_scaled.safetensors`` (dequantized to
-            ``dtype``), a file in the current transformers names, a diffusers ``text_encoder/``
-            folder, or a release folder that has one.
+            ``dtype``), a file with ComfyUI's ``int8_tensorwise`` / ``mxfp8`` / ``nvfp4`` layers
+            (:mod:`.comfy_quant`; dequantized to ``dtype`` at load), a file in the current
+            transformers names, a diffusers ``text_encoder/`` folder, a release folder that has one,
+            or a Qwen2.5-VL GGUF (:mod:`.gguf_text_encoder`).
         dtype: Parameter / compute dtype.
         device: Where the model goes (tensors are moved there one by one while loading).
         processor: The processor (or tokenizer) that goes with the encoder; its vision token ids
             are written into the config. Needed for vocabularies smaller than Qwen's (test models).
         config: ``Qwen2_5_VLConfig`` kwargs overriding the preset / shape-derived config.
+        mmproj: GGUF only: the vision tower's ``mmproj`` GGUF (default: the one found beside ``path``).
 
     Raises:
         TextEncoderFileError: the file is missing, truncated, not a Qwen2.5-VL text encoder,
             incomplete, or quantized in a way not supported; the message names the file, what was
             found and what was expected.
     """
-    from accelerate import init_empty_weights
     from safetensors import safe_open
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     p = Path(path)
     kind = sniff(p, error=TextEncoderFileError, expected=EXPECTED)
     if kind == "directory":
         return _load_folder(p, dtype, device)
     if kind == "gguf":
-        raise TextEncoderFileError(
-            f"{str(p)!r} is a GGUF file; GGUF text encoders are not supported: {EXPECTED} was expected"
-        )
+        from .gguf_text_encoder import load_gguf_text_encoder
+
+        return load_gguf_text_encoder(p, mmproj=mmproj, dtype=dtype, device=device, processor=processor,
+                                      config=config)  # fmt: skip
     info = inspect_text_encoder(p)
-    shapes = info["shapes"]
-    try:
-        cfg = config or config_from_shapes(shapes, vision_token_ids(processor) if processor is not None else None)
-    except KeyError as e:
-        raise TextEncoderFileError(
-            f"{str(p)!r} is a Qwen2.5-VL text encoder without {e.args[0]}: the file is incomplete"
-        ) from None
-    except TextEncoderFileError as e:
-        raise TextEncoderFileError(f"{str(p)!r}: {e}") from None
-    with init_empty_weights():
-        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**copy.deepcopy(cfg)))
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     prefix = info["prefix"]
+    header = read_safetensors_header(p, error=TextEncoderFileError, expected=EXPECTED).tensors
     with safe_open(str(p), "pt", device="cpu") as f:
         file_keys = [k for k in f.keys() if k != "scaled_fp8" and (not prefix or k.startswith(prefix))]
         by_module: dict[str, str] = {}
@@ -427,37 +433,79 @@ def load_text_encoder(
                     break
             else:
                 by_module[_module_name(local)] = k
-        missing = sorted(set(expected) - set(by_module) - {"lm_head.weight"})
-        extra = sorted(set(by_module) - set(expected))
-        if missing or extra:
-            raise TextEncoderFileError(
-                f"{str(p)!r} is a Qwen2.5-VL text encoder with the wrong tensors for a "
-                f"{cfg['text_config']['num_hidden_layers']}-layer model: missing {[_classic_name(m) for m in missing[:5]]}"
-                f"{'...' if len(missing) > 5 else ''}, unexpected {[_classic_name(m) for m in extra[:5]]}{'...' if len(extra) > 5 else ''}"
-            )
-        for owner in {k.rsplit(".", 1)[0] for k in scales if k.endswith(".comfy_quant")}:
-            fmt = _quant_format(f.get_tensor(scales[owner + ".comfy_quant"]))
-            if fmt not in ("float8_e4m3fn", "float8_e5m2"):
-                raise TextEncoderFileError(
-                    f"{str(p)!r} holds {owner} in the {fmt!r} quantization format; only bf16/fp16/fp32 and (scaled) fp8 "
-                    "text encoders are supported"
-                )
-        if any(k.endswith(".weight_scale_2") for k in scales):
-            raise TextEncoderFileError(
-                f"{str(p)!r} is an nvfp4 text encoder; only bf16/fp16/fp32 and (scaled) fp8 are supported"
-            )
+        confs = {owner[: -len(".comfy_quant")]: _quant_conf(f.get_tensor(key))
+                 for owner, key in scales.items() if owner.endswith(".comfy_quant")}  # fmt: skip
+        confs.update({o: c for o, c in _metadata_confs(info["metadata"], prefix).items() if o not in confs})
+        shapes = dict(info["shapes"])
+        for owner, conf in confs.items():  # the layer's shape, not the packed nvfp4 storage's
+            w = _classic_name(owner) + ".weight"
+            if conf.get("format") == "nvfp4" and len(shapes.get(w, ())) == 2:
+                shapes[w] = (shapes[w][0], 2 * shapes[w][1])
+        model, cfg = _empty_model(p, shapes, processor, config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        _check_keys(p, cfg, expected, by_module)
+        block = _check_quant(p, confs, scales, by_module, header, expected)
         state = {}
         for name, key in by_module.items():
+            owner = name[: -len(".weight")] if name.endswith(".weight") else None
+            if owner in block:
+                aux = {sfx: f.get_tensor(scales[owner + "." + sfx]) for sfx in ("weight_scale", "weight_scale_2")
+                       if owner + "." + sfx in scales}  # fmt: skip
+                out_f, in_f = expected[name]
+                q = QuantLinear.from_stored(block[owner], f.get_tensor(key), aux, out_f, in_f)
+                state[name] = q.dequantized_weight(dtype).to(device)
+                continue
             t = f.get_tensor(key)
             if tuple(t.shape) != expected[name]:
                 raise TextEncoderFileError(f"{str(p)!r}: {key} has shape {tuple(t.shape)}, expected {expected[name]}")
-            owner = name[: -len(".weight")] if name.endswith(".weight") else None
             scale_key = owner and (scales.get(owner + ".scale_weight") or scales.get(owner + ".weight_scale"))
             if scale_key or t.dtype in FP8_DTYPES:
                 state[name] = _dequantize(t, f.get_tensor(scale_key) if scale_key else None, dtype, device)
             else:
                 state[name] = t.to(device=device, dtype=dtype)
             del t
+    if block:
+        log.info("%s: %d layers in %s dequantized to %s at load", p.name, len(block), describe_formats(block),
+                 str(dtype).replace("torch.", ""))  # fmt: skip
+    return _finish(p, model, state, device)
+
+
+def _shape_config(p: Path, shapes: dict, processor) -> dict:
+    """:func:`config_from_shapes` with the processor's token ids, its errors naming the file."""
+    try:
+        return config_from_shapes(shapes, vision_token_ids(processor) if processor is not None else None)
+    except KeyError as e:
+        raise TextEncoderFileError(
+            f"{str(p)!r} is a Qwen2.5-VL text encoder without {e.args[0]}: the file is incomplete"
+        ) from None
+    except TextEncoderFileError as e:
+        raise TextEncoderFileError(f"{str(p)!r}: {e}") from None
+
+
+def _empty_model(p: Path, shapes: dict, processor, config: dict | None):
+    """(the model on the meta device, its config) for a state dict of ``shapes`` (classic names)."""
+    from accelerate import init_empty_weights
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = config or _shape_config(p, shapes, processor)
+    with init_empty_weights():
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**copy.deepcopy(cfg)))
+    return model, cfg
+
+
+def _check_keys(p: Path, cfg: dict, expected: dict, by_module) -> None:
+    missing = sorted(set(expected) - set(by_module) - {"lm_head.weight"})
+    extra = sorted(set(by_module) - set(expected))
+    if missing or extra:
+        raise TextEncoderFileError(
+            f"{str(p)!r} is a Qwen2.5-VL text encoder with the wrong tensors for a "
+            f"{cfg['text_config']['num_hidden_layers']}-layer model: missing {[_classic_name(m) for m in missing[:5]]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {[_classic_name(m) for m in extra[:5]]}{'...' if len(extra) > 5 else ''}"
+        )
+
+
+def _finish(p: Path, model, state: dict, device):
+    """Assign ``state`` (module names) to the meta model, tie a missing lm_head, check nothing is left."""
     if "lm_head.weight" not in state:
         log.info("%s has no lm_head; tying it to the input embedding (only hidden states are used)", p.name)
     model.load_state_dict(state, strict=False, assign=True)
@@ -468,6 +516,51 @@ def load_text_encoder(
     if left:
         raise TextEncoderFileError(f"{str(p)!r}: tensors not in the file: {left[:5]}")
     return model
+
+
+def _metadata_confs(metadata: dict, prefix: str) -> dict[str, dict]:
+    """Module name -> comfy_quant entry from a ``_quantization_metadata`` header table."""
+    if "_quantization_metadata" not in metadata:
+        return {}
+    try:
+        layers = json.loads(metadata["_quantization_metadata"]).get("layers", {})
+    except (ValueError, AttributeError):
+        return {}
+    out = {}
+    for name, conf in layers.items():
+        name = name[len(prefix) :] if prefix and name.startswith(prefix) else name
+        out[_module_name(name)] = conf if isinstance(conf, dict) else {"format": str(conf)}
+    return out
+
+
+def _check_quant(p: Path, confs: dict, scales: dict, by_module: dict, header: dict, expected: dict) -> dict[str, str]:
+    """The block-quantized layers (module name -> format), every quantized layer checked from the header."""
+    where = repr(str(p))
+    formats = {o: str(c.get("format", "?")) for o, c in confs.items()}
+    for owner, fmt in sorted(formats.items()):
+        if fmt not in ("float8_e4m3fn", "float8_e5m2") and fmt not in BLOCK_FORMATS:
+            raise TextEncoderFileError(
+                f"{where}: layer {_classic_name(owner)!r} is quantized as {fmt!r}; this loader reads bf16 / fp16 / fp32, "
+                f"(scaled) fp8 and the comfy_quant formats {', '.join(BLOCK_FORMATS)}"
+            )
+    block = {o: f for o, f in formats.items() if f in BLOCK_FORMATS}
+    for key in scales:
+        owner, _, sfx = key.rpartition(".")
+        if sfx in ("weight_scale_2", "pre_quant_scale") and owner not in block:
+            raise TextEncoderFileError(
+                f"{where}: {_classic_name(owner)}.{sfx} belongs to no layer marked nvfp4 by a comfy_quant entry; "
+                f"expected a {_classic_name(owner)}.comfy_quant naming its format"
+            )
+    for owner, fmt in block.items():
+        wkey = by_module.get(owner + ".weight")
+        if wkey is None or owner + ".weight" not in expected or len(expected[owner + ".weight"]) != 2:
+            raise TextEncoderFileError(f"{where}: layer {_classic_name(owner)!r} is quantized as {fmt!r} but is not a "
+                                       "2-D weight of the model")  # fmt: skip
+        aux = {key.rpartition(".")[2]: header[k] for key, k in scales.items() if key.rpartition(".")[0] == owner}
+        out_f, in_f = expected[owner + ".weight"]
+        check_layer(fmt, _classic_name(owner), confs.get(owner), header[wkey], aux, out_f, in_f, where=where,
+                    error=TextEncoderFileError)  # fmt: skip
+    return block
 
 
 # --------------------------------------------------------------------------- tokenizer / processor

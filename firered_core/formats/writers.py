@@ -174,3 +174,103 @@ def to_comfy_quant(state: dict[str, torch.Tensor], layers: dict[str, str], **kw)
         out.update({f"{layer}.{k}": v for k, v in quantize_comfy(state[layer + ".weight"], fmt, **kw).items()})
         out[layer + ".comfy_quant"] = torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
     return out
+
+
+def _gguf_add(w, name: str, t: torch.Tensor, quant: str) -> None:
+    """One tensor the way llama.cpp's converter stores it: 1-D in F32, 2-D weights whose rows fit the
+    block in ``quant``, everything else in F16."""
+    import gguf
+    import numpy as np
+
+    q = getattr(gguf.GGMLQuantizationType, quant)
+    a = t.detach().float().numpy()
+    if a.ndim == 1:
+        w.add_tensor(name, a.astype(np.float32), raw_dtype=gguf.GGMLQuantizationType.F32)
+    elif a.ndim == 2 and quant not in ("F16", "F32") and a.shape[1] % gguf.GGML_QUANT_SIZES[q][0] == 0:
+        w.add_tensor(name, gguf.quants.quantize(a, q), raw_dtype=q)
+    elif quant == "F32":
+        w.add_tensor(name, a.astype(np.float32), raw_dtype=gguf.GGMLQuantizationType.F32)
+    else:
+        w.add_tensor(name, a.astype(np.float16), raw_dtype=gguf.GGMLQuantizationType.F16)
+
+
+def write_gguf_text_encoder(state: dict[str, torch.Tensor], config, path, quant: str = "Q8_0", *,
+                            mmproj=None, mmproj_quant: str = "F16") -> tuple[Path, Path | None]:  # fmt: skip
+    """Write a Qwen2.5-VL text encoder as llama.cpp's ``convert_hf_to_gguf.py`` does: the language model
+    as a ``qwen2vl`` GGUF at ``path`` (names from gguf-py's own tensor map: ``token_embd``,
+    ``blk.N.attn_q`` ...) and, when ``mmproj`` is a path, the vision tower as a ``clip`` GGUF there
+    (``v.patch_embd.weight`` / ``.weight.1`` = the two temporal slices of the Conv3d, ``attn.qkv``
+    split into ``attn_q`` / ``attn_k`` / ``attn_v``, ``mm.0`` / ``mm.2`` the merger). ``state`` has the
+    classic names (``model.layers.N...``, ``visual.*``) or transformers 5's; ``config`` is the
+    model's ``Qwen2_5_VLConfig``."""
+    import gguf
+
+    classic = {}
+    for k, v in state.items():
+        if k.startswith("model.language_model."):
+            k = "model." + k[len("model.language_model.") :]
+        elif k.startswith("model.visual."):
+            k = k[len("model.") :]
+        classic[k] = v
+    tc, vc = config.text_config, config.vision_config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2VL, tc.num_hidden_layers)
+    w = gguf.GGUFWriter(str(path), arch="qwen2vl")
+    w.add_block_count(tc.num_hidden_layers)
+    w.add_context_length(tc.max_position_embeddings)
+    w.add_embedding_length(tc.hidden_size)
+    w.add_feed_forward_length(tc.intermediate_size)
+    w.add_head_count(tc.num_attention_heads)
+    w.add_head_count_kv(tc.num_key_value_heads)
+    w.add_layer_norm_rms_eps(tc.rms_norm_eps)
+    rope = tc.rope_parameters
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_rope_dimension_sections([*rope["mrope_section"], 0])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for k, v in classic.items():
+        if k.startswith("visual."):
+            continue
+        new = names.get_name(k, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise ValueError(f"no llama.cpp name for {k!r}")
+        _gguf_add(w, new, v, quant)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if mmproj is None:
+        return Path(path), None
+    vnames = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, max(vc.depth, 3))  # mm.{2} is numbered as a block
+    m = gguf.GGUFWriter(str(mmproj), arch="clip")
+    m.add_string("general.type", "mmproj")
+    m.add_bool("clip.has_vision_encoder", True)
+    m.add_string("clip.projector_type", gguf.VisionProjectorType.QWEN25VL)
+    m.add_uint32("clip.vision.block_count", vc.depth)
+    m.add_uint32("clip.vision.embedding_length", vc.hidden_size)
+    m.add_uint32("clip.vision.feed_forward_length", vc.intermediate_size)
+    m.add_uint32("clip.vision.attention.head_count", vc.num_heads)
+    m.add_uint32("clip.vision.patch_size", vc.patch_size)
+    m.add_uint32("clip.vision.projection_dim", vc.out_hidden_size)
+    m.add_uint32("clip.vision.n_wa_pattern", vc.fullatt_block_indexes[0] + 1)
+    m.add_uint32("clip.vision.window_size", vc.window_size)
+    m.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    for k, v in classic.items():
+        if not k.startswith("visual."):
+            continue
+        if k == "visual.patch_embed.proj.weight":  # Conv3d [out, in, t=2, h, w] -> two Conv2d kernels
+            _gguf_add(m, "v.patch_embd.weight", v[:, :, 0].contiguous(), mmproj_quant)
+            _gguf_add(m, "v.patch_embd.weight.1", v[:, :, 1].contiguous(), mmproj_quant)
+            continue
+        if ".attn.qkv." in k:
+            for part, chunk in zip("qkv", v.chunk(3, dim=0)):
+                new = vnames.get_name(k.replace(".qkv.", f".{part}."), try_suffixes=(".weight", ".bias"))
+                _gguf_add(m, new, chunk.contiguous(), mmproj_quant)
+            continue
+        new = vnames.get_name(k, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise ValueError(f"no llama.cpp name for {k!r}")
+        _gguf_add(m, new, v, mmproj_quant)
+    m.write_header_to_file()
+    m.write_kv_data_to_file()
+    m.write_tensors_to_file()
+    m.close()
+    return Path(path), Path(mmproj)
