@@ -632,7 +632,7 @@ def load_transformer(
         weight_dtype: ``"auto"`` keeps fp8 layers fp8 and loads the rest in ``dtype``;
             ``"fp8_e4m3fn"`` / ``"fp8_e5m2"`` also down-casts every full-precision linear weight
             (the memory saving of an fp8 file from a bf16 one); ``"dequantize"`` turns fp8
-            layers back into plain ``nn.Linear`` in ``dtype``.
+            layers (and comfy_quant int8 / mxfp8 / nvfp4 layers) back into plain ``nn.Linear`` in ``dtype``.
         config: overrides of the architecture read from the keys (e.g. ``{"zero_cond_t": True}``,
             which the keys cannot show).
 
