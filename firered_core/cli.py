@@ -34,7 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output picture path (.png, .jpg, .webp)")
     e.add_argument("--steps", type=int, default=None, help="sampling steps (default 40; 8 with --schedule lightning)")
     e.add_argument("--cfg", type=float, default=None, help="true CFG scale (default 4.0; 1.0 = off, one pass per step)")
-    e.add_argument("--seed", type=int, default=43, help="seed of the initial noise (CPU generator, as diffusers)")
+    e.add_argument("--seed", type=int, default=43, help="seed of the initial noise (drawn where --noise-device says)")
+    e.add_argument("--noise-device", default="cpu", metavar="{cpu,cuda,cuda:N,comfyui}",
+                   help="where the seed's noise is drawn, i.e. which tool's picture a seed gives: cpu = diffusers' "
+                        "examples (default), cuda = FireRed's inference.py, comfyui = ComfyUI's KSampler")
     e.add_argument("--width", type=int, help="output width, a multiple of 16 (default: ~1024^2 at the last picture's aspect)")
     e.add_argument("--height", type=int, help="output height, a multiple of 16")
     e.add_argument("--sampler", default="euler", choices=sorted(samplers.SAMPLERS))
@@ -90,6 +93,12 @@ def check_edit_args(args) -> list:
     if args.cfg is not None and args.cfg < 0:
         raise ValueError(f"--cfg must be >= 0 (1 = no CFG), got {args.cfg}")
     images.check_size(args.width, args.height)
+    from .noise import check_noise_device
+
+    try:
+        args.noise_device = check_noise_device(args.noise_device)
+    except ValueError as e:
+        raise ValueError(f"--noise-device: {e}") from None
     if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise ValueError(f"--out {args.out!r} must end in .png, .jpg or .webp")
     conditioning.check_instruction(args.prompt, "--prompt")
@@ -160,6 +169,7 @@ def _edit(args) -> int:
             schedule=args.schedule,
             shift=args.shift,
             ref_mode=args.ref_mode,
+            noise_device=args.noise_device,
             callback=progress,
         )
         if bar is not None:

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from . import images, latents, samplers
+from . import noise as noise_mod
 from . import vae as vae_mod
 from .loading import FireRedComponents, ModelFolderError, check_model_folder, load_scheduler_config, resolve_dtype
 from .modules import module_device
@@ -344,6 +345,7 @@ def sample_edit(
     batch_size: int = 1,
     callback: Callable[[Progress], None] | None = None,
     guidance: GuidanceSettings | None = None,
+    noise_device: str = "cpu",
 ) -> Sampled:
     """Sample ``batch_size`` edits (or one per picture of ``latent``).
 
@@ -351,15 +353,17 @@ def sample_edit(
     latent: a raw starting latent (e.g. ComfyUI ``VAEEncode``); with ``denoise < 1`` sampling starts
         from it noised to the first kept sigma (the last ``round(denoise * steps)`` steps of the
         schedule); with ``denoise = 1`` only its size and batch are used.
-    seed: one CPU generator seeded once draws every picture's noise in turn, so picture 0 of a
-        batch equals the single edit with that seed (and the reference pipeline's picture).
+    seed, noise_device: one generator seeded once draws every picture's noise, on the CPU as the
+        diffusers examples (``cpu``), on a GPU as FireRed's inference.py (``cuda``), or as ComfyUI's
+        KSampler (``comfyui``: the whole batch in one float32 draw); see :mod:`firered_core.noise`.
+        Picture 0 of a batch equals the single edit with that seed.
     callback(Progress) after every step; raise in it to cancel.
     guidance: consistency guidance toward the input picture ``guidance.source`` (needs pictures).
     """
     hook = guidance_hook(guidance, cond) if guidance is not None else None
     z = _sample_with_hook(
         dit, cond, hook, seed=seed, steps=steps, cfg=cfg, sampler=sampler, schedule=schedule, shift=shift,
-        size=size, latent=latent, denoise=denoise, batch_size=batch_size, callback=callback,
+        size=size, latent=latent, denoise=denoise, batch_size=batch_size, callback=callback, noise_device=noise_device,
     )
     mask = None
     if hook is not None and hook.guider is not None:
@@ -383,6 +387,7 @@ def _sample_with_hook(
     denoise: float = 1.0,
     batch_size: int = 1,
     callback: Callable[[Progress], None] | None = None,
+    noise_device: str = "cpu",
 ) -> torch.Tensor:
     """:func:`sample_edit` with a ready model-function wrapper; returns normalised ``[B, 16, h, w]``."""
     if not 0.0 < denoise <= 1.0:
@@ -406,7 +411,8 @@ def _sample_with_hook(
         raise ValueError(f"batch size must be at least 1, got {batch}")
     enc = with_output_size(cond.enc, size) if size is not None and tuple(size) != cond.enc.size else cond.enc
     req = replace(
-        cond.request, steps=int(steps), cfg=float(cfg), sampler=sampler, schedule=schedule, shift=shift, seed=seed, denoise=float(denoise)
+        cond.request, steps=int(steps), cfg=float(cfg), sampler=sampler, schedule=schedule, shift=shift, seed=seed, denoise=float(denoise),
+        noise_device=noise_device,
     )
     w, h = enc.size
     editor = FireRedEditor(
@@ -420,12 +426,17 @@ def _sample_with_hook(
     sig = editor.sigmas(req, enc.size)
     per = len(sig) - 1
     sync_loras(dit)
-    gen = torch.Generator("cpu").manual_seed(int(seed))
+    gen = noise_mod.make_generator(int(seed), req.noise_device)
     dtype = enc.positive.embeds.dtype
     outs = []
     with torch.inference_mode():
+        # ComfyUI draws the whole batch at once; the others one picture after the other, between
+        # the pictures' sampling (so an SDE sampler's draws sit in between, as before)
+        whole = None
+        if req.noise_device == "comfyui":
+            whole = noise_mod.draw(gen, enc.size, batch=batch, noise_device="comfyui", dtype=dtype, device=editor.device)
         for b in range(batch):
-            noise = editor.initial_noise(enc.size, gen, dtype)
+            noise = whole[b] if whole is not None else editor.initial_noise(enc.size, gen, dtype, req.noise_device)
             if start is not None and denoise < 1.0:
                 s0 = float(sig[0])
                 x0 = latents.pack(start[b : b + 1].to(noise.device, noise.dtype))
@@ -481,6 +492,7 @@ def estimate_edit_mask(
     size: tuple[int, int] | None = None,
     source: int = 0,
     callback: Callable[[Progress], None] | None = None,
+    noise_device: str = "cpu",
 ) -> torch.Tensor:
     """Where will the edit change the picture? Runs the first ``estimate_steps`` sampling steps and
     returns the automatic edit region as a ``MASK`` ``[1, H, W]`` (1 = changes) -- the same estimate
@@ -500,7 +512,8 @@ def estimate_edit_mask(
             raise _Stop
 
     try:
-        _sample_with_hook(dit, cond, hook, seed=seed, steps=steps, cfg=cfg, schedule=schedule, size=size, callback=cb)
+        _sample_with_hook(dit, cond, hook, seed=seed, steps=steps, cfg=cfg, schedule=schedule, size=size, callback=cb,
+                          noise_device=noise_device)
     except _Stop:
         pass
     if hook.guider is None:

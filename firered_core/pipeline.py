@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from . import conditioning, guidance, images, latents, samplers, schedules
+from . import noise as noise_mod
 from . import vae as vae_mod
 from .conditioning import TextCond
 from .denoiser import Denoiser, EditCondition
@@ -37,6 +38,9 @@ class EditRequest:
     ref_area / vl_area: pixel area of each reference for the VAE (1024^2) and for Qwen2.5-VL (384^2).
     denoise: keep the last ``round(denoise * steps)`` steps of the schedule (img2img-style partial
         denoising from a given starting latent; 1 = the whole schedule).
+    noise_device: where the seed's initial noise is drawn, i.e. which tool's picture a seed gives:
+        "cpu" (diffusers' examples), "cuda" / "cuda:N" (FireRed's inference.py), "comfyui"
+        (ComfyUI's KSampler); see :mod:`firered_core.noise`.
     cfg_batched: run cond and uncond in one forward pass (texts of different lengths are padded
         and masked). ``None`` = automatic: batched on CUDA, where it saves most of the second
         pass; one after the other on the CPU, where a measured batched pass is no faster
@@ -59,10 +63,12 @@ class EditRequest:
     cfg_batched: bool | None = None
     cfg_norm_rescale: bool = True
     denoise: float = 1.0
+    noise_device: str = "cpu"
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be a whole number of at least 1, got {self.steps!r}")
+        self.noise_device = noise_mod.check_noise_device(self.noise_device)
         images.check_size(self.width, self.height)
 
 
@@ -244,14 +250,13 @@ class FireRedEditor:
         sig = schedules.get_schedule(req.schedule)(req.steps, **opts)
         return schedules.truncate_for_denoise(sig, req.denoise) if req.denoise < 1.0 else sig
 
-    def initial_noise(self, size: tuple[int, int], generator: torch.Generator | None, dtype: torch.dtype) -> torch.Tensor:
-        """Packed noise drawn exactly as the reference pipeline draws it (shape ``[1, 1, 16, h, w]``,
-        on the generator's device, then moved), so a seed gives the same picture in both."""
-        w, h = size
-        shape = (1, 1, latents.LATENT_CHANNELS, h // 8, w // 8)
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        noise = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(self.device)
-        return latents.pack(noise.view(1, latents.LATENT_CHANNELS, h // 8, w // 8))
+    def initial_noise(
+        self, size: tuple[int, int], generator: torch.Generator | None, dtype: torch.dtype, noise_device: str = "cpu"
+    ) -> torch.Tensor:
+        """Packed noise of one picture drawn as the tool ``noise_device`` names draws it (see
+        :mod:`firered_core.noise`; ``cpu``: exactly as the reference pipeline), so a seed gives the
+        same picture in both."""
+        return noise_mod.draw(generator, size, noise_device=noise_device, dtype=dtype, device=self.device)[0]
 
     def sample(
         self,
@@ -271,7 +276,7 @@ class FireRedEditor:
         w, h = enc.size
         sig = self.sigmas(req, enc.size)
         te_dtype = enc.positive.embeds.dtype
-        x = noise if noise is not None else self.initial_noise(enc.size, generator, te_dtype)
+        x = noise if noise is not None else self.initial_noise(enc.size, generator, te_dtype, req.noise_device)
         with self._stage("transformer"):
             cache = self.speed.step_cache(self.c.transformer) if self.speed is not None else None
             den = Denoiser(self.c.transformer, enc.cond, step_cache=cache)
@@ -310,15 +315,16 @@ class FireRedEditor:
         """Edit 1-3 pictures (PIL, paths or tensors) following ``prompt``; no pictures = text-to-image.
 
         ``options`` are the fields of :class:`EditRequest` (steps, cfg, seed, width, height, sampler,
-        schedule, shift, negative_prompt, ref_mode, cfg_batched). ``seed`` seeds a CPU generator,
-        like the diffusers examples; pass ``generator`` to control it yourself.
+        schedule, shift, negative_prompt, ref_mode, cfg_batched, noise_device). ``seed`` seeds the
+        generator ``noise_device`` names (default a CPU generator, like the diffusers examples);
+        pass ``generator`` to control it yourself.
         ``guide``: an optional model-function wrapper, see :meth:`sample`.
         """
         if prompt is None:
             raise ValueError("prompt is required: the edit instruction, e.g. 'make the sky pink'")
         req = EditRequest(prompt=prompt, **options)
         if generator is None and req.seed is not None:
-            generator = torch.Generator("cpu").manual_seed(req.seed)
+            generator = noise_mod.make_generator(req.seed, req.noise_device)
         with torch.inference_mode():
             enc = self.encode(pictures, req)
             z, sig = self.sample(enc, req, generator=generator, callback=callback, guide=guide)

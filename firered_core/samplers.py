@@ -110,7 +110,9 @@ def sde_step_with_logprob(
     scale = std * torch.sqrt(-dt)
     if prev_sample is None:
         if noise is None:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+            # on the generator's device (a CUDA generator, FireRed's, may drive a CPU run), then moved
+            at = generator.device if generator is not None else x.device
+            noise = torch.randn(x.shape, generator=generator, device=at, dtype=torch.float32).to(x.device)
         prev_sample = mean + scale * noise.to(torch.float32)
     prev = prev_sample.to(torch.float32)
     safe = scale.clamp_min(1e-12)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 
-from ..firered_core import images, parts, samplers, schedules
+from ..firered_core import images, noise, parts, samplers, schedules
 from ..firered_core.pipeline import EditRequest
 from . import host
 
@@ -21,7 +21,7 @@ SAMPLER_NAMES = sorted(samplers.SAMPLERS)
 SCHEDULE_NAMES = ["flowmatch"] + sorted(n for n in schedules.SCHEDULES if n != "flowmatch")
 
 _TIPS = {
-    "seed": "Seed of the initial noise. The same seed with the same settings gives the same picture (and the reference pipeline's picture).",
+    "seed": "Seed of the initial noise. The same seed with the same settings gives the same picture (with noise_device, the picture of the tool it names).",
     "steps": "Sampling steps: 40 for the release settings, 8 with the Lightning LoRA and the lightning schedule.",
     "cfg": "True CFG scale (with norm rescale): 4.0 for the release settings; 1.0 = no negative pass (Lightning).",
     "sampler": "The solver. euler is what the release uses; heun and dpmpp_2m are higher order; euler_sde adds fresh noise each step.",
@@ -31,6 +31,8 @@ _TIPS = {
     "width": "Output width in pixels (multiple of 16). 0 = about 1024x1024 at the aspect of the last picture, or the input latent's size.",
     "height": "Output height in pixels (multiple of 16). 0 = automatic, like width.",
     "denoise": "1 = edit from pure noise (usual). Below 1, start from the input latent partly noised: lower keeps more of it.",
+    "noise_device": "Where the seed's noise is drawn, i.e. whose picture a seed gives: cpu = diffusers' examples; "
+    "cuda = FireRed's inference.py (needs a CUDA GPU); comfyui = ComfyUI's KSampler (the whole batch in one draw).",
     "batch_size": "How many edits to make (each with its own noise). Ignored when a latent is connected: its batch is used.",
 }
 _PROMPT_TIP = "The edit instruction. With several pictures, refer to them as Picture 1, Picture 2, Picture 3."
@@ -49,6 +51,10 @@ def _sampling_inputs() -> dict:
         "width": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 16, "tooltip": _TIPS["width"]}),
         "height": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 16, "tooltip": _TIPS["height"]}),
     }
+
+
+def _noise_input() -> dict:
+    return {"noise_device": (list(noise.NOISE_DEVICES), {"default": "cpu", "tooltip": _TIPS["noise_device"]})}
 
 
 def _encoder_inputs() -> dict:
@@ -139,18 +145,20 @@ class FireRedSampler:
             "optional": {
                 "latent": ("LATENT", {"tooltip": "Optional starting latent (e.g. VAEEncode of the picture): sets size and batch; with denoise < 1 also the content."}),
                 "guidance": ("FIRERED_GUIDANCE", {"tooltip": "Optional consistency guidance from FireRed Consistency Guidance: keep what the instruction did not ask to change."}),
+                **_noise_input(),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def sample(self, dit, cond, seed, steps, cfg, sampler, schedule, shift, width, height, denoise=1.0, batch_size=1, latent=None, guidance=None, unique_id=None):
+    def sample(self, dit, cond, seed, steps, cfg, sampler, schedule, shift, width, height, denoise=1.0, batch_size=1, latent=None, guidance=None,
+               noise_device="cpu", unique_id=None):
         samples = latent["samples"] if latent is not None else None
         vae_part = cond.vae if guidance is not None else None
         with host.on_device(dit, vae_part):
             out = parts.sample_edit(
                 dit, cond, seed=seed, steps=steps, cfg=cfg, sampler=sampler, schedule=schedule, shift=shift or None,
                 size=_size(width, height), latent=samples, denoise=denoise, batch_size=batch_size,
-                callback=host.progress_callback(unique_id), guidance=guidance,
+                callback=host.progress_callback(unique_id), guidance=guidance, noise_device=noise_device,
             )
         mask = out.edit_mask
         if mask is None:
@@ -198,17 +206,18 @@ class FireRedEdit:
                 **_encoder_inputs(),
                 **_sampling_inputs(),
             },
-            "optional": {**_picture_inputs(), **_reference_inputs()},
+            "optional": {**_picture_inputs(), **_reference_inputs(), **_noise_input()},
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def edit(self, dit, text_encoder, vae, prompt, negative_prompt, seed, steps, cfg, sampler, schedule, shift, width, height,
-             image1=None, image2=None, image3=None, unique_id=None, **ref):
+             image1=None, image2=None, image3=None, noise_device="cpu", unique_id=None, **ref):
         req = _request(prompt, negative_prompt, **ref)
         with host.on_device(dit, text_encoder, vae):
             pixels, samples = parts.edit(
                 dit, text_encoder, vae, [image1, image2, image3], req, seed=seed, steps=steps, cfg=cfg, sampler=sampler,
                 schedule=schedule, shift=shift or None, size=_size(width, height), callback=host.progress_callback(unique_id),
+                noise_device=noise_device,
             )
         return (pixels, {"samples": samples})
 

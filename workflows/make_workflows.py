@@ -130,7 +130,7 @@ ENC_REF = ["own_aspect", 1024, 384]
 
 
 def sampler_widgets(seed=43, steps=40, cfg=4.0, schedule="flowmatch", width=0, height=0):
-    return [seed, "fixed", steps, cfg, "euler", schedule, 0.0, width, height, 1.0, 1]
+    return [seed, "fixed", steps, cfg, "euler", schedule, 0.0, width, height, 1.0, 1, "cpu"]
 
 
 def single() -> None:
