@@ -318,3 +318,41 @@ def describe_keys(keys: Iterable[str]) -> str:
         return "a VAE of an unknown kind"
     sample = ", ".join(sorted(keys)[:4])
     return f"an unrecognised state dict ({len(keys)} tensors, e.g. {sample})"
+
+
+# -- GGUF headers (the MM-DiT and the text-encoder readers share them) -------------------------
+
+
+def gguf_module():
+    """The ``gguf`` package, or an ImportError saying how to install it."""
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("reading GGUF files needs the 'gguf' package: pip install 'gguf>=0.10.0'") from None
+    return gguf
+
+
+def open_gguf(path, error: type[Exception]):
+    """A ``GGUFReader`` over ``path``; a truncated or corrupt file raises ``error`` naming it."""
+    import warnings
+
+    gguf = gguf_module()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return gguf.GGUFReader(str(path))
+    except (ValueError, OSError, IndexError, KeyError, TypeError, EOFError) as e:
+        raise error(
+            f"{str(path)!r} is a truncated or corrupt GGUF file ({type(e).__name__}: {e}); download it again"
+        ) from None
+
+
+def gguf_field(reader, name):
+    """The value of header field ``name``, or None when it is absent or malformed."""
+    f = reader.get_field(name)
+    if f is None:
+        return None
+    try:
+        return f.contents()
+    except Exception:  # noqa: BLE001 - a malformed field is treated as absent
+        return None

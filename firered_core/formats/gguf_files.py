@@ -24,14 +24,13 @@ dequantized once at load.
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._common import FORMAT_WORDS, GGUFFileError, describe_keys, sniff
+from ._common import FORMAT_WORDS, GGUFFileError, describe_keys, gguf_field, gguf_module, open_gguf, sniff
 from .transformer_files import INDEX_TIMESTEP_ZERO, ZERO_COND_T_NOTE, config_from_shapes
 
 __all__ = [
@@ -75,39 +74,8 @@ def is_gguf(path) -> bool:
     return Path(path).is_file() and sniff(path) == "gguf"
 
 
-def _field(reader, name):
-    f = reader.get_field(name)
-    if f is None:
-        return None
-    try:
-        return f.contents()
-    except Exception:  # noqa: BLE001 - a malformed field is treated as absent
-        return None
-
-
-def _gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError("reading GGUF files needs the 'gguf' package: pip install 'gguf>=0.10.0'") from None
-    return gguf
-
-
-def _reader(path: Path):
-    gguf = _gguf()
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError, KeyError, TypeError, EOFError) as e:
-        raise GGUFFileError(
-            f"{str(path)!r} is a truncated or corrupt GGUF file ({type(e).__name__}: {e}); download it again"
-        ) from None
-
-
 def _orig_shape(reader, name):
-    v = _field(reader, f"comfy.gguf.orig_shape.{name}")
+    v = gguf_field(reader, f"comfy.gguf.orig_shape.{name}")
     return tuple(int(x) for x in v) if v else None
 
 
@@ -122,10 +90,10 @@ def inspect_gguf(path) -> GGUFInfo:
         raise GGUFFileError(
             f"{str(p)!r} is {FORMAT_WORDS.get(kind, 'a ' + kind + ' file')}, but {EXPECTED} was expected"
         )
-    reader = _reader(p)
-    arch = _field(reader, "general.architecture")
+    reader = open_gguf(p, GGUFFileError)
+    arch = gguf_field(reader, "general.architecture")
     arch = str(arch) if arch is not None else None
-    if arch in TEXT_ARCHS or _field(reader, "general.type") in ("mmproj", "clip-vision"):
+    if arch in TEXT_ARCHS or gguf_field(reader, "general.type") in ("mmproj", "clip-vision"):
         raise GGUFFileError(
             f"{str(p)!r} is a GGUF text / vision encoder (architecture {arch!r}), but {EXPECTED} was expected"
         )
@@ -210,7 +178,7 @@ def load_gguf_transformer(path, *, dtype: torch.dtype = torch.bfloat16, device="
             quantization type diffusers cannot dequantize; the message names the file, what was
             found and what was expected.
     """
-    gguf = _gguf()  # first: diffusers' GGUF code needs it too
+    gguf = gguf_module()  # first: diffusers' GGUF code needs it too
     import accelerate
     from diffusers import GGUFQuantizationConfig, QwenImageTransformer2DModel
     from diffusers.quantizers.gguf import GGUFQuantizer
@@ -233,7 +201,7 @@ def load_gguf_transformer(path, *, dtype: torch.dtype = torch.bfloat16, device="
     plain = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
     plain_dtypes = {gguf.GGMLQuantizationType.F32: torch.float32, gguf.GGMLQuantizationType.F16: torch.float16,
                     gguf.GGMLQuantizationType.BF16: torch.bfloat16}
-    reader = _reader(p)
+    reader = open_gguf(p, GGUFFileError)
     # 1. what each tensor becomes, from the header alone (no tensor data is touched yet)
     plan: list[tuple[str, Any, str]] = []  # (name, reader tensor, "linear" | "plain" | "dequantize")
     for t in reader.tensors:

@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import logging
 import re
-import warnings
 from pathlib import Path
 
 import torch
 
-from ._common import TextEncoderFileError, sniff
+from ._common import TextEncoderFileError, gguf_field, gguf_module, open_gguf, sniff
 
 __all__ = ["find_mmproj", "gguf_to_classic", "load_gguf_text_encoder"]
 
@@ -63,36 +62,6 @@ _VTOP = {"v.post_ln": "visual.merger.ln_q", "mm.0": "visual.merger.mlp.0", "mm.2
 _QUANT_SUFFIX = re.compile(r"[-_.]?(?:ud-)?(?:i?q\d_[a-z0-9_]{1,8}|f16|bf16|f32)$", re.IGNORECASE)
 
 
-def _gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError("reading GGUF files needs the 'gguf' package: pip install 'gguf>=0.10.0'") from None
-    return gguf
-
-
-def _reader(path: Path):
-    gguf = _gguf()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError, KeyError, TypeError, EOFError) as e:
-        raise TextEncoderFileError(
-            f"{str(path)!r} is a truncated or corrupt GGUF file ({type(e).__name__}: {e}); download it again"
-        ) from None
-
-
-def _field(reader, name):
-    f = reader.get_field(name)
-    if f is None:
-        return None
-    try:
-        return f.contents()
-    except Exception:  # noqa: BLE001 - a malformed field is treated as absent
-        return None
-
-
 def gguf_to_classic(name: str) -> str | None:
     """A llama.cpp tensor name -> the classic Hugging Face name (``model.layers.N...`` / ``visual.*``)
     that :mod:`.text_encoder_files` reads; ``None`` for names that are not Qwen2.5-VL's. The
@@ -120,8 +89,8 @@ def gguf_to_classic(name: str) -> str | None:
 
 def _is_mmproj(reader) -> bool:
     """A Qwen2.5-VL vision tower GGUF: ``clip`` with a ``qwen2.5vl_merger`` projector (or none named)."""
-    return (_field(reader, "general.architecture") == "clip"
-            and _field(reader, "clip.projector_type") in (None, "qwen2.5vl_merger")
+    return (gguf_field(reader, "general.architecture") == "clip"
+            and gguf_field(reader, "clip.projector_type") in (None, "qwen2.5vl_merger")
             and any(t.name == "v.patch_embd.weight" for t in reader.tensors))  # fmt: skip
 
 
@@ -134,7 +103,7 @@ def find_mmproj(path) -> Path | None:
         if f == p or not f.is_file() or f.suffix.lower() != ".gguf" or sniff(f) != "gguf":
             continue
         try:
-            if _is_mmproj(_reader(f)):
+            if _is_mmproj(open_gguf(f, TextEncoderFileError)):
                 found.append(f)
         except TextEncoderFileError:
             continue
@@ -151,7 +120,7 @@ def find_mmproj(path) -> Path | None:
 
 def _dequantize(t, device) -> torch.Tensor:
     """A GGUF tensor as float32 in its torch shape (F32 / F16 / BF16 exact; quantized blocks exact in float32)."""
-    gguf = _gguf()
+    gguf = gguf_module()
     Q = gguf.GGMLQuantizationType
     shape = tuple(int(v) for v in reversed(t.shape.tolist()))
     raw = torch.from_numpy(t.data.copy()).reshape(-1).view(torch.uint8).to(device)
@@ -223,10 +192,10 @@ def _metadata_config(cfg: dict, text, vision) -> dict:
     for key, field, cast in (("num_attention_heads", "qwen2vl.attention.head_count", int),
                              ("num_key_value_heads", "qwen2vl.attention.head_count_kv", int),
                              ("rms_norm_eps", "qwen2vl.attention.layer_norm_rms_epsilon", float)):  # fmt: skip
-        v = _field(text, field)
+        v = gguf_field(text, field)
         if v is not None:
             tc[key] = cast(v)
-    theta, sections = _field(text, "qwen2vl.rope.freq_base"), _field(text, "qwen2vl.rope.dimension_sections")
+    theta, sections = gguf_field(text, "qwen2vl.rope.freq_base"), gguf_field(text, "qwen2vl.rope.dimension_sections")
     if theta is not None or sections:
         rope = dict(tc.get("rope_parameters") or {})
         if theta is not None:
@@ -234,12 +203,12 @@ def _metadata_config(cfg: dict, text, vision) -> dict:
         if sections:
             rope["mrope_section"] = [int(s) for s in list(sections)[:3]]
         tc["rope_parameters"] = rope
-    heads, pattern = _field(vision, "clip.vision.attention.head_count"), _field(vision, "clip.vision.n_wa_pattern")
+    heads, pattern = gguf_field(vision, "clip.vision.attention.head_count"), gguf_field(vision, "clip.vision.n_wa_pattern")
     if heads is not None:
         vc["num_heads"] = int(heads)
     if pattern:
         vc["fullatt_block_indexes"] = [i for i in range(vc["depth"]) if (i + 1) % int(pattern) == 0]
-    window = _field(vision, "clip.vision.window_size")
+    window = gguf_field(vision, "clip.vision.window_size")
     if window:
         vc["window_size"] = int(window)
     return cfg
@@ -258,8 +227,8 @@ def load_gguf_text_encoder(path, *, mmproj=None, dtype=torch.bfloat16, device="c
 
     p = Path(path)
     where = repr(str(p))
-    reader = _reader(p)
-    arch = _field(reader, "general.architecture")
+    reader = open_gguf(p, TextEncoderFileError)
+    arch = gguf_field(reader, "general.architecture")
     if _is_mmproj(reader):
         raise TextEncoderFileError(f"{where} is the vision tower (mmproj) of a Qwen2.5-VL GGUF, not the text encoder; "
                                    "load the qwen2vl GGUF beside it (this file is read with it)")  # fmt: skip
@@ -273,7 +242,7 @@ def load_gguf_text_encoder(path, *, mmproj=None, dtype=torch.bfloat16, device="c
             "GGUF (llama.cpp's split, e.g. mmproj-Qwen2.5-VL-7B-Instruct-F16.gguf), and FireRed needs it to read the "
             f"input pictures. Put that file beside {p.name} or name it (mmproj=...); none was found in {str(p.parent)!r}"
         )
-    vreader = _reader(mm)
+    vreader = open_gguf(mm, TextEncoderFileError)
     if not _is_mmproj(vreader):
         raise TextEncoderFileError(f"{str(mm)!r} was given as the mmproj of {where} but is not a vision-tower GGUF "
                                    "(general.architecture 'clip' with v.patch_embd.weight)")  # fmt: skip

@@ -243,7 +243,8 @@ def _ggml_name(t) -> str:
 
 
 def _classify_gguf(path: Path, info: dict[str, Any]) -> None:
-    from .gguf_files import TEXT_ARCHS, _field, _reader, inspect_gguf
+    from ._common import GGUFFileError, gguf_field, open_gguf
+    from .gguf_files import TEXT_ARCHS, inspect_gguf
 
     info["container"] = "gguf"
     try:
@@ -252,10 +253,10 @@ def _classify_gguf(path: Path, info: dict[str, Any]) -> None:
         # not a Qwen-Image MM-DiT: say what it is from the header all the same
         info["error"] = str(e)
         try:
-            reader = _reader(path)
+            reader = open_gguf(path, GGUFFileError)
         except (FileFormatError, ImportError):
             return
-        arch = _field(reader, "general.architecture")
+        arch = gguf_field(reader, "general.architecture")
         if arch in TEXT_ARCHS:
             info["kind"] = "text_encoder"
         if arch in ("qwen2vl", "clip"):

@@ -109,10 +109,7 @@ def write_gguf(state: dict[str, torch.Tensor], path, quant: str = "Q8_0", *, arc
             w.add_tensor(k, a.astype(np.float32), raw_dtype=gguf.GGMLQuantizationType.F32)
         else:
             w.add_tensor(k, a.astype(np.float16), raw_dtype=gguf.GGMLQuantizationType.F16)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _write_out(w)
     return Path(path)
 
 
@@ -176,6 +173,14 @@ def to_comfy_quant(state: dict[str, torch.Tensor], layers: dict[str, str], **kw)
     return out
 
 
+def _write_out(writer) -> None:
+    """Write a filled ``GGUFWriter``'s header, metadata and tensors, and close the file."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def _gguf_add(w, name: str, t: torch.Tensor, quant: str) -> None:
     """One tensor the way llama.cpp's converter stores it: 1-D in F32, 2-D weights whose rows fit the
     block in ``quant``, everything else in F16."""
@@ -233,10 +238,7 @@ def write_gguf_text_encoder(state: dict[str, torch.Tensor], config, path, quant:
         if new is None:
             raise ValueError(f"no llama.cpp name for {k!r}")
         _gguf_add(w, new, v, quant)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _write_out(w)
     if mmproj is None:
         return Path(path), None
     vnames = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, max(vc.depth, 3))  # mm.{2} is numbered as a block
@@ -269,8 +271,5 @@ def write_gguf_text_encoder(state: dict[str, torch.Tensor], config, path, quant:
         if new is None:
             raise ValueError(f"no llama.cpp name for {k!r}")
         _gguf_add(m, new, v, mmproj_quant)
-    m.write_header_to_file()
-    m.write_kv_data_to_file()
-    m.write_tensors_to_file()
-    m.close()
+    _write_out(m)
     return Path(path), Path(mmproj)
