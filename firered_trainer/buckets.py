@@ -13,16 +13,19 @@ How it draws (all of it deterministic for a seed):
   (nearest: the smallest sum of ``|log aspect|`` differences over the pictures), smallest first,
   until every bucket is large enough: its samples train at that bucket's aspects
   (:func:`fit_to_buckets`, a centre crop), instead of never being drawn. Only a whole
-  (dataset, task, count) group smaller than one batch per process is left out, and said so;
-* a *group* is (dataset, number of sources). Each group has a queue of batches: every bucket of
-  the group is sharded across processes (shuffled once for the seed, then every
-  ``world_size``-th sample from ``rank``: disjoint shards, sizes differing by at most one, no
-  sample cut), shuffled for the cycle and cut into batches, the last one filled up from the start
-  of the same cycle's order (a sample may come twice in a cycle; none is skipped);
-  the group's batches are shuffled together. An exhausted queue is rebuilt with the next cycle's
-  shuffle (of the same shard: a sample never moves to another process);
-* each time this process has drawn one epoch's worth of batches, one log line gives the share of
-  its samples it used in that epoch;
+  (dataset, task, count) group smaller than one global batch is left out, and said so;
+* a *group* is (dataset, number of sources). Each group has a queue of *global* batches of
+  ``batch_size x world_size`` samples, the same on every process: every bucket of the group is
+  shuffled for the cycle and cut into global batches, the last one filled up from the start of
+  the same cycle's order (a sample may come twice in a cycle; none is skipped); the group's
+  batches are shuffled together. An exhausted queue is rebuilt with the next cycle's shuffle.
+  Process ``rank`` trains on the slice ``[rank x batch_size, (rank + 1) x batch_size)`` of each
+  global batch (:attr:`Batch.offset` is where its slice starts). So the ranks of one step never
+  share a sample, and N processes at batch b draw exactly the batches of one process at batch
+  N x b -- with the trainer's draws keyed by the position in the global batch (not the rank), the
+  two runs are the same computation;
+* each time one epoch's worth of global batches has been drawn, one log line gives the share of
+  the samples used in that epoch (by all processes together);
 * at step ``s`` a generator seeded with ``(seed, s)`` -- the same on every process, so all ranks
   draw batches of the same kind and sequence shape -- picks the number of sources by
   ``count_weights`` (among counts that exist), then the dataset by ``dataset_weights`` (among
@@ -34,6 +37,7 @@ The state (step and each group's cycle and position) is a small dict: :meth:`sta
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -136,11 +140,15 @@ def fit_to_buckets(samples: Sequence, keys: Sequence[BucketKey]) -> list:
 
 @dataclass(frozen=True)
 class Batch:
-    """Indices into the dataset, the step that drew them, and their bucket."""
+    """This process's indices into the dataset, the step that drew them, and their bucket;
+    ``offset``: the position of ``indices[0]`` in the step's global batch ``all_indices`` (every
+    process's samples, rank 0's first)."""
 
     indices: tuple[int, ...]
     step: int
     key: BucketKey
+    offset: int = 0
+    all_indices: tuple[int, ...] = ()
 
 
 class BucketBatchSampler:
@@ -185,10 +193,11 @@ class BucketBatchSampler:
             if i not in unused:
                 buckets.setdefault((d, k), []).append(i)
         self._buckets = buckets
-        # a group can serve batches only if one of its buckets fills a batch on every rank
+        # a group can serve batches only if one of its buckets fills a global batch
+        self.global_batch = batch_size * world_size
         per_group: dict[tuple[str, int], list[tuple[str, BucketKey]]] = {}
         for d, k in sorted(buckets, key=repr):
-            if len(buckets[(d, k)]) // world_size >= batch_size:
+            if len(buckets[(d, k)]) >= self.global_batch:
                 per_group.setdefault((d, k[1]), []).append((d, k))
         self._groups = per_group
         usable = {
@@ -205,10 +214,11 @@ class BucketBatchSampler:
         self._pos: dict[tuple[str, int], tuple[int, int]] = {g: (0, 0) for g in self._usable}
         # group -> (cycle, its batches): a cache, rebuilt deterministically from (seed, group, cycle)
         self._queues: dict[tuple[str, int], tuple[int, list[tuple[tuple[int, ...], BucketKey]]]] = {}
-        # coverage: this process's samples, the ones drawn in the current epoch, and its length
-        self._mine = sorted(i for g in self._usable for b in self._groups[g] for i in self._shard(b))
-        self.epoch_steps = max(1, math.ceil(len(self._mine) / batch_size))
+        # coverage: the samples that can be drawn, the ones drawn in the current epoch, its length
+        self._all = sorted(i for g in self._usable for b in self._groups[g] for i in self._buckets[b])
+        self.epoch_steps = max(1, math.ceil(len(self._all) / self.global_batch))
         self._seen: set[int] = set()
+        self._quiet = False
 
     @property
     def assigned(self) -> list:
@@ -232,21 +242,15 @@ class BucketBatchSampler:
 
     # -- drawing ---------------------------------------------------------------------------
 
-    def _shard(self, bucket) -> list[int]:
-        """This rank's part of a bucket: fixed for the seed (not the cycle), so shards never overlap."""
-        idx = list(self._buckets[bucket])
-        random.Random(f"{self.seed}/shard/{bucket!r}").shuffle(idx)
-        return idx[self.rank :: self.world_size]
-
     def _queue(self, group, cycle: int):
         rng = random.Random(f"{self.seed}/{group!r}/{cycle}")
-        batches = []
+        batches, n = [], self.global_batch
         for d, k in self._groups[group]:
-            idx = self._shard((d, k))
+            idx = list(self._buckets[(d, k)])
             rng.shuffle(idx)
-            idx += idx[: -len(idx) % self.batch_size]  # fill the last batch from this cycle's start
-            for j in range(0, len(idx), self.batch_size):
-                batches.append((tuple(idx[j : j + self.batch_size]), k))
+            idx += idx[: -len(idx) % n]  # fill the last batch from this cycle's start
+            for j in range(0, len(idx), n):
+                batches.append((tuple(idx[j : j + n]), k))
         rng.shuffle(batches)
         return batches
 
@@ -266,17 +270,29 @@ class BucketBatchSampler:
             cycle, pos = cycle + 1, 0
             q = self._queue(group, cycle)
         self._queues[group] = (cycle, q)
-        indices, key = q[pos]
+        everyone, key = q[pos]
         self._pos[group] = (cycle, pos + 1)
-        batch = Batch(indices, self.step, key)
+        start = self.rank * self.batch_size
+        batch = Batch(everyone[start : start + self.batch_size], self.step, key, start, everyone)
         self.step += 1
-        self._seen.update(indices)
+        self._seen.update(everyone)
         if self.step % self.epoch_steps == 0:
-            logger.info("bucket sampler: epoch %d on process %d used %d of its %d samples (%.1f%%)",
-                        self.step // self.epoch_steps, self.rank, len(self._seen), len(self._mine),
-                        100.0 * len(self._seen) / max(1, len(self._mine)))
+            if not self._quiet:
+                logger.info("bucket sampler: epoch %d (process %d) used %d of the %d samples (%.1f%%)",
+                            self.step // self.epoch_steps, self.rank, len(self._seen), len(self._all),
+                            100.0 * len(self._seen) / max(1, len(self._all)))
             self._seen = set()
         return batch
+
+    def preview(self, n: int) -> Iterator[Batch]:
+        """The first ``n`` batches a fresh sampler with these settings draws (steps 0 .. n-1),
+        without moving this one: what a run will see, known before it starts (the feature cache
+        encodes only those variants)."""
+        clone = copy.copy(self)
+        clone._pos = {g: (0, 0) for g in self._usable}
+        clone._queues, clone._seen, clone._quiet, clone.step = {}, set(), True, 0
+        for _ in range(n):
+            yield clone.next_batch()
 
     def __iter__(self) -> Iterator[list[int]]:
         while True:

@@ -13,9 +13,18 @@ renamed into place (``os.replace``), so an interrupted extraction leaves only wh
 rerun does the missing ones. Training prompts are built by :func:`firered_core.conditioning.encode_prompt`
 itself -- the inference template with its ``Picture N:`` blocks.
 
-Which instructions a sample can be shown as is known in advance (:func:`text_variants`: English /
-Chinese / inverse / empty, times every picture order and drop that stochastic instruction
-alignment can produce), so all of them are extracted up front.
+Only the variants a run draws are encoded. Stochastic instruction alignment can show a
+3-picture sample in 45 ways (:func:`text_variants`: English / Chinese / empty, times the 15
+orders and drops of its pictures) -- encoding them all costs 45 Qwen2.5-VL passes and ~150 MB
+per sample at release size (``bench/sia_cache_size.py``), while a run of E epochs shows each
+sample about E times. Every draw
+of a run is a pure function of (seed, step, micro-batch, position in the global batch) and of the
+sampler's deterministic order, so the trainer lists them before it starts
+(:func:`firered_trainer.sft.planned_draws`, :func:`draw_variant`) and extracts exactly those: a
+sample drawn d times holds at most d text entries (one text entry per distinct variant drawn)
+and its latents once per picture and size. A resumed run plans the same draws (nothing new is
+encoded); a run given more steps encodes the new draws at its start; training itself never needs
+the text encoder. :func:`size_report` gives the cache bytes per sample against one variant's.
 """
 
 from __future__ import annotations
@@ -128,13 +137,43 @@ class FeatureCache:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Drawn:
+    """One SIA draw of a sample: the ``variant`` the model is shown (pictures in order, the
+    renumbered text), the instruction's ``sources`` before shuffle and drop, and the ``target``
+    (paths; an inverse edit swaps source and target)."""
+
+    variant: TextVariant
+    sources: tuple[str, ...]
+    target: str
+
+
+def draw_variant(sample, sia, rng) -> Drawn:
+    """The stochastic instruction alignment of one sample for one step (instruction variant, then
+    reference shuffle & drop with the text renumbered): what training collates and what the cache
+    plan lists -- one function, so the two cannot disagree."""
+    text, sources, target = sia_mod.choose_instruction(sample, rng, chinese_prob=sia.chinese_prob,
+                                                       inverse_prob=sia.inverse_prob, text_dropout=sia.text_dropout)
+    al = sia_mod.shuffle_and_drop(text, len(sources), rng, drop_prob=sia.drop_prob, shuffle=sia.shuffle)
+    return Drawn(TextVariant(tuple(sources[i] for i in al.order), al.text), tuple(sources), target)
+
+
 def text_variants(sample, sia) -> list[TextVariant]:
+    """Every variant SIA can draw for the sample (what encoding up front would cost; the cache
+    holds only the drawn ones)."""
     out = []
     for text, sources, _ in sia_mod.instruction_choices(sample, sia):
         for order in sia_mod.possible_orders(text, len(sources), sia):
             mapping = {old + 1: new + 1 for new, old in enumerate(order)}
             out.append(TextVariant(tuple(sources[i] for i in order), sia_mod.renumber(text, mapping)))
     return list(dict.fromkeys(out))
+
+
+def possible_variants(sample, sia) -> int:
+    """How many variants SIA can draw for the sample (:func:`text_variants` without building them):
+    what encoding every one up front costs, in text-encoder passes and cache entries."""
+    return sum(len(sia_mod.possible_orders(text, len(sources), sia))
+               for text, sources, _ in sia_mod.instruction_choices(sample, sia))
 
 
 def vl_pictures(paths: Sequence[str], vl_resolution: int) -> list[Image.Image]:
@@ -160,22 +199,19 @@ def crop_resize(pil: Image.Image, width: int, height: int) -> Image.Image:
 
 
 def extract_texts(
-    samples: Iterable,
-    sia,
+    variants: Iterable[TextVariant],
     cache: FeatureCache,
     encode: Callable[[str, list[Image.Image]], TextCond],
     *,
     model_id: str,
     vl_resolution: int,
-    extra: Iterable[TextVariant] = (),
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, int]:
-    """Encode every text variant not yet in the cache; returns ``{"total", "encoded"}``.
+    """Encode every variant not yet in the cache (duplicates once); returns ``{"total", "encoded"}``.
 
     ``encode(text, vl_pictures) -> TextCond`` runs the frozen encoder (see
     :func:`firered_core.conditioning.encode_prompt`)."""
-    todo = [v for s in samples for v in text_variants(s, sia)] + list(extra)
-    todo = list(dict.fromkeys(todo))
+    todo = list(dict.fromkeys(variants))
     done = 0
     for i, v in enumerate(todo):
         key = text_key(v, model_id=model_id, vl_resolution=vl_resolution)
@@ -206,3 +242,35 @@ def extract_latents(
             cache.put("latents", key, {"z": encode(pixels)[0]})
             done += 1
     return {"total": len(jobs), "encoded": done}
+
+
+def size_report(cache: FeatureCache, drawn: dict[int, list[set]]) -> dict[str, float]:
+    """Bytes on disk. ``drawn`` maps each sample to the distinct variants its draws showed, each
+    as the set of cache entries ``(kind, key)`` that variant reads (its text entry and latents).
+    Returns ``{"samples", "per_sample"`` (mean bytes of a sample's entries, shared latents counted
+    once), ``"variant"`` (mean bytes of one variant), ``"ratio"`` (mean over samples of the sample's
+    bytes / its own variants' mean bytes), ``"max_ratio"}``: what the cache costs a sample against
+    what one way of showing it costs (encoding every possible variant: up to 60x for 3 pictures)."""
+    sizes: dict[tuple[str, str], int] = {}
+
+    def nbytes(entries) -> int:
+        total = 0
+        for e in entries:
+            if e not in sizes:
+                p = cache.path(*e)
+                sizes[e] = p.stat().st_size if p.is_file() else 0
+            total += sizes[e]
+        return total
+
+    per_sample, per_variant, ratios = [], [], []
+    for variants in drawn.values():
+        mine = nbytes(set().union(*variants))
+        one = [nbytes(v) for v in variants]
+        per_sample.append(mine)
+        per_variant.extend(one)
+        if sum(one):
+            ratios.append(mine / (sum(one) / len(one)))
+    n = max(len(per_sample), 1)
+    return {"samples": len(per_sample), "per_sample": sum(per_sample) / n,
+            "variant": sum(per_variant) / max(len(per_variant), 1),
+            "ratio": sum(ratios) / max(len(ratios), 1), "max_ratio": max(ratios, default=0.0)}

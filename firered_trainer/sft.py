@@ -28,9 +28,16 @@ picture of the target's size, ``+ eta sigma^2 [sigma < 0.9] * region_consistency
 keep)`` (:func:`consistency_term`, the measure consistency-guided editing uses), averaged over the
 batch's samples (the others add 0); the keep mask is :func:`auto_keep_mask` of the pair.
 
-Determinism: every random choice of a step (SIA, timesteps, noise) comes from a generator seeded by
-``(seed, step, micro-batch, rank)``, and the sampler's position, optimizer, LR schedule, EMA and RNG
+Determinism: every random choice of a step (SIA, timestep, noise) is drawn per sample, from a
+generator seeded by ``(seed, step, micro-batch, position of the sample in the global batch)`` --
+never the rank -- and the bucket sampler gives process r the r-th slice of one global batch, so N
+processes at batch b run the computation of one process at batch N x b (a test compares the
+trained tensors). Timesteps are stratified over the positions of the global batch (position g of
+B draws from sub-interval ``(g + step) mod B``: with batch 1 per process this is the report's
+distributed stratified sampling). The sampler's position, optimizer, LR schedule, EMA and RNG
 states are in every checkpoint -- a resumed run computes the same losses as an uninterrupted one.
+Because the draws are known in advance, the feature cache encodes only the variants the run
+draws (:func:`planned_draws`), not every one SIA could produce.
 """
 
 from __future__ import annotations
@@ -61,7 +68,6 @@ from .data import LoadReport, load_dataset
 from .lora import add_lora, load_lora_weights_into, quantize_frozen_base, quantize_frozen_base_nf4, save_lora
 from .objective import EMA, flow_matching_loss, stratified_uniform, training_sigmas
 from .optim import build_optimizer
-from .sia import choose_instruction, instruction_choices, shuffle_and_drop
 from .validation import LossLog, plot_loss, sample_edits
 
 log = logging.getLogger(__name__)
@@ -90,6 +96,7 @@ class TrainResult:
     data_loaded: int = 0
     data_skipped: int = 0
     data_errors: list[str] = field(default_factory=list)
+    cache: dict = field(default_factory=dict)  # feature-cache bytes per sample vs one variant's (cache.size_report)
 
 
 def run(config, *, overrides: list[str] = (), progress: Progress | None = None,
@@ -151,16 +158,52 @@ def target_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
     return fit_to_area(resolution**2, aspect_bucket(*size))
 
 
-def latent_jobs(sample, cfg: StageConfig) -> list[tuple[str, int, int]]:
+def latent_jobs(sample, drawn: cache_mod.Drawn, cfg: StageConfig) -> list[tuple[str, int, int]]:
+    """The ``(path, width, height)`` latents one draw of the sample reads (see :class:`Collator`)."""
     sizes = {sample.target: sample.target_size, **dict(zip(sample.sources, sample.source_sizes))}
-    jobs = []
-    for _, sources, target in instruction_choices(sample, cfg.sia):
-        jobs.append((target, *target_size(sizes[target], cfg.data.resolution)))
-        jobs.extend((s, *target_size(sizes[s], cfg.data.ref_resolution)) for s in sources)
-        if cfg.objective.consistency_weight > 0 and len(sources) == 1 and sizes[sources[0]] == sizes[target]:
-            # the consistency loss compares x0_hat with the source at the target's training size
-            jobs.append((sources[0], *target_size(sizes[target], cfg.data.resolution)))
+    target, pics = drawn.target, drawn.variant.pictures
+    jobs = [(target, *target_size(sizes[target], cfg.data.resolution))]
+    jobs.extend((p, *target_size(sizes[p], cfg.data.ref_resolution)) for p in pics)
+    if _consistency_source(cfg, sizes, drawn):
+        # the consistency loss compares x0_hat with the source at the target's training size
+        jobs.append((pics[0], *target_size(sizes[target], cfg.data.resolution)))
     return list(dict.fromkeys(jobs))
+
+
+def _consistency_source(cfg: StageConfig, sizes: dict, drawn: cache_mod.Drawn) -> bool:
+    """Whether the consistency loss applies to a draw: only a single source picture of the
+    target's size has cell-by-cell correspondence with the target (several sources, or another
+    size / aspect: no term)."""
+    pics = drawn.variant.pictures
+    return (cfg.objective.consistency_weight > 0 and len(drawn.sources) == 1 and len(pics) == 1
+            and sizes[pics[0]] == sizes[drawn.target])
+
+
+EVAL_SAMPLES = 4  # the fixed evaluation set: the first samples
+
+
+def sia_rng(cfg: StageConfig, step: int, micro: int, position: int) -> random.Random:
+    """The SIA generator of the sample at ``position`` of the global batch of ``micro`` at ``step``."""
+    return random.Random(_seed_of(cfg.seed, "sia", step, micro, position))
+
+
+def eval_rng(cfg: StageConfig, k: int) -> random.Random:
+    return random.Random(_seed_of(cfg.seed, "eval", k))
+
+
+def planned_draws(cfg: StageConfig, samples, sampler: BucketBatchSampler) -> list[tuple[int, cache_mod.Drawn]]:
+    """Every ``(sample index, SIA draw)`` the run makes -- the fixed evaluation examples, then steps
+    0 .. max_steps-1 of every process -- known before it starts: the draws are keyed by seed,
+    step, micro-batch and position, and the sampler's order is fixed by its seed. The feature
+    cache holds these and nothing else."""
+    out = [(k, cache_mod.draw_variant(s, cfg.sia, eval_rng(cfg, k))) for k, s in enumerate(samples[:EVAL_SAMPLES])]
+    batches = sampler.preview(cfg.max_steps * cfg.grad_accum)
+    for step in range(cfg.max_steps):
+        for micro in range(cfg.grad_accum):
+            b = next(batches)
+            out.extend((i, cache_mod.draw_variant(samples[i], cfg.sia, sia_rng(cfg, step, micro, g)))
+                       for g, i in enumerate(b.all_indices))
+    return out
 
 
 def validation_variants(cfg: StageConfig) -> tuple[list, list]:
@@ -169,23 +212,22 @@ def validation_variants(cfg: StageConfig) -> tuple[list, list]:
     return pos, neg
 
 
-def extract_features(cfg: StageConfig, samples, accelerator, feature_cache, mid: str, dtype, vae) -> None:
-    """Fill the cache (texts, and latents when configured), split across processes; the text
-    encoder is loaded only when something is missing and freed afterwards."""
+def extract_features(cfg: StageConfig, samples, accelerator, feature_cache, mid: str, dtype, vae,
+                     draws: list[tuple[int, cache_mod.Drawn]]) -> dict[str, float]:
+    """Fill the cache with what the run's ``draws`` (:func:`planned_draws`) read -- texts, and
+    latents when configured -- split across processes; the text encoder is loaded only when
+    something is missing and freed afterwards. Returns :func:`cache.size_report` of the draws
+    (logged on the main process)."""
     from firered_core import conditioning
     from firered_core import vae as vae_mod
     from firered_core.formats.text_encoder_files import find_processor, load_text_encoder
 
     rank, world = accelerator.process_index, accelerator.num_processes
-    mine = samples[rank::world]
     pos, neg = validation_variants(cfg)
-    extra = (pos + neg) if rank == 0 else []
     vl = cfg.data.vl_resolution
-    missing = any(
-        not feature_cache.has("text", cache_mod.text_key(v, model_id=mid, vl_resolution=vl))
-        for v in [v for s in mine for v in cache_mod.text_variants(s, cfg.sia)] + extra
-    )
-    if missing:
+    variants = list(dict.fromkeys([d.variant for _, d in draws] + pos + neg))
+    mine = variants[rank::world]
+    if any(not feature_cache.has("text", cache_mod.text_key(v, model_id=mid, vl_resolution=vl)) for v in mine):
         te_path = part_path(cfg, "text_encoder")
         processor = find_processor(tokenizer_dir=cfg.model.tokenizer or None, model_dir=Path(cfg.model.path) if cfg.model.path else None)
         te = load_text_encoder(te_path, dtype=dtype, device=accelerator.device, processor=processor).eval()
@@ -193,13 +235,28 @@ def extract_features(cfg: StageConfig, samples, accelerator, feature_cache, mid:
         def encode(text, pics):
             return conditioning.encode_prompt(te, processor, text, pics, dtype=dtype)
 
-        stats = cache_mod.extract_texts(mine, cfg.sia, feature_cache, encode, model_id=mid, vl_resolution=vl, extra=extra)
+        stats = cache_mod.extract_texts(mine, feature_cache, encode, model_id=mid, vl_resolution=vl)
         log.info("rank %d: %d of %d text variants encoded", rank, stats["encoded"], stats["total"])
         del te
     if cfg.data.cache_latents:
-        jobs = [j for s in mine for j in latent_jobs(s, cfg)]
-        cache_mod.extract_latents(jobs, feature_cache, lambda px: vae_mod.encode(vae, px), model_id=mid)
+        jobs = list(dict.fromkeys(j for i, d in draws for j in latent_jobs(samples[i], d, cfg)))
+        cache_mod.extract_latents(jobs[rank::world], feature_cache, lambda px: vae_mod.encode(vae, px), model_id=mid)
     accelerator.wait_for_everyone()
+    per_sample: dict[int, dict[cache_mod.TextVariant, set]] = {}
+    for i, d in draws:
+        entries = {("text", cache_mod.text_key(d.variant, model_id=mid, vl_resolution=vl))}
+        if cfg.data.cache_latents:
+            entries |= {("latents", cache_mod.latent_key(p, w, h, model_id=mid)) for p, w, h in latent_jobs(samples[i], d, cfg)}
+        per_sample.setdefault(i, {})[d.variant] = entries
+    report = cache_mod.size_report(feature_cache, {i: list(v.values()) for i, v in per_sample.items()})
+    eager = sum(cache_mod.possible_variants(samples[i], cfg.sia) for i in per_sample) / max(len(per_sample), 1)
+    report["variants_per_sample"] = sum(len(v) for v in per_sample.values()) / max(len(per_sample), 1)
+    report["possible_per_sample"] = eager
+    if accelerator.is_main_process:
+        log.info("feature cache: %d samples drawn, %.1f text variants each (of %.1f possible), %.3f MB per sample = "
+                 "%.2fx one variant's %.3f MB (largest %.2fx)", report["samples"], report["variants_per_sample"], eager,
+                 report["per_sample"] / 1e6, report["ratio"], report["variant"] / 1e6, report["max_ratio"])
+    return report
 
 
 def build_transformer(cfg: StageConfig, dtype, device):
@@ -304,11 +361,8 @@ class Collator:
 
     def __call__(self, sample, rng: random.Random) -> Example:
         c = self.cfg
-        text, sources, target = choose_instruction(sample, rng, chinese_prob=c.sia.chinese_prob,
-                                                   inverse_prob=c.sia.inverse_prob, text_dropout=c.sia.text_dropout)
-        al = shuffle_and_drop(text, len(sources), rng, drop_prob=c.sia.drop_prob, shuffle=c.sia.shuffle)
-        pics = tuple(sources[i] for i in al.order)
-        variant = cache_mod.TextVariant(pics, al.text)
+        drawn = cache_mod.draw_variant(sample, c.sia, rng)
+        variant, target, pics = drawn.variant, drawn.target, drawn.variant.pictures
         cond = self.cache.get_text(cache_mod.text_key(variant, model_id=self.mid, vl_resolution=c.data.vl_resolution))
         sizes = {sample.target: sample.target_size, **dict(zip(sample.sources, sample.source_sizes))}
         tw, th = target_size(sizes[target], c.data.resolution)
@@ -320,10 +374,7 @@ class Collator:
             refs.append(latents.pack(self.latent(p, rw, rh).unsqueeze(0))[0])
             shapes.append(latents.token_grid(rh, rw))
         ex = Example(x0, torch.cat(refs, 0) if refs else None, cond, shapes)
-        # the consistency loss: only a single source picture of the target's size has cell-by-cell
-        # correspondence with the target (several sources, or another size / aspect: no term)
-        if (c.objective.consistency_weight > 0 and len(sources) == 1 and len(pics) == 1
-                and sizes[pics[0]] == sizes[target]):
+        if _consistency_source(c, sizes, drawn):
             src = self.latent(pics[0], tw, th)
             tgt = latents.unpack(x0.unsqueeze(0), src.shape[-2], src.shape[-1])[0]
             keep = auto_keep_mask(src, tgt, c.objective.consistency_threshold).expand_as(src)
@@ -349,12 +400,18 @@ def _seed_of(*parts) -> int:
 
 
 def batch_loss_backward(model, examples: list[Example], *, accelerator, cfg: StageConfig, sched_cfg, step: int,
-                        micro: int, dtype) -> float:
+                        micro: int, dtype, positions: list[int] | None = None) -> float:
     """Loss of one micro-batch, back-propagated group by group (examples whose token layout
-    differs after SIA run as separate forwards); returns the batch's mean loss."""
+    differs after SIA run as separate forwards); returns the batch's mean loss. ``positions``:
+    the examples' places in the global batch (default: rank x batch + j), which key their
+    timestep and noise draws (see the module docstring)."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    gen = torch.Generator().manual_seed(_seed_of(cfg.seed, "noise", step, micro, rank))
-    u = stratified_uniform(len(examples), rank=rank, world_size=world, step=step * cfg.grad_accum + micro, generator=gen)
+    if positions is None:
+        positions = [rank * len(examples) + j for j in range(len(examples))]
+    n_global = len(examples) * world
+    gens = [torch.Generator().manual_seed(_seed_of(cfg.seed, "noise", step, micro, g)) for g in positions]
+    u = torch.cat([stratified_uniform(1, rank=g % n_global, world_size=n_global, step=step * cfg.grad_accum + micro,
+                                      generator=gen) for g, gen in zip(positions, gens)])
     groups: dict[tuple, list[int]] = {}
     for i, ex in enumerate(examples):
         groups.setdefault(ex.shape_key, []).append(i)
@@ -362,7 +419,7 @@ def batch_loss_backward(model, examples: list[Example], *, accelerator, cfg: Sta
     for gi, idx in enumerate(groups.values()):
         exs = [examples[i] for i in idx]
         x0 = torch.stack([e.x0 for e in exs]).float()
-        eps = torch.randn(x0.shape, generator=gen)
+        eps = torch.stack([torch.randn(x0.shape[1:], generator=gens[i]) for i in idx])
         sigma = training_sigmas(u[idx], image_seq_len=x0.shape[1], config=sched_cfg)
         x_t = flow.add_noise(x0, eps, sigma)
         refs = torch.stack([e.refs for e in exs]).to(dev) if exs[0].refs is not None else None
@@ -442,7 +499,8 @@ def train(cfg: StageConfig, *, progress: Progress | None = None, should_stop: Ca
     mid = model_id(cfg)
     feature_cache = cache_mod.FeatureCache(cfg.data.cache_dir or out / "cache")
     vae = load_vae(part_path(cfg, "vae"), dtype=dtype, device=accelerator.device).eval().requires_grad_(False)
-    extract_features(cfg, samples, accelerator, feature_cache, mid, dtype, vae)
+    cache_report = extract_features(cfg, samples, accelerator, feature_cache, mid, dtype, vae,
+                                    planned_draws(cfg, samples, sampler))
     sched_cfg = load_scheduler_config(Path(cfg.model.path)) if cfg.model.path else None
     collate = Collator(cfg, feature_cache, mid, vae=None if cfg.data.cache_latents else vae)
     need_vae = not cfg.data.cache_latents or bool(cfg.validation.every and cfg.validation.prompts)
@@ -475,7 +533,7 @@ def train(cfg: StageConfig, *, progress: Progress | None = None, should_stop: Ca
         loss_log.truncate(state.step)
 
     result = TrainResult(out, state.step, cfg.max_steps, data_loaded=report.loaded, data_skipped=report.skipped,
-                         data_errors=list(report.errors))
+                         data_errors=list(report.errors), cache=cache_report)
     val_pos, val_neg = validation_variants(cfg)
     vl = cfg.data.vl_resolution
 
@@ -508,7 +566,7 @@ def train(cfg: StageConfig, *, progress: Progress | None = None, should_stop: Ca
         return pics
 
     # a fixed evaluation set: the first samples, collated without randomness beyond a fixed seed
-    eval_examples = [collate(s, random.Random(_seed_of(cfg.seed, "eval", k))) for k, s in enumerate(samples[:4])]
+    eval_examples = [collate(s, eval_rng(cfg, k)) for k, s in enumerate(samples[:EVAL_SAMPLES])]
 
     def evaluate() -> float:
         m = accelerator.unwrap_model(model)
@@ -533,12 +591,12 @@ def train(cfg: StageConfig, *, progress: Progress | None = None, should_stop: Ca
         step_loss = 0.0
         for micro in range(cfg.grad_accum):
             batch = sampler.next_batch()
-            examples = [collate(samples[i], random.Random(_seed_of(cfg.seed, "sia", state.step, micro,
-                                                                     accelerator.process_index, j)))
-                        for j, i in enumerate(batch.indices)]
+            positions = [batch.offset + j for j in range(len(batch.indices))]
+            examples = [collate(samples[i], sia_rng(cfg, state.step, micro, g)) for g, i in zip(positions, batch.indices)]
             with accelerator.accumulate(model):
                 step_loss += batch_loss_backward(model, examples, accelerator=accelerator, cfg=cfg,
-                                                 sched_cfg=sched_cfg, step=state.step, micro=micro, dtype=compute)
+                                                 sched_cfg=sched_cfg, step=state.step, micro=micro, dtype=compute,
+                                                 positions=positions)
                 if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
                     accelerator.clip_grad_norm_(params, cfg.optim.grad_clip)
                 optimizer.step()

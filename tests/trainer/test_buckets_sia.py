@@ -64,16 +64,17 @@ def test_weights_are_respected():
         assert abs(observed - n * p) < 4 * math.sqrt(n * p * (1 - p)), (observed, n * p)
 
 
-def test_two_ranks_get_disjoint_shards_of_the_same_kind():
+def test_ranks_split_the_one_process_batch():
+    """2 processes at batch 3 draw, step for step, the batches of 1 process at batch 6: rank 0 the
+    first half, rank 1 the second (what makes a 2-process run the 1-process computation)."""
     keys, names = synthetic()
+    one = BucketBatchSampler(keys, names, 6, seed=5)
     r0 = BucketBatchSampler(keys, names, 3, seed=5, rank=0, world_size=2)
     r1 = BucketBatchSampler(keys, names, 3, seed=5, rank=1, world_size=2)
-    seen0, seen1 = set(), set()
-    for a, b in zip(draw(r0, 400), draw(r1, 400)):  # several cycles through every queue
-        assert (names[a.indices[0]], len(a.key[2])) == (names[b.indices[0]], len(b.key[2]))  # same group on both
-        seen0.update(a.indices)
-        seen1.update(b.indices)
-    assert not seen0 & seen1
+    for g, a, b in zip(draw(one, 400), draw(r0, 400), draw(r1, 400)):  # several cycles through every queue
+        assert a.indices + b.indices == g.indices and a.key == b.key == g.key
+        assert (a.offset, b.offset) == (0, 3) and a.all_indices == b.all_indices == g.indices
+        assert not set(a.indices) & set(b.indices)  # one step: no sample on both ranks
 
 
 def test_resume_mid_epoch_continues_the_same_order():
@@ -88,6 +89,19 @@ def test_resume_mid_epoch_continues_the_same_order():
     assert first + rest == full
     with pytest.raises(ValueError, match="seed"):
         BucketBatchSampler(keys, names, 4, seed=10).load_state_dict(state)
+
+
+def test_preview_is_what_the_run_will_draw():
+    """``preview`` (what the feature cache plans from) lists the batches a fresh sampler draws,
+    on every rank the same global batches, without moving the sampler it is called on."""
+    keys, names = synthetic()
+    s = BucketBatchSampler(keys, names, 2, seed=7, rank=1, world_size=2)
+    draw(s, 30)  # a sampler that has moved on
+    planned = [(b.all_indices, b.indices, b.key) for b in s.preview(120)]
+    assert s.step == 30
+    fresh = BucketBatchSampler(keys, names, 2, seed=7, rank=1, world_size=2)
+    assert planned == [(b.all_indices, b.indices, b.key) for b in draw(fresh, 120)]
+    assert [b.indices for b in draw(s, 5)] == [p[1] for p in planned[30:35]]
 
 
 ASPECTS = (1.0, 0.75, 1.33, 0.56, 1.78, 0.4, 2.5)
@@ -120,14 +134,15 @@ def test_small_buckets_merge_and_every_sample_is_used(batch, world, caplog):
             for r, b in enumerate(drawn):
                 assert len(b.indices) == batch and {samplers[r].assigned[i] for i in b.indices} == {b.key}
                 seen[r].update(b.indices)
-    assert all(not (seen[a] & seen[b]) for a in range(world) for b in range(a + 1, world))  # disjoint shards
+            flat = [i for b in drawn for i in b.indices]
+            assert len(flat) == len(set(flat))  # the ranks of one step share no sample
     coverage = len(set().union(*seen)) / len(keys)
     print(f"batch {batch} x {world} processes: {coverage:.2%} of {len(keys)} samples used in {epochs} epochs")
     assert coverage >= 0.99
     # a merged sample moved to a bucket of its own picture count, at the nearest aspects there
     plan = samplers[0].plan
     assert plan.merged > 0 and all(k[:2] == keys[i][:2] for i, k in enumerate(plan.keys))
-    assert any("epoch 1 on process 0 used" in r.getMessage() for r in caplog.records)
+    assert any("epoch 1 (process 0) used" in r.getMessage() for r in caplog.records)
 
 
 def test_merged_samples_train_at_their_buckets_aspect():

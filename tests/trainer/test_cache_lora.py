@@ -64,10 +64,10 @@ def test_text_cache_is_content_keyed_and_resumable(tmp_path):
         return TextCond(torch.full((1, 5, 8), float(len(calls))))
 
     cache = C.FeatureCache(tmp_path / "cache")
-    first = C.extract_texts([s], sia, cache, encode, model_id="m", vl_resolution=128)
+    first = C.extract_texts(C.text_variants(s, sia), cache, encode, model_id="m", vl_resolution=128)
     # the encoder saw the picture at ~128^2 pixels, its own 3:4 aspect, sides multiples of 32
     assert first == {"total": 1, "encoded": 1} and calls[0][1] == 1 and calls[0][2] == (96, 160)
-    again = C.extract_texts([s], sia, C.FeatureCache(tmp_path / "cache"), encode, model_id="m", vl_resolution=128)
+    again = C.extract_texts(C.text_variants(s, sia), C.FeatureCache(tmp_path / "cache"), encode, model_id="m", vl_resolution=128)
     assert again == {"total": 1, "encoded": 0} and len(calls) == 1  # a later run reuses the entry
     v = C.text_variants(s, sia)[0]
     k = C.text_key(v, model_id="m", vl_resolution=128)
@@ -162,3 +162,100 @@ def test_block_swap_keeps_results_and_host_copies(tiny_model_dir):
         enable_block_swap(tr, 2, "cpu")
     disable_block_swap(tr, "cpu")
     assert "_firered_swap_handles" not in last.__dict__
+
+
+# ---------------------------------------------------------------------------------------------
+# the cache holds what a run draws, not every variant
+# ---------------------------------------------------------------------------------------------
+
+
+def three_picture_pairs(root, n: int = 4):
+    """``n`` samples of 3 source pictures + a target (64x64), with an instruction that names no
+    picture (so any of them can be dropped): 15 orders x English / Chinese / empty = 45 variants."""
+    import json
+    from pathlib import Path
+
+    from tests.conftest import make_picture
+
+    root = Path(root)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        names = [f"{i}_s{j}.png" for j in range(3)] + [f"{i}_t.png"]
+        for j, name in enumerate(names):
+            make_picture(64, 64, seed=10 * i + j).save(root / "img" / name)
+        lines.append(json.dumps({"source_image": [f"img/{x}" for x in names[:3]], "target_image": f"img/{names[3]}",
+                                 "instruction": "blend the pictures into one", "instruction_cn": "把这些照片合成一张"},
+                                ensure_ascii=False))
+    (root / "pairs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root / "pairs.jsonl"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_cache_holds_the_drawn_variants_only(tiny_model_dir, tmp_path, monkeypatch):
+    """A 3-picture sample has 45 SIA variants; encoding them all (the old eager cache) stored ~23x
+    one variant's bytes per sample on the tiny model (~30x estimated at release size, 150 MB:
+    ``python bench/sia_cache_size.py``). Now the run's draws are planned and only those are
+    encoded: in a run that shows each sample twice (the fixed evaluation draw and one training
+    step) the text entries on disk are exactly the ones training read, and a sample costs <= 3x
+    one variant (measured: 1.54x). Training never loads the text encoder: everything it reads was
+    extracted before the first step. Encoding every variant again fails here (22.6x, and text
+    entries training never reads)."""
+    from pathlib import Path
+
+    from firered_core.formats import text_encoder_files
+    from firered_trainer import sft
+    from firered_trainer.config import load_config
+    from firered_trainer.sft import Collator
+
+    root = tmp_path / "pairs"
+    jsonl = three_picture_pairs(root)
+    cache_dir = tmp_path / "cache"
+    cfg = load_config(Path(sft.__file__).parent / "configs" / "tiny_cpu.yaml", [
+        f"model.path={tiny_model_dir}", f"data.jsonl={jsonl}", f"data.cache_dir={cache_dir}",
+        f"output_dir={tmp_path / 'out'}", "max_steps=2", "checkpoint.every=100", "sia.text_dropout=0.05"])
+    samples = sft.load_data(cfg)[0]
+    assert all(C.possible_variants(s, cfg.sia) == len(C.text_variants(s, cfg.sia)) == 45 for s in samples)
+
+    # record what training reads, collate by collate, and when the text encoder is loaded
+    calls, reads, phase = [], [], {"training": False}
+    real_call, real_get = Collator.__call__, C.FeatureCache.get
+    load_te = text_encoder_files.load_text_encoder
+
+    def collate(self, sample, rng):
+        reads.clear()
+        phase["training"] = True
+        ex = real_call(self, sample, rng)
+        calls.append(set(reads))
+        return ex
+
+    def get(self, kind, key):
+        reads.append((kind, key))
+        return real_get(self, kind, key)
+
+    def te(*a, **k):
+        assert not phase["training"], "the text encoder was loaded after training started"
+        return load_te(*a, **k)
+
+    monkeypatch.setattr(Collator, "__call__", collate)
+    monkeypatch.setattr(C.FeatureCache, "get", get)
+    monkeypatch.setattr(text_encoder_files, "load_text_encoder", te)
+    res = sft.run(cfg)
+    assert res.step == 2 and len(calls) == 4 + 2 * 2  # 4 evaluation draws, 2 steps x batch 2
+
+    on_disk = {("text", p.stem) for p in (cache_dir / "text").rglob("*.safetensors")}
+    read_text = {e for c in calls for e in c if e[0] == "text"}
+    size = {e: (cache_dir / e[0] / e[1][:2] / f"{e[1]}.safetensors").stat().st_size for c in calls for e in c}
+    total = sum(p.stat().st_size for p in cache_dir.rglob("*.safetensors"))
+    per_sample = total / len(samples)
+    one = sum(sum(size[e] for e in c) for c in calls) / len(calls)  # a variant's text entry + its latents
+    text_one = sum(size[e] for c in calls for e in c if e[0] == "text") / len(calls)
+    eager = 45 * text_one + (per_sample - len(read_text) / len(samples) * text_one)
+    print(f"feature cache per 3-picture sample: {per_sample / 1e3:.1f} kB = {per_sample / one:.2f}x one variant's "
+          f"{one / 1e3:.1f} kB ({len(on_disk) / len(samples):.1f} text entries per sample); encoding all 45 variants: "
+          f"~{eager / 1e3:.0f} kB = {eager / one:.1f}x. Reported by the run: {res.cache['ratio']:.2f}x "
+          f"(largest {res.cache['max_ratio']:.2f}x)")
+    assert per_sample <= 3 * one, (per_sample, one)
+    assert on_disk == read_text  # nothing encoded that training does not read (and it read nothing else)
+    assert res.cache["max_ratio"] <= 3 and res.cache["possible_per_sample"] == 45
+    assert res.cache["ratio"] == pytest.approx(per_sample / one, rel=0.35)  # its own per-sample view of the same

@@ -99,13 +99,22 @@ def test_nf4_base_memory_and_gradients(nf4_model_dir, tmp_path):
 
 
 def test_nf4_sft_run_loss_falls(nf4_model_dir, tmp_path):
+    """10 steps at lr 1e-2 on an nf4 base, for 3 seeds: the fixed-sample evaluation loss falls in
+    every run by more than 3x the spread of the falls over seeds. Measured: 1.476 -> 1.180 / 1.135
+    / 1.157 (falls 0.295, 0.341, 0.318: spread 0.045, the smallest fall 6.5x it); the same run at lr
+    1e-6 (a control with practically no update) falls by 0.0000."""
     from firered_trainer import sft
 
-    cfg = _cfg(nf4_model_dir, tmp_path, "max_steps=10", "optim.lr=1e-2", "checkpoint.every=100")
-    res = sft.run(cfg)
-    print(f"nf4 base, eval loss {res.eval_loss_before:.4f} -> {res.eval_loss_after:.4f}")
-    assert res.step == 10 and res.lora is not None and res.lora.is_file()
-    assert res.eval_loss_after < res.eval_loss_before
+    falls = []
+    for seed in (0, 1, 2):
+        cfg = _cfg(nf4_model_dir, tmp_path / f"seed{seed}", "max_steps=10", "optim.lr=1e-2", "checkpoint.every=100",
+                   f"seed={seed}")
+        res = sft.run(cfg)
+        print(f"nf4 base, seed {seed}: eval loss {res.eval_loss_before:.4f} -> {res.eval_loss_after:.4f}")
+        assert res.step == 10 and res.lora is not None and res.lora.is_file()
+        falls.append(res.eval_loss_before - res.eval_loss_after)
+    spread = max(falls) - min(falls)
+    assert min(falls) > 3 * spread, f"falls {[round(f, 4) for f in falls]}, spread over seeds {spread:.4f}"
 
 
 def test_layers_the_4bit_kernels_cannot_take_stay_unquantized(tiny_model_dir, caplog):
