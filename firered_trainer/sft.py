@@ -89,6 +89,7 @@ class TrainResult:
     lora: Path | None = None
     lora_diffusers: Path | None = None
     transformer: Path | None = None
+    transformer_ema: Path | None = None  # full fine-tune with objective.ema_decay > 0: the EMA weights
     checkpoint: Path | None = None
     samples: list[Path] = field(default_factory=list)
     eval_loss_before: float = float("nan")
@@ -641,6 +642,13 @@ def train(cfg: StageConfig, *, progress: Progress | None = None, should_stop: Ca
             if accelerator.is_main_process:
                 unwrapped.save_pretrained(out / "transformer", state_dict=state_dict, safe_serialization=True)
                 result.transformer = out / "transformer"
+                if ema is not None:
+                    # the averaged weights, in the same folder layout (load either with the core's
+                    # loader); diffusers' save_pretrained writes the module's own tensors, so the
+                    # average goes into the model (trained weights already written, nothing runs after)
+                    ema.copy_to(unwrapped)
+                    unwrapped.save_pretrained(out / "transformer_ema", safe_serialization=True)
+                    result.transformer_ema = out / "transformer_ema"
     if accelerator.is_main_process:
         summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()
                    if k not in ("samples",)}

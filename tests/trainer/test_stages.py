@@ -381,6 +381,38 @@ def test_full_finetune_stop_resume_and_loss_falls(tiny_model_dir, tiny_data, tmp
     assert len(moved) > len(names) // 2, f"only {len(moved)} of {len(names)} tensors differ from the base"
 
 
+def test_full_finetune_saves_its_ema(tiny_model_dir, tiny_data, tmp_path):
+    """A full fine-tune with ``objective.ema_decay`` writes the averaged weights beside the trained
+    ones (``transformer_ema/``; it used to keep the EMA only inside checkpoints). Checked against
+    the average computed here from the base and every step's trained weights (a checkpoint per
+    step): ema_k = d ema_(k-1) + (1 - d) w_k, ema_0 = the base."""
+    from safetensors.torch import load_file
+
+    from firered_core.formats.transformer_files import load_transformer
+    from firered_trainer import sft
+
+    d, n = 0.6, 3
+    out = tmp_path / "ema"
+    cfg = load_config(CONFIG, overrides(tiny_model_dir, tiny_data, out, "train_mode=full", "optim.lr=1e-3",
+                                        f"max_steps={n}", f"objective.ema_decay={d}", "checkpoint.every=1",
+                                        f"checkpoint.keep_last={n}", "data.mix=[]", "data.count_weights={}"))
+    res = sft.run(cfg)
+    assert res.step == n and res.transformer_ema is not None
+    ema = load_transformer(res.transformer_ema, dtype=torch.float32).state_dict()
+    last = load_transformer(res.transformer, dtype=torch.float32).state_dict()
+    want = load_transformer(tiny_model_dir / "transformer", dtype=torch.float32).state_dict()
+    for k in range(1, n + 1):
+        w = load_file(str(out / "checkpoints" / f"step-{k:08d}" / "trainable.safetensors"))
+        w = {name: t.float() for name, t in w.items()}
+        assert w.keys() <= want.keys(), sorted(w.keys() - want.keys())[:3]
+        want = {name: (d * t + (1 - d) * w[name]) if name in w else t for name, t in want.items()}
+    err = max((ema[k] - want[k]).abs().max().item() for k in want)
+    gap = max((ema[k] - last[k]).abs().max().item() for k in want)
+    print(f"EMA after {n} steps (decay {d}): max difference to the hand-computed average {err:.2e}; "
+          f"to the last weights {gap:.2e}")
+    assert err < 1e-6 and gap > 1e-4
+
+
 @pytest.mark.comfyui
 def test_lora_in_real_comfyui_key_mapping(reference_run, tmp_path):
     """The ComfyUI-format LoRA through a real ComfyUI's LoRA key mapping and weight patching
