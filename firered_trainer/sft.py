@@ -283,6 +283,19 @@ def build_transformer(cfg: StageConfig, dtype, device):
     return tr.to(device).train()
 
 
+def save_transformer_folder(model, state_dict: dict, folder: Path) -> Path:
+    """``state_dict`` as a diffusers ``transformer/`` folder (the model's config, safetensors shards
+    of 10 GB with their index). Written from the given tensors -- diffusers' ``save_pretrained``
+    ignores a ``state_dict`` argument and saves the module's own, which under FSDP are shards."""
+    from huggingface_hub import save_torch_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_config(folder)
+    save_torch_state_dict({k: v.contiguous() for k, v in state_dict.items()}, folder,
+                          filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB")
+    return folder
+
+
 def lr_lambda(cfg: StageConfig):
     warm, total, kind = cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.scheduler
 
@@ -638,17 +651,12 @@ def train(cfg: StageConfig, *, progress: Progress | None = None, should_stop: Ca
                               modules=cfg.lora_modules(), base_model=mid.split(":")[0], steps=state.step,
                               config=cfg.to_dict())
         else:
-            state_dict = accelerator.get_state_dict(model)
+            state_dict = accelerator.get_state_dict(model)  # gathered on the main process under FSDP
             if accelerator.is_main_process:
-                unwrapped.save_pretrained(out / "transformer", state_dict=state_dict, safe_serialization=True)
-                result.transformer = out / "transformer"
+                result.transformer = save_transformer_folder(unwrapped, state_dict, out / "transformer")
                 if ema is not None:
-                    # the averaged weights, in the same folder layout (load either with the core's
-                    # loader); diffusers' save_pretrained writes the module's own tensors, so the
-                    # average goes into the model (trained weights already written, nothing runs after)
-                    ema.copy_to(unwrapped)
-                    unwrapped.save_pretrained(out / "transformer_ema", safe_serialization=True)
-                    result.transformer_ema = out / "transformer_ema"
+                    averaged = {k: ema.shadow[k].to(v.dtype) if k in ema.shadow else v for k, v in state_dict.items()}
+                    result.transformer_ema = save_transformer_folder(unwrapped, averaged, out / "transformer_ema")
     if accelerator.is_main_process:
         summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()
                    if k not in ("samples",)}
