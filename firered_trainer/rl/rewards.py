@@ -44,6 +44,8 @@ class RewardBatch:
     target_texts: the text the edit must show (``None``: taken from the prompt's first quoted span).
     target_boxes: ``(x0, y0, x1, y1)`` in output pixels where that text should stand (``None``:
         no layout term), e.g. the source's text region for a replacement.
+    rubrics: a judge prompt per picture (``None``: the judge's own ``prompt``), e.g. the rubric of
+        the picture's benchmark category; see :func:`judge_prompt`.
     """
 
     prompts: list[str]
@@ -51,6 +53,7 @@ class RewardBatch:
     keep_masks: list[torch.Tensor | None] | None = None
     target_texts: list[str | None] | None = None
     target_boxes: list[tuple[float, float, float, float] | None] | None = None
+    rubrics: list[str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -399,6 +402,21 @@ JUDGE_PROMPT = (
 )
 SCORE_PREFIX = "Score:"
 RATINGS = ("1", "2", "3", "4", "5")
+SCORE_LINE = "End with a line 'Score: N', where N is an integer from 1 (bad) to 5 (excellent)."
+
+
+def judge_prompt(template: str, instruction: str) -> str:
+    """The judge's text for one picture: ``template`` with ``{instruction}`` replaced (a plain
+    replacement, so rubrics holding JSON braces are safe), or the instruction appended when the
+    template has no placeholder; the 'Score: N' line eq. 4 reads is appended when the template
+    does not ask for it."""
+    if "{instruction}" in template:
+        text = template.replace("{instruction}", instruction)
+    else:
+        text = template.rstrip() + f'\nThe instruction: "{instruction}"'
+    if SCORE_PREFIX.lower() not in text.lower():
+        text = text.rstrip() + "\n" + SCORE_LINE
+    return text
 
 
 def expected_rating(logits: torch.Tensor) -> torch.Tensor:
@@ -419,7 +437,10 @@ class VLMJudge:
     the next-token logits. ``backend="http"``: an OpenAI-compatible server (vLLM, SGLang, ...)
     asked for ``n = K`` completions with ``logprobs``; the score position is the last rating digit
     after "Score:", its ``top_logprobs`` restricted to "1".."5" and renormalised (ratings missing
-    from the top list count as probability 0). Pictures in the request: the source(s), then the edit.
+    from the top list count as probability 0); ``api_key_env`` names the environment variable that
+    holds the server's key (sent as a Bearer token; never pass a key itself). Pictures in the
+    request: the source(s), then the edit. The text is :func:`judge_prompt` of ``batch.rubrics[i]``
+    (e.g. a benchmark category's rubric) or of ``prompt``.
     """
 
     def __init__(
@@ -429,7 +450,9 @@ class VLMJudge:
         model=None,
         processor=None,
         model_path: str | None = None,
+        processor_path: str | None = None,
         url: str | None = None,
+        api_key_env: str | None = None,
         model_name: str = "judge",
         passes: int = 3,
         max_new_tokens: int = 256,
@@ -446,7 +469,7 @@ class VLMJudge:
             raise ValueError(f"VLM judge passes (K) must be >= 1, got {passes}")
         self.backend, self.passes, self.max_new_tokens = backend, passes, max_new_tokens
         self.temperature, self.prompt, self.image_size, self.timeout = temperature, prompt, image_size, timeout
-        self.url, self.model_name, self.seed = url, model_name, seed
+        self.url, self.model_name, self.seed, self.api_key_env = url, model_name, seed, api_key_env
         if backend == "http" and not url:
             raise ValueError("the http VLM judge needs url= (an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1)")
         if backend == "local" and model is None:
@@ -455,7 +478,7 @@ class VLMJudge:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
             model = AutoModelForImageTextToText.from_pretrained(model_path).eval()
-            processor = AutoProcessor.from_pretrained(model_path)
+            processor = AutoProcessor.from_pretrained(processor_path or model_path)
         self.model, self.processor = model, processor
 
     def _pictures(self, img: torch.Tensor, batch: RewardBatch, i: int):
@@ -483,8 +506,8 @@ class VLMJudge:
         return ids
 
     @torch.no_grad()
-    def _local_one(self, pics, instruction: str, gen: torch.Generator) -> float:
-        content = [{"type": "image"} for _ in pics] + [{"type": "text", "text": self.prompt.format(instruction=instruction)}]
+    def _local_one(self, pics, text: str, gen: torch.Generator) -> float:
+        content = [{"type": "image"} for _ in pics] + [{"type": "text", "text": text}]
         messages = [{"role": "user", "content": content}]
         chat = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         dev = next(self.model.parameters()).device
@@ -509,7 +532,7 @@ class VLMJudge:
 
     # -- http ----------------------------------------------------------------------------------
 
-    def _http_one(self, pics, instruction: str) -> float:
+    def _http_one(self, pics, text: str) -> float:
         import urllib.request
 
         def data_url(p):
@@ -518,7 +541,7 @@ class VLMJudge:
             return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
         content = [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in pics]
-        content.append({"type": "text", "text": self.prompt.format(instruction=instruction)})
+        content.append({"type": "text", "text": text})
         body = {
             "model": self.model_name,
             "messages": [{"role": "user", "content": content}],
@@ -528,13 +551,22 @@ class VLMJudge:
             "logprobs": True,
             "top_logprobs": 20,
         }
+        headers = {"Content-Type": "application/json"}
+        if self.api_key_env:  # the key is read from the environment, never from a file
+            import os
+
+            key = os.environ.get(self.api_key_env)
+            if not key:
+                raise ValueError(f"the VLM judge's api_key_env names ${self.api_key_env}, which is not set")
+            headers["Authorization"] = f"Bearer {key}"
         req = urllib.request.Request(
-            self.url.rstrip("/") + "/chat/completions",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
+            self.url.rstrip("/") + "/chat/completions", data=json.dumps(body).encode(), headers=headers
         )
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-            reply = json.loads(resp.read())
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                reply = json.loads(resp.read())
+        except OSError as e:  # URLError, HTTPError, timeouts
+            raise RuntimeError(f"the VLM judge server at {self.url} could not be reached: {e}") from e
         scores = [s for ch in reply.get("choices", []) if (s := rating_from_logprobs(ch)) is not None]
         if not scores:
             raise RuntimeError(f"the VLM judge at {self.url} returned no 'Score: N' with logprobs in any choice")
@@ -546,10 +578,11 @@ class VLMJudge:
         out = []
         for i in range(imgs.shape[0]):
             pics = self._pictures(imgs[i], batch, i)
+            text = judge_prompt(batch.get("rubrics", i) or self.prompt, batch.prompts[i])
             if self.backend == "local":
-                out.append(self._local_one(pics, batch.prompts[i], gen))
+                out.append(self._local_one(pics, text, gen))
             else:
-                out.append(self._http_one(pics, batch.prompts[i]))
+                out.append(self._http_one(pics, text))
         return torch.tensor(out, dtype=torch.float32)
 
 
@@ -582,6 +615,7 @@ __all__ = [
     "as_unit_images",
     "build_reward",
     "expected_rating",
+    "judge_prompt",
     "quoted_text",
     "rating_from_logprobs",
     "substring_alignment",
