@@ -333,3 +333,29 @@ def test_delta_table_on_hand_written_results(tmp_path):
     assert "cfgB &minus; cfgA" in html and "1 cases only in cfgA, 1 only in cfgB" in html
     assert "<td>25.00</td><td>27.50</td><td class='up'>+2.50</td>" in html
     assert "<td>3.500</td><td>3.250</td><td class='down'>-0.250</td>" in html
+
+
+def test_text_case_scored_by_the_ocr_reward(tmp_path):
+    """A text case done right (the new word where the old one stood) against the word written
+    small in a corner: the OCR reward's text term reads both, its layout term (from the case's
+    target box) ranks them."""
+    pytest.importorskip("rapidocr_onnxruntime", reason="the OCR reward's engine")
+    from PIL import ImageDraw, ImageFont
+
+    case = next(c for c in C.make_cases(tmp_path, size=(256, 192)) if c.id == "text_00")
+    src = Image.open(case.image).convert("RGB")
+    x0, y0, x1, y1 = case.target_box
+    right = src.copy()
+    d = ImageDraw.Draw(right)
+    d.rectangle([x0 - 2, y0 - 2, x1 + 2, y1 + 2], fill=(250, 250, 245))
+    d.text((x0, y0), "SALE", fill=(20, 20, 20), font=ImageFont.load_default(size=int(0.16 * 192)), anchor="lt")
+    wrong = src.copy()
+    d = ImageDraw.Draw(wrong)
+    d.rectangle([x0 - 2, y0 - 2, x1 + 2, y1 + 2], fill=(250, 250, 245))
+    d.text((4, 4), "SALE", fill=(20, 20, 20), font=ImageFont.load_default(size=14))
+    ocr = rewards.OCRReward()
+    good = RUN.score_case(case, src, right, ocr=ocr)
+    bad = RUN.score_case(case, src, wrong, ocr=ocr)
+    assert good["ocr_read"] == "sale" and good["ocr"] > 0.8  # measured 0.84
+    assert "sale" in bad["ocr_read"] and bad["ocr"] < good["ocr"] - 0.2
+    assert RUN.score_case(case, src, src, ocr=ocr)["ocr"] < 0.5  # the old text is not the target
