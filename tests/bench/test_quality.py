@@ -358,4 +358,7 @@ def test_text_case_scored_by_the_ocr_reward(tmp_path):
     bad = RUN.score_case(case, src, wrong, ocr=ocr)
     assert good["ocr_read"] == "sale" and good["ocr"] > 0.8  # measured 0.84
     assert "sale" in bad["ocr_read"] and bad["ocr"] < good["ocr"] - 0.2
+    # the right edit changed nothing outside the case's keep mask (the text box and a margin)
+    assert good["psnr"] == RUN.PSNR_CAP and good["ssim"] == 1.0
+    assert bad["psnr"] < 40 and bad["ssim"] < 1.0  # the corner word lies in the kept region
     assert RUN.score_case(case, src, src, ocr=ocr)["ocr"] < 0.5  # the old text is not the target
