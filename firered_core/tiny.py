@@ -422,6 +422,7 @@ def make_tiny(
     width: int | None = None,
     axes_dims_rope: tuple[int, int, int] | list[int] | None = None,
     vae_base_dim: int = 16,
+    vae_num_res_blocks: int = 1,
     text: TinyTextConfig | None = None,
     bpe_vocab_size: int = 1024,
 ) -> pathlib.Path:
@@ -444,6 +445,8 @@ def make_tiny(
         axes_dims_rope: RoPE split of the head dimension (frame, height, width); must sum to
             ``attention_head_dim``; default :func:`default_axes_dims_rope`.
         vae_base_dim: Base channel count of the VAE (real model: 96).
+        vae_num_res_blocks: Residual blocks per VAE stage (real model: 2). ComfyUI's ``VAELoader``
+            builds only the real configuration (96, 2), see :func:`make_tiny_comfyui`.
         text: Sizes of the text encoder; default :class:`TinyTextConfig()`.
         bpe_vocab_size: Upper bound of the BPE vocabulary size (training stops earlier once
             every word of the built-in corpus is a single token).
@@ -572,7 +575,7 @@ def make_tiny(
         base_dim=vae_base_dim,
         z_dim=16,
         dim_mult=[1, 2, 4, 4],
-        num_res_blocks=1,
+        num_res_blocks=vae_num_res_blocks,
         attn_scales=[],
         temperal_downsample=[False, True, True],
         dropout=0.0,
@@ -637,6 +640,11 @@ def _link(target: pathlib.Path, link: pathlib.Path) -> None:
         (shutil.copytree if target.is_dir() else shutil.copyfile)(target, link)
 
 
+#: the VAE configuration ComfyUI's ``VAELoader`` builds for every Wan-2.1 / Qwen-Image VAE file
+#: (``comfy/sd.py``: dim 96, 2 residual blocks per stage, whatever the file holds)
+COMFYUI_VAE = {"vae_base_dim": 96, "vae_num_res_blocks": 2}
+
+
 def make_tiny_comfyui(
     models_dir: str | os.PathLike, *, seed: int = 0, num_layers: int = 2, workflow_names: bool = True
 ) -> dict[str, pathlib.Path]:
@@ -645,7 +653,9 @@ def make_tiny_comfyui(
     ``diffusion_models/``: the MM-DiT as a prefixed single file, as scaled fp8 and as GGUF Q8_0;
     ``text_encoders/``: the Qwen2.5-VL file (ComfyUI's key layout) and, beside it, the tiny
     tokenizer folder it needs (the tiny vocabulary is not Qwen's); ``vae/``: the VAE in ComfyUI's
-    layout; ``loras/``: a small random LoRA in ComfyUI's ``diffusion_model.`` lora_up / lora_down
+    layout, in the real configuration (:data:`COMFYUI_VAE`, random weights, about 127 M parameters):
+    ComfyUI's own ``VAELoader`` builds only that one, so native ``VAEEncode`` / ``VAEDecode`` load it;
+    it equals ``make_tiny(seed=seed, **COMFYUI_VAE)``'s VAE; ``loras/``: a small random LoRA in ComfyUI's ``diffusion_model.`` lora_up / lora_down
     layout. With ``workflow_names``, the release file names the shipped workflows use
     (:data:`WORKFLOW_FILES`) link to the tiny files. Returns the paths by role (:data:`COMFYUI_FILES`).
     """
@@ -662,7 +672,7 @@ def make_tiny_comfyui(
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = make_tiny(pathlib.Path(tmp) / "tiny", seed=seed, num_layers=num_layers)
+        folder = make_tiny(pathlib.Path(tmp) / "tiny", seed=seed, num_layers=num_layers, **COMFYUI_VAE)
         (tr_file,) = (folder / "transformer").glob("*.safetensors")
         tr = load_file(tr_file)
         save_file(writers.transformer_to_comfyui(tr), paths["transformer"])

@@ -108,11 +108,15 @@ def test_gguf_mmdit_edits_like_the_float_model(tiny_model_dir, tmp_path, referen
 def test_make_tiny_comfyui_layout_edits_like_the_release_folder(tmp_path, capsys):
     # the same seed as the session's tiny model: every ComfyUI-layout file loads and edits alike
     from firered_core.formats.transformer_files import FP8Linear
-    from firered_core.tiny import make_tiny, make_tiny_comfyui
+    from firered_core.formats.vae_files import inspect_vae
+    from firered_core.tiny import COMFYUI_VAE, make_tiny, make_tiny_comfyui
 
     assert main(["make-tiny", str(tmp_path / "models"), "--layout", "comfyui"]) == 0
     paths = make_tiny_comfyui(tmp_path / "models")  # rewriting gives the same files
-    folder = make_tiny(tmp_path / "release", seed=0)
+    # the VAE is in the one configuration ComfyUI's VAELoader builds (dim 96, 2 residual blocks)
+    cfg = inspect_vae(paths["vae"]).config
+    assert (cfg["base_dim"], cfg["num_res_blocks"], cfg["dim_mult"]) == (96, 2, [1, 2, 4, 4])
+    folder = make_tiny(tmp_path / "release", seed=0, **COMFYUI_VAE)
     ref = FireRedEditor.from_pretrained(folder, dtype="fp32")
     expected = edit(ref)
     common = dict(text_encoder=paths["text_encoder"], vae=paths["vae"], tokenizer=paths["tokenizer"], dtype="fp32")

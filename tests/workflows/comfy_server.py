@@ -501,10 +501,10 @@ def start_server(root: Path, *, make_models: bool = True) -> ComfyServer:
     return server
 
 
-# -- ComfyUI-loadable native Qwen-Image files (full width: ComfyUI fixes the width) --------------
+# -- ComfyUI-loadable native Qwen-Image MM-DiT (full width: ComfyUI fixes the width) ------------
+# (the VAE needs no stand-in: make_tiny_comfyui writes the configuration ComfyUI's VAELoader builds)
 
 NATIVE_DIT = "firered_native_test_full_width_1layer.safetensors"
-NATIVE_VAE = "qwen_image_vae_full_config_random.safetensors"
 NATIVE_SIZE = (64, 48)  # pictures on the native path (w, h): an 8x6 latent
 
 
@@ -546,28 +546,6 @@ def write_native_dit(path: Path, *, num_layers: int = 1, seed: int = 0) -> Path:
     return path
 
 
-def write_native_vae(path: Path, *, seed: int = 0) -> Path:
-    """A random Qwen-Image VAE with the real configuration (base_dim 96, dim_mult 1-2-4-4, 2 res blocks,
-    z_dim 16), in ComfyUI's key layout through the pack's own converter, bf16: ComfyUI 0.3.x builds
-    that exact configuration for any Wan-2.1-style VAE file."""
-    import torch
-    from diffusers import AutoencoderKLQwenImage
-    from safetensors.torch import save_file
-
-    from firered_core.formats import writers
-    from firered_core.tiny import LATENTS_MEAN, LATENTS_STD
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKLQwenImage(
-        base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-        temperal_downsample=[False, True, True], dropout=0.0, latents_mean=LATENTS_MEAN, latents_std=LATENTS_STD,
-    )  # fmt: skip
-    sd = {k: v.to(torch.bfloat16).contiguous() for k, v in writers.vae_to_comfyui(vae.state_dict(), 2).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path))
-    return path
-
-
 def write_rgba_half_mask(path: Path, size: tuple[int, int]) -> None:
     """A PNG whose alpha is 0 on the left half: ComfyUI's LoadImage gives MASK = 1 - alpha, i.e.
     1 (may change) on the left half, 0 (keep) on the right."""
@@ -582,18 +560,19 @@ def write_rgba_half_mask(path: Path, size: tuple[int, int]) -> None:
 
 
 def uses_native_qwen(prompt: dict) -> bool:
-    """Whether an API prompt uses ComfyUI's own Qwen-Image loaders (needs :func:`substitute_native`:
-    ComfyUI 0.3.x builds the full-size model / VAE whatever the file holds, so the tiny files of
-    :func:`firered_core.tiny.make_tiny_comfyui` do not load there)."""
+    """Whether an API prompt uses ComfyUI's own Qwen-Image model loaders (needs :func:`substitute_native`:
+    ComfyUI 0.3.x builds the full-width MM-DiT and the 7B text encoder whatever the file holds, so the
+    tiny DiT and text encoder of :func:`firered_core.tiny.make_tiny_comfyui` do not load there; its VAE
+    does, and ``VAELoader`` keeps the workflow's file)."""
     return any(
-        n["class_type"] in ("UNETLoader", "CLIPLoader", "VAELoader", "TextEncodeQwenImageEditPlus")
+        n["class_type"] in ("UNETLoader", "CLIPLoader", "TextEncodeQwenImageEditPlus")
         for n in prompt.values()
     )
 
 
 def substitute_native(prompt: dict, server) -> dict:
-    """Make a native Qwen-Image-Edit prompt runnable on the test files: UNETLoader / VAELoader get the
-    test files, each TextEncodeQwenImageEditPlus becomes test conditioning + ReferenceLatent of its
+    """Make a native Qwen-Image-Edit prompt runnable on the test files: UNETLoader gets the full-width
+    test DiT (``VAELoader`` keeps the workflow's ``qwen_image_vae.safetensors``, the tiny VAE), each TextEncodeQwenImageEditPlus becomes test conditioning + ReferenceLatent of its
     first picture (VAE-encoded as the node would), CLIPLoader is dropped, pictures are made 64x48."""
     for name in [k for k, n in prompt.items() if n["class_type"] == "LoadImage"]:
         img = prompt[name]["inputs"]["image"]
@@ -606,8 +585,6 @@ def substitute_native(prompt: dict, server) -> dict:
             continue
         if t == "UNETLoader":
             inp["unet_name"] = NATIVE_DIT
-        elif t == "VAELoader":
-            inp["vae_name"] = NATIVE_VAE
         elif t == "ImageScaleToTotalPixels":  # a small picture (its minimum, 0.01 MP, is slow here)
             t, inp = (
                 "ImageScale",

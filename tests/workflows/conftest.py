@@ -18,14 +18,14 @@ def comfy_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def native_files(comfy_server):
-    """The ComfyUI-loadable full-width 1-block MM-DiT and full-configuration VAE, linked into the
-    server's models folder (ComfyUI lists new files on the next request). They are deterministic and
-    about 1 GB, so they are written once into ``$FIRERED_TEST_CACHE`` (default
-    ``~/.cache/firered-comfyui-tier``)."""
-    from comfy_server import NATIVE_DIT, NATIVE_VAE, cached, write_native_dit, write_native_vae
+    """The ComfyUI-loadable full-width 1-block MM-DiT, linked into the server's models folder (ComfyUI
+    lists new files on the next request), and the tiny VAE ``make_tiny_comfyui`` wrote (the real
+    configuration, which ComfyUI's VAELoader loads as it is). The DiT is deterministic and about
+    0.7 GB, so it is written once into ``$FIRERED_TEST_CACHE`` (default ``~/.cache/firered-comfyui-tier``)."""
+    from comfy_server import NATIVE_DIT, cached, write_native_dit
+
+    from firered_core.tiny import WORKFLOW_FILES
 
     dit = comfy_server.models / "diffusion_models" / NATIVE_DIT
-    vae = comfy_server.models / "vae" / NATIVE_VAE
     dit.symlink_to(cached(NATIVE_DIT, write_native_dit))
-    vae.symlink_to(cached(NATIVE_VAE, write_native_vae))
-    return dit, vae
+    return dit, comfy_server.models / WORKFLOW_FILES["vae"]

@@ -1,9 +1,9 @@
 """FireRedConsistencyGuider (nodes/native.py) in a real ComfyUI, on the native Qwen-Image path
 (``COMFYUI_PATH`` tier; skipped when it is unset).
 
-ComfyUI only loads a full-width Qwen-Image MM-DiT and a full-configuration VAE, and its Qwen2.5-VL
-text encoder cannot be shrunk, so: a random 1-block full-width DiT, a random full-configuration VAE
-(conftest ``native_files``), and conditioning from the test-only ``FireRedTestConditioning`` node
+ComfyUI only loads a full-width Qwen-Image MM-DiT, and its Qwen2.5-VL text encoder cannot be
+shrunk, so: a random 1-block full-width DiT, the VAE ``make_tiny_comfyui`` writes (the real
+configuration; conftest ``native_files``), and conditioning from the test-only ``FireRedTestConditioning`` node
 (random Qwen2.5-VL-shaped hidden states), with the source latent as a ``ReferenceLatent`` as in the
 native edit workflows. ``UNETLoader -> ModelSamplingAuraFlow``, ``VAEEncode``, ``KSamplerSelect``,
 ``BasicScheduler``, ``RandomNoise``, ``SamplerCustomAdvanced``, ``VAEDecode``, ``SaveImage`` and
@@ -15,13 +15,16 @@ from __future__ import annotations
 import time
 
 import pytest
-from comfy_server import NATIVE_DIT, NATIVE_VAE, write_rgba_half_mask, write_test_picture
+from comfy_server import NATIVE_DIT, write_rgba_half_mask, write_test_picture
 from comfy_server import NATIVE_SIZE as SIZE  # 64x48 pixels: an 8x6 latent
+
+from firered_core.tiny import WORKFLOW_FILES
 
 pytestmark = pytest.mark.comfyui
 
 
 STEPS = 3
+NATIVE_VAE = WORKFLOW_FILES["vae"].split("/", 1)[1]  # qwen_image_vae.safetensors: the tiny VAE
 
 
 def _latent(server, prefix: str):
