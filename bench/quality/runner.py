@@ -31,7 +31,8 @@ Scores per case (``None`` where a score does not apply or is switched off):
 * ``ocr`` -- the NFT stage's layout-aware OCR reward (:class:`~firered_trainer.rl.rewards.OCRReward`)
   for cases with a ``target_text`` (its ``target_box`` gives the layout term), with ``ocr_read``;
 * ``psnr`` (dB, capped at :data:`PSNR_CAP`) / ``ssim`` outside the edit region
-  (:mod:`bench.quality.metrics`; the whole picture without a keep mask).
+  (:mod:`bench.quality.metrics`; the keep mask read as kept where it is at least half white; the
+  whole picture without a keep mask).
 
 The edit is scored at the source picture's size: an output of another size is resized to it
 (Lanczos) first. Everything but ``seconds`` is reproducible to the last digit with the same
