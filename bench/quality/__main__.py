@@ -1,7 +1,7 @@
 """``python -m bench.quality``: make-cases, run, report, redbench.
 
     python -m bench.quality make-cases cases/                       # 30 drawn cases + cases.jsonl
-    python -m bench.quality run --cases cases/ --config base.json --out results/base --judge none
+    python -m bench.quality run --cases cases/ --config bench/quality/configs/tiny.yaml --out results/tiny --judge tiny
     python -m bench.quality run --cases cases/ --config lightning.yaml --set request.steps=4 --out results/l4 \\
         --judge local --judge-model-path /models/Qwen2.5-VL-7B-Instruct
     python -m bench.quality run ... --judge http --judge-url http://127.0.0.1:8000/v1 --judge-api-key-env JUDGE_KEY

@@ -18,7 +18,8 @@ overrides on the command line (dotted keys, YAML values: ``request.steps=8``)::
     request: {schedule: lightning}           # firered_core.pipeline.EditRequest fields
     seed: 43                     # each case's seed unless the case sets one
 
-``steps`` / ``cfg`` default as in the CLI: 8 / 1.0 with the Lightning schedule, else 40 / 4.0.
+Examples for each configuration kind lie in ``bench/quality/configs/`` (base, lora, fp8, gguf,
+step_cache, lightning, tiny). ``steps`` / ``cfg`` default as in the CLI: 8 / 1.0 with the Lightning schedule, else 40 / 4.0.
 Every option is the core's own (:class:`~firered_core.pipeline.FireRedEditor`), so base, +LoRA,
 fp8, GGUF, step cache and Lightning are configurations of one runner.
 

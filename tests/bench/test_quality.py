@@ -156,6 +156,11 @@ def test_redbench_reader_on_a_local_layout(tmp_path):
     assert text.startswith('Rubric ADD Add a cat {"json": 1}') and text.endswith(rewards.SCORE_LINE)
     written = C.write_cases(cs, tmp_path / "out" / "cases.jsonl")
     assert [c.rubric for c in C.read_cases(written)] == [c.rubric for c in cs]
+    from bench.quality.__main__ import main
+
+    assert main(["redbench", str(root), "--out", str(tmp_path / "cli")]) == 0
+    assert [(c.id, c.category, c.rubric) for c in C.read_cases(tmp_path / "cli")] == [(c.id, c.category, c.rubric) for c in cs]
+    assert main(["redbench", str(tmp_path / "nowhere"), "--out", str(tmp_path / "cli2")]) == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,6 +243,27 @@ def test_config_file_and_overrides(tmp_path):
         RUN.load_config(None, ["request.stepz=4"])
     with pytest.raises(ValueError, match="unknown config keys"):
         RUN.load_config(None, ["lora=x"])
+
+
+def test_shipped_configs_load():
+    """Every example configuration is a valid editor configuration of the core's own options."""
+    from pathlib import Path
+
+    from firered_core.memory import MemoryOptions
+    from firered_core.speed import SpeedOptions
+
+    files = sorted((Path(RUN.__file__).parent / "configs").glob("*.yaml"))
+    names = {f.stem for f in files}
+    assert {"base", "lora", "fp8", "gguf", "step_cache", "lightning", "tiny"} <= names
+    for f in files:
+        cfg = RUN.load_config(f)
+        req = cfg.resolved_request()
+        SpeedOptions(**(cfg.speed or {}))
+        MemoryOptions(**(cfg.memory or {}))
+        cfg.lora_list()
+        if f.stem == "lightning":
+            assert req["schedule"] == "lightning" and (req["steps"], req["cfg"]) == (8, 1.0) and cfg.loras
+    assert RUN.load_config(files[0].parent / "step_cache.yaml").speed["cache_threshold"] == 0.1
 
 
 @pytest.mark.slow
