@@ -18,12 +18,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
 
 from firered_core import flow
 from firered_core.schedules import FlowMatchConfig
+
+
+def seed_of(*parts) -> int:
+    """A 63-bit seed from its parts (``seed_of(cfg.seed, "noise", step, position)``): the same on
+    every process and every run, independent of the rank -- how the stages key their random draws
+    so that N processes compute what one process at N times the batch computes."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 def stratified_uniform(

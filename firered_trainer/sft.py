@@ -66,7 +66,7 @@ from .buckets import BucketBatchSampler, aspect_bucket, bucket_key, fit_to_bucke
 from .config import DatasetEntry, StageConfig, load_config
 from .data import LoadReport, load_dataset
 from .lora import add_lora, load_lora_weights_into, quantize_frozen_base, quantize_frozen_base_nf4, save_lora
-from .objective import EMA, flow_matching_loss, stratified_uniform, training_sigmas
+from .objective import EMA, flow_matching_loss, seed_of, stratified_uniform, training_sigmas
 from .optim import build_optimizer
 from .validation import LossLog, plot_loss, sample_edits
 
@@ -185,11 +185,11 @@ EVAL_SAMPLES = 4  # the fixed evaluation set: the first samples
 
 def sia_rng(cfg: StageConfig, step: int, micro: int, position: int) -> random.Random:
     """The SIA generator of the sample at ``position`` of the global batch of ``micro`` at ``step``."""
-    return random.Random(_seed_of(cfg.seed, "sia", step, micro, position))
+    return random.Random(seed_of(cfg.seed, "sia", step, micro, position))
 
 
 def eval_rng(cfg: StageConfig, k: int) -> random.Random:
-    return random.Random(_seed_of(cfg.seed, "eval", k))
+    return random.Random(seed_of(cfg.seed, "eval", k))
 
 
 def planned_draws(cfg: StageConfig, samples, sampler: BucketBatchSampler) -> list[tuple[int, cache_mod.Drawn]]:
@@ -409,10 +409,6 @@ def predict_velocity(model, x_t, sigma, refs, texts, img_shapes, dtype):
     return out[:, :n]
 
 
-def _seed_of(*parts) -> int:
-    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") & (2**63 - 1)
-
-
 def batch_loss_backward(model, examples: list[Example], *, accelerator, cfg: StageConfig, sched_cfg, step: int,
                         micro: int, dtype, positions: list[int] | None = None) -> float:
     """Loss of one micro-batch, back-propagated group by group (examples whose token layout
@@ -423,7 +419,7 @@ def batch_loss_backward(model, examples: list[Example], *, accelerator, cfg: Sta
     if positions is None:
         positions = [rank * len(examples) + j for j in range(len(examples))]
     n_global = len(examples) * world
-    gens = [torch.Generator().manual_seed(_seed_of(cfg.seed, "noise", step, micro, g)) for g in positions]
+    gens = [torch.Generator().manual_seed(seed_of(cfg.seed, "noise", step, micro, g)) for g in positions]
     u = torch.cat([stratified_uniform(1, rank=g % n_global, world_size=n_global, step=step * cfg.grad_accum + micro,
                                       generator=gen) for g, gen in zip(positions, gens)])
     groups: dict[tuple, list[int]] = {}

@@ -16,9 +16,12 @@ the base with the LoRA switched off, so no second model is held (full fine-tunin
 copy). The report trains 5K steps with 500 warm-up steps at 1024^2 with AdamW (0.9, 0.999),
 weight decay 0.01 and clip 1 (Table 1): those are the defaults here except the step count
 (1000) and the size (512^2); beta / omega / lam are not published (see :mod:`firered_trainer.rl.losses`
-for the defaults chosen). Every random draw comes from a generator seeded by ``(seed, step)``, so
-a resumed run continues the same curve. Under ``accelerate launch`` / ``torchrun`` each process
-takes its own pairs and gradients are averaged before the step.
+for the defaults chosen). Every random draw comes from a generator seeded by ``(seed, step)`` and,
+for a pair's timestep and noise, its place in the step's global batch, so a resumed run continues
+the same curve. Under ``accelerate launch`` / ``torchrun`` all processes draw the same global batch
+of ``batch_size x N`` pairs, each trains on its slice, and gradients are averaged before the step:
+N processes at batch b train what one process at batch N x b trains (a 2-process test compares the
+LoRA).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class DPOConfig:
     output_dir: str
     max_bad: int = 10  # bad lines skipped (and counted, with file and line) before the run stops, as in SFT
     steps: int = 1000
-    batch_size: int = 1  # pairs per step and process
+    batch_size: int = 1  # pairs per step and process (the global batch: x the number of processes)
     width: int = 512
     height: int = 512
     ref_area: int = 512 * 512
@@ -146,19 +149,26 @@ class DPORun:
 
     def iteration(self) -> dict:
         cfg = self.cfg
-        gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + self.step * 7919 + self.rank * 104_729) % (2**62))
-        idxs = torch.randint(0, len(self.pairs), (cfg.batch_size,), generator=gen).tolist()
+        # one global batch of batch_size x world pairs drawn alike on every process; this process
+        # takes its slice, and each pair's timestep and noise are keyed by its place in the global
+        # batch (not the rank): N processes at batch b compute what one process at batch N x b does
+        from ..objective import seed_of
+
+        gen = torch.Generator().manual_seed(seed_of(cfg.seed, "pairs", self.step))
+        everyone = torch.randint(0, len(self.pairs), (cfg.batch_size * self.world,), generator=gen).tolist()
+        first = self.rank * cfg.batch_size
         t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         agg: dict[str, float] = {}
-        for i in idxs:
-            sigma, eps = self.draw(i, gen)
+        for pos in range(first, first + cfg.batch_size):
+            i = everyone[pos]
+            sigma, eps = self.draw(i, torch.Generator().manual_seed(seed_of(cfg.seed, "noise", self.step, pos)))
             ref = self.errors(i, sigma, eps, reference=True)
             pol = self.errors(i, sigma, eps)
             loss, st = losses.dpo_loss(pol[:1], pol[1:], ref[:1], ref[1:], beta=cfg.beta, omega=cfg.omega, lam=cfg.lam)
-            (loss / len(idxs)).backward()
+            (loss / cfg.batch_size).backward()  # averaged over the processes below: the global batch's mean
             for k, v in dataclasses.asdict(st).items():
-                agg[k] = agg.get(k, 0.0) + v / len(idxs)
+                agg[k] = agg.get(k, 0.0) + v / cfg.batch_size
         params = self.policy.parameters()
         if self.world > 1:
             for p in params:
