@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import samplers, schedules
+    from . import images, samplers, schedules
 
     p = argparse.ArgumentParser(prog="python -m firered_core", description="FireRed-Image-Edit from the command line")
     sub = p.add_subparsers(dest="command", required=True)
@@ -45,7 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--shift", type=float, help="fixed shift for --schedule linear_shift (ComfyUI template: 3.1)")
     e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     e.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
-    e.add_argument("--ref-mode", default="own_aspect", choices=["own_aspect", "match_output"])
+    e.add_argument(
+        "--ref-mode", default="own_aspect", choices=list(images.REF_MODES),
+        help="how each picture is sized for Qwen2.5-VL and the VAE: own_aspect (the release, diffusers), "
+        "match_output (reference = output size), comfyui (ComfyUI's TextEncodeQwenImageEditPlus: area resampling, "
+        "VL sides to the pixel, references to multiples of 8)",
+    )
     e.add_argument("--transformer", help="MM-DiT file (ComfyUI diffusion_models/*.safetensors, fp8, GGUF) instead of the folder's")
     e.add_argument("--text-encoder", help="Qwen2.5-VL file (e.g. qwen_2.5_vl_7b_fp8_scaled.safetensors) instead of the folder's")
     e.add_argument("--vae", help="VAE file (e.g. qwen_image_vae.safetensors) instead of the folder's")

@@ -14,6 +14,7 @@ through the same template with the same pictures, so true CFG contrasts the text
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -101,12 +102,78 @@ def check_instruction(prompt: object, name: str = "prompt", *, required: bool = 
     return prompt
 
 
+@dataclass
+class VLPixels:
+    """One picture already turned into Qwen2.5-VL vision input (bypassing the processor's resize).
+
+    pixel_values: ``[grid_t * grid_h * grid_w, C * temporal_patch * patch * patch]`` float32, the
+    flattened patches in the Hugging Face / ComfyUI order; grid_thw: ``[1, 3]`` long ``(t, h, w)``
+    in patches.
+    """
+
+    pixel_values: torch.Tensor
+    grid_thw: torch.Tensor
+
+    @property
+    def n_tokens(self) -> int:
+        """``<|image_pad|>`` tokens this picture takes (one per 2x2 merged patch)."""
+        return int(self.grid_thw.prod()) // 4
+
+
+#: Qwen2-VL's smart-resize bounds and CLIP normalisation (the real processor's and ComfyUI's defaults)
+VL_MIN_PIXELS = 56 * 56
+VL_MAX_PIXELS = 28 * 28 * 16384
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _vl_param(processor, name: str, default):
+    ip = getattr(processor, "image_processor", None)
+    v = getattr(ip, name, None) if ip is not None else None
+    return default if v is None else v
+
+
+def vl_pixels_comfyui(unit: torch.Tensor, processor=None) -> VLPixels:
+    """ComfyUI's Qwen2.5-VL preprocessing of one VL-sized picture ``[1, 3, H, W]`` in [0, 1]:
+    each side rounded to a multiple of ``patch * merge`` (28), scaled into the processor's
+    min / max pixel bounds when outside them, a bilinear resize (``align_corners=False``, no
+    antialias), CLIP mean / std, then cut into patches (the picture repeated over the temporal
+    patch). Patch sizes, bounds and statistics are read from ``processor.image_processor`` where it
+    has them (the real model's: 14, merge 2, temporal 2, 3136..12845056, CLIP)."""
+    patch = int(_vl_param(processor, "patch_size", 14))
+    merge = int(_vl_param(processor, "merge_size", 2))
+    temporal = int(_vl_param(processor, "temporal_patch_size", 2))
+    mean = torch.tensor(_vl_param(processor, "image_mean", CLIP_MEAN), dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(_vl_param(processor, "image_std", CLIP_STD), dtype=torch.float32).view(3, 1, 1)
+    size = getattr(getattr(processor, "image_processor", None), "size", None) or {}
+    lo = int(size.get("shortest_edge") or _vl_param(processor, "min_pixels", VL_MIN_PIXELS))
+    hi = int(size.get("longest_edge") or _vl_param(processor, "max_pixels", VL_MAX_PIXELS))
+    if unit.dim() != 4 or unit.shape[:2] != (1, 3):
+        raise ValueError(f"expected one RGB picture [1, 3, H, W], got {tuple(unit.shape)}")
+    h, w = unit.shape[-2:]
+    f = patch * merge
+    hb, wb = round(h / f) * f, round(w / f) * f
+    if hb * wb > hi:
+        beta = math.sqrt(h * w / hi)
+        hb, wb = max(f, math.floor(h / beta / f) * f), max(f, math.floor(w / beta / f) * f)
+    elif hb * wb < lo:
+        beta = math.sqrt(lo / (h * w))
+        hb, wb = math.ceil(h * beta / f) * f, math.ceil(w * beta / f) * f
+    x = torch.nn.functional.interpolate(unit.float(), size=(hb, wb), mode="bilinear", align_corners=False)[0]
+    x = (x - mean) / std
+    gh, gw = hb // patch, wb // patch
+    x = x.unsqueeze(0).expand(temporal, -1, -1, -1)  # [T, C, H, W]: one frame repeated
+    x = x.reshape(1, temporal, 3, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(gh * gw, 3 * temporal * patch * patch)
+    return VLPixels(x.contiguous(), torch.tensor([[1, gh, gw]], dtype=torch.long))
+
+
 @torch.no_grad()
 def encode_prompt(
     text_encoder: torch.nn.Module,
     processor,
     prompt: str,
-    vl_pictures: Sequence[Image.Image] = (),
+    vl_pictures: Sequence[Image.Image] | Sequence[VLPixels] = (),
     *,
     template: PromptTemplate | None = None,
     device: torch.device | str | None = None,
@@ -115,14 +182,25 @@ def encode_prompt(
     """Encode one prompt with its (already VL-sized) pictures into a :class:`TextCond`.
 
     ``vl_pictures`` are the pictures resized to the encoder's area (:func:`images.plan_sizes`);
-    the processor still applies Qwen2-VL's own 28-pixel smart-resize and normalisation.
+    the processor still applies Qwen2-VL's own 28-pixel smart-resize and normalisation. Or they are
+    :class:`VLPixels` already prepared (:func:`vl_pixels_comfyui`): the processor then only
+    tokenizes, with each ``<|image_pad|>`` repeated once per merged patch as the processor would.
     """
     template = template or template_for(len(vl_pictures))
     device = device or module_device(text_encoder)
     text = template.format(user_turn(prompt, len(vl_pictures)))
-    inputs = processor(
-        text=[text], images=list(vl_pictures) or None, padding=True, return_tensors="pt"
-    ).to(device)
+    if vl_pictures and all(isinstance(p, VLPixels) for p in vl_pictures):
+        parts = text.split("<|image_pad|>")
+        text = parts[0] + "".join("<|image_pad|>" * p.n_tokens + rest for p, rest in zip(vl_pictures, parts[1:]))
+        tokenizer = getattr(processor, "tokenizer", processor)
+        inputs = dict(tokenizer(text=[text], padding=True, return_tensors="pt"))
+        inputs["pixel_values"] = torch.cat([p.pixel_values for p in vl_pictures])
+        inputs["image_grid_thw"] = torch.cat([p.grid_thw for p in vl_pictures])
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+    else:
+        inputs = processor(
+            text=[text], images=list(vl_pictures) or None, padding=True, return_tensors="pt"
+        ).to(device)
     out = text_encoder(
         input_ids=inputs["input_ids"],
         attention_mask=inputs["attention_mask"],

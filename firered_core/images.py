@@ -27,12 +27,24 @@ OUTPUT_AREA = 1024 * 1024
 MAX_PICTURES = 3
 
 
+#: how each picture is sized for the VL encoder and the VAE (see :func:`plan_sizes`)
+REF_MODES = ("own_aspect", "match_output", "comfyui")
+
+
 def fit_to_area(area: int, aspect: float, multiple: int = 32) -> tuple[int, int]:
     """``(width, height)`` of about ``area`` pixels at ``aspect = width / height``, each side rounded
     to ``multiple`` (the diffusers ``calculate_dimensions`` rule, used for every FireRed resize)."""
     width = math.sqrt(area * aspect)
     height = width / aspect
     return int(round(width / multiple) * multiple), int(round(height / multiple) * multiple)
+
+
+def scale_to_area(width: int, height: int, area: int, multiple: int = 1) -> tuple[int, int]:
+    """``(width, height)`` scaled by ``sqrt(area / (width * height))``, each side rounded (Python's
+    ``round``) to ``multiple``: ComfyUI's ``TextEncodeQwenImageEditPlus`` rule (VL copy: 384^2,
+    ``multiple`` 1; VAE reference: 1024^2, ``multiple`` 8)."""
+    s = math.sqrt(area / (width * height))
+    return int(round(width * s / multiple) * multiple), int(round(height * s / multiple) * multiple)
 
 
 def to_pil(picture: Any, name: str = "image") -> Image.Image:
@@ -91,6 +103,42 @@ def to_pil_list(pictures: Any) -> list[Image.Image]:
     return [to_pil(p, f"image {i + 1}") for i, p in enumerate(pictures)]
 
 
+def to_unit(picture: Any, name: str = "image") -> torch.Tensor:
+    """Any accepted picture -> float32 RGB ``[1, 3, H, W]`` in [0, 1]. A float tensor (a ComfyUI
+    ``IMAGE``) is kept as it is (no 8-bit rounding; alpha dropped, grey repeated), as ComfyUI's own
+    nodes see it; everything else goes through :func:`to_pil` (8 bits / 255)."""
+    if isinstance(picture, torch.Tensor) and picture.is_floating_point():
+        img = to_pil(picture, name)  # the same checks and messages
+        t = picture.detach().to("cpu", torch.float32)
+        t = t[0] if t.dim() == 4 else t
+        if t.shape[-1] not in (1, 3, 4) and t.shape[0] in (1, 3, 4):
+            t = t.permute(1, 2, 0)
+        t = t[..., :3] if t.shape[-1] != 1 else t.expand(*t.shape[:2], 3)
+        assert (t.shape[1], t.shape[0]) == img.size
+        return t.clamp(0, 1).permute(2, 0, 1).unsqueeze(0).contiguous()
+    arr = np.asarray(to_pil(picture, name), dtype=np.uint8).astype(np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
+
+
+def to_unit_list(pictures: Any) -> list[torch.Tensor]:
+    """:func:`to_pil_list`'s rules (``None`` / one / a list / a batch, at most three), giving
+    :func:`to_unit` tensors."""
+    pils = to_pil_list(pictures)  # validates count and types
+    if isinstance(pictures, torch.Tensor) and pictures.dim() == 4 and pictures.shape[0] > 1:
+        pictures = list(pictures)
+    if not isinstance(pictures, (list, tuple)):
+        pictures = [pictures]
+    pictures = [p for p in pictures if p is not None]
+    assert len(pictures) == len(pils)
+    return [to_unit(p, f"image {i + 1}") for i, p in enumerate(pictures)]
+
+
+def area_resize(unit: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """``[B, C, H, W]`` float -> ``[B, C, height, width]`` by ``torch.nn.functional.interpolate``'s
+    ``"area"`` mode (what ComfyUI's ``common_upscale(..., "area", "disabled")`` does)."""
+    return torch.nn.functional.interpolate(unit, size=(height, width), mode="area")
+
+
 def resize(img: Image.Image, width: int, height: int) -> Image.Image:
     """Lanczos resize (the resampling the release pipeline uses for both VL and VAE copies)."""
     return img.resize((width, height), resample=Image.LANCZOS)
@@ -140,7 +188,10 @@ def plan_sizes(
       pipeline's rule), floored to a multiple of 16; 1024x1024 without pictures;
     * VL copies: ``vl_area`` at each picture's own aspect, sides multiples of 32;
     * VAE references: ``ref_area`` at each picture's own aspect (``ref_mode="own_aspect"``, what the
-      FireRed release and its trainer do) or exactly the output size (``"match_output"``).
+      FireRed release and its trainer do) or exactly the output size (``"match_output"``);
+    * ``ref_mode="comfyui"``: ComfyUI's ``TextEncodeQwenImageEditPlus`` sizes, :func:`scale_to_area`
+      of each picture's own size: VL copies at ``vl_area`` with sides rounded to whole pixels (not
+      32), references at ``ref_area`` with sides multiples of 8 (not 32). The output rule is the same.
     """
     check_size(width, height)
     if pictures:
@@ -150,13 +201,17 @@ def plan_sizes(
         dw, dh = fit_to_area(output_area, 1.0)
     out_w = width or dw // SIZE_MULTIPLE * SIZE_MULTIPLE
     out_h = height or dh // SIZE_MULTIPLE * SIZE_MULTIPLE
+    if ref_mode == "comfyui":
+        vl = [scale_to_area(p.width, p.height, vl_area) for p in pictures]
+        refs = [scale_to_area(p.width, p.height, ref_area, 8) for p in pictures]
+        return (out_w, out_h), vl, refs
     vl = [fit_to_area(vl_area, p.width / p.height) for p in pictures]
     if ref_mode == "own_aspect":
         refs = [fit_to_area(ref_area, p.width / p.height) for p in pictures]
     elif ref_mode == "match_output":
         refs = [(out_w, out_h) for _ in pictures]
     else:
-        raise ValueError(f"ref_mode must be 'own_aspect' or 'match_output', got {ref_mode!r}")
+        raise ValueError(f"ref_mode must be one of {', '.join(map(repr, REF_MODES))}, got {ref_mode!r}")
     return (out_w, out_h), vl, refs
 
 

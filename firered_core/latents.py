@@ -45,8 +45,18 @@ def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def token_grid(height: int, width: int) -> tuple[int, int, int]:
-    """The ``(frames, rows, cols)`` entry of ``img_shapes`` for a picture of ``height x width`` pixels."""
-    return (1, height // SIZE_MULTIPLE, width // SIZE_MULTIPLE)
+    """The ``(frames, rows, cols)`` entry of ``img_shapes`` for a picture of ``height x width`` pixels
+    (a side that is a multiple of 8 but not 16 counts its padded patch: see :func:`pad_to_patches`)."""
+    return (1, -(-height // SIZE_MULTIPLE), -(-width // SIZE_MULTIPLE))
+
+
+def pad_to_patches(z: torch.Tensor) -> torch.Tensor:
+    """``[B, C, h, w]`` with an odd ``h`` / ``w`` -> even, the first row / column repeated after the
+    last (circular padding, as ComfyUI pads latents to the 2x2 patch); unchanged when both are even."""
+    ph, pw = z.shape[-2] % PATCH, z.shape[-1] % PATCH
+    if not (ph or pw):
+        return z
+    return torch.nn.functional.pad(z, (0, pw, 0, ph), mode="circular")
 
 
 def _stats(vals, like: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,10 @@ class EditRequest:
 
     schedule: "flowmatch" (release), "linear_shift" (ComfyUI AuraFlow shift, ``shift``), "lightning".
     sampler: "euler", "heun", "dpmpp_2m", "euler_sde".
-    ref_mode: "own_aspect" (each reference at ~1024^2, its own aspect) or "match_output".
+    ref_mode: "own_aspect" (each reference at ~1024^2, its own aspect), "match_output", or "comfyui"
+        (ComfyUI's ``TextEncodeQwenImageEditPlus``: "area" resampling of the float picture, VL sides
+        rounded to whole pixels, then ComfyUI's bilinear 28-multiple VL preprocessing, references
+        at multiples of 8; see :func:`images.plan_sizes`).
     ref_area / vl_area: pixel area of each reference for the VAE (1024^2) and for Qwen2.5-VL (384^2).
     denoise: keep the last ``round(denoise * steps)`` steps of the schedule (img2img-style partial
         denoising from a given starting latent; 1 = the whole schedule).
@@ -69,6 +72,8 @@ class EditRequest:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be a whole number of at least 1, got {self.steps!r}")
         self.noise_device = noise_mod.check_noise_device(self.noise_device)
+        if self.ref_mode not in images.REF_MODES:
+            raise ValueError(f"ref_mode must be one of {', '.join(map(repr, images.REF_MODES))}, got {self.ref_mode!r}")
         images.check_size(self.width, self.height)
 
 
@@ -221,7 +226,14 @@ class FireRedEditor:
         (w, h), vl_sizes, ref_sizes = images.plan_sizes(
             pils, req.width, req.height, ref_mode=req.ref_mode, vl_area=req.vl_area, ref_area=req.ref_area
         )
-        vl = [images.resize(p, *s) for p, s in zip(pils, vl_sizes)]
+        if req.ref_mode == "comfyui":
+            # ComfyUI's TextEncodeQwenImageEditPlus: "area" on the float picture for both copies
+            units = images.to_unit_list(pictures)
+            vl = [conditioning.vl_pixels_comfyui(images.area_resize(u, *s), self.c.processor) for u, s in zip(units, vl_sizes)]
+            ref_pixels = [images.area_resize(u, rw, rh) * 2.0 - 1.0 for u, (rw, rh) in zip(units, ref_sizes)]
+        else:
+            vl = [images.resize(p, *s) for p, s in zip(pils, vl_sizes)]
+            ref_pixels = [images.pil_to_tensor(images.resize(p, rw, rh)) for p, (rw, rh) in zip(pils, ref_sizes)]
         te = self.c.text_encoder
         te_dtype = compute_dtype(te)
         with self._stage("text_encoder"):
@@ -231,8 +243,11 @@ class FireRedEditor:
                 negative = conditioning.encode_prompt(te, self.c.processor, req.negative_prompt, vl, dtype=te_dtype)
         refs = []
         with self._stage("vae"):
-            for p, (rw, rh) in zip(pils, ref_sizes):
-                z = vae_mod.encode(self.c.vae, images.pil_to_tensor(images.resize(p, rw, rh)))
+            for px in ref_pixels:
+                z = vae_mod.encode(self.c.vae, px)
+                # a multiple-of-8 reference (comfyui) has an odd latent side: wrapped round to the
+                # 2x2 patch as ComfyUI's pad_to_patch_size does
+                z = latents.pad_to_patches(z)
                 refs.append(latents.pack(z))
         cond = EditCondition(
             ref_tokens=torch.cat(refs, dim=1) if refs else None,
