@@ -301,7 +301,7 @@ def summarise(records: list[dict]) -> dict:
 def run_cases(cases: list[Case], cfg: EditorConfig, out_dir, *, editor=None, judge=None, ocr=None,
               judge_spec: dict | None = None, log: Callable[[str], None] = print) -> list[dict]:
     """Edit and score every case; writes ``out_dir/images/<id>.png``, ``results.jsonl`` (one record
-    per case: id, category, instruction, source, output, seed, scores, seconds) and ``summary.json``
+    per case: id, category, instruction, source, output, seed, scores, the editor's info, seconds) and ``summary.json``
     (the config, the judge options, per-category means). Returns the records."""
     from PIL import Image
 
@@ -327,6 +327,7 @@ def run_cases(cases: list[Case], cfg: EditorConfig, out_dir, *, editor=None, jud
             scores = score_case(c, pics[-1], res.images[0], judge=judge, ocr=ocr)
             rec = {"id": c.id, "category": c.category, "instruction": c.instruction, "source": c.image,
                    "output": str(op.resolve()), "seed": seed, "scores": scores,
+                   "info": json.loads(json.dumps(res.info, default=str)),  # output size, step-cache counts, memory plan
                    "seconds": {"edit": round(t_edit, 3), "score": round(time.perf_counter() - t, 3)}}
             records.append(rec)
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
