@@ -37,12 +37,14 @@ Departures, each stated:
   512^2.
 
 The **reference** for the KL is the base with the LoRA switched off (full fine-tuning keeps a frozen
-copy). Everything random is drawn from generators seeded by ``(seed, step)``, so a run resumed from
-a checkpoint continues the same curve.
+copy). Everything random is drawn from generators seeded by ``(seed, step)`` and a group's place
+in the step, so a run resumed from a checkpoint continues the same curve.
 
-**Scale-out**: under ``accelerate launch`` / ``torchrun`` each process rolls out its own prompts
-(its rank offsets the per-step generator) and gradients are averaged over processes with
-``torch.distributed`` before the step (the LoRA is small: one all-reduce of its gradients).
+**Scale-out**: under ``accelerate launch`` / ``torchrun`` every process draws the same
+``prompts_per_step x N`` prompts and rolls out its slice of them, each group's draws keyed by its
+place (not the rank), and gradients are averaged over processes with ``torch.distributed`` before
+the step (the LoRA is small: one all-reduce of its gradients). N processes thus train what one
+process with N times ``prompts_per_step`` trains (a 2-process test compares the LoRA).
 """
 
 from __future__ import annotations
@@ -217,8 +219,11 @@ class NFTRun:
 
     # -- one iteration -------------------------------------------------------------------------
 
-    def _generator(self, step: int, salt: int = 0) -> torch.Generator:
-        return torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step * 7919 + self.rank * 104_729 + salt) % (2**62))
+    def _generator(self, *parts) -> torch.Generator:
+        """A generator keyed by the run's seed and ``parts`` (never the rank; see :meth:`iteration`)."""
+        from ..objective import seed_of
+
+        return torch.Generator().manual_seed(seed_of(self.cfg.seed, *parts))
 
     def _initial_noise(self, enc, n: int, gen: torch.Generator) -> torch.Tensor:
         w, h = enc.size
@@ -259,17 +264,18 @@ class NFTRun:
         )
         return pix, self.reward_fn(pix, batch).float()
 
-    def update(self, items: list[tuple[int, torch.Tensor, torch.Tensor]], gen: torch.Generator) -> losses.NFTStats:
-        """One optimizer step on ``items`` = ``[(prompt idx, x0 [n, N, 64], r [n])]``."""
+    def update(self, items: list[tuple[int, torch.Tensor, torch.Tensor, torch.Generator]]) -> losses.NFTStats:
+        """One optimizer step on ``items`` = ``[(prompt idx, x0 [n, N, 64], r [n], generator of that
+        group's training timesteps and noise)]``; gradients averaged over the processes."""
         from firered_core import flow
         from firered_core.denoiser import Denoiser
 
         cfg = self.cfg
         self.opt.zero_grad(set_to_none=True)
-        total = sum(len(x) for _, x, _ in items) * cfg.timesteps_per_sample
+        total = sum(len(x) for _, x, _, _ in items) * cfg.timesteps_per_sample
         agg: dict[str, float] = {}
         tr = self.editor.c.transformer
-        for idx, x0_all, r_all in items:
+        for idx, x0_all, r_all, gen in items:
             enc = self.encoded[idx]
             den = Denoiser(tr, enc.cond)
             grid = self.editor.sigmas(self.req, enc.size) if cfg.train_timesteps == "sampler" else None
@@ -314,18 +320,26 @@ class NFTRun:
     def iteration(self) -> dict:
         """Rollout, reward, update; returns the step's metrics (with the time of each part)."""
         cfg = self.cfg
-        gen = self._generator(self.step)
-        idxs = torch.randint(0, len(self.prompts), (cfg.prompts_per_step,), generator=gen).tolist()
+        # one global set of prompts_per_step x N prompts drawn alike on every process; this process
+        # takes its slice, and each group's rollout and update draws are keyed by its place in the
+        # global set (not the rank): N processes compute what one process with N times the prompts
+        # computes (the optimality probabilities are per group, so they do not cross processes)
+        everyone = torch.randint(0, len(self.prompts), (cfg.prompts_per_step * self.world,),
+                                 generator=self._generator("prompts", self.step)).tolist()
+        mine = range(self.rank * cfg.prompts_per_step, (self.rank + 1) * cfg.prompts_per_step)
+        idxs = [everyone[p] for p in mine]
+        gens = [self._generator("group", self.step, p) for p in mine]
         t0 = time.perf_counter()
-        x0s = [self.rollout(i, cfg.group_size, gen) for i in idxs]
+        x0s = [self.rollout(i, cfg.group_size, g) for i, g in zip(idxs, gens)]
         t1 = time.perf_counter()
         scores = [self.score(i, x)[1] for i, x in zip(idxs, x0s)]
         t2 = time.perf_counter()
         allr = torch.cat(scores)
         groups = torch.arange(len(idxs)).repeat_interleave(cfg.group_size)
         r = losses.optimality_probability(allr, groups, adv_clip_max=cfg.adv_clip_max)
-        items = [(i, x, r[k * cfg.group_size : (k + 1) * cfg.group_size]) for k, (i, x) in enumerate(zip(idxs, x0s))]
-        st = self.update(items, gen)
+        items = [(i, x, r[k * cfg.group_size : (k + 1) * cfg.group_size], g)
+                 for k, (i, x, g) in enumerate(zip(idxs, x0s, gens))]
+        st = self.update(items)
         t3 = time.perf_counter()
         self.step += 1
         row = {"step": self.step, "reward": float(allr.mean()), "reward_std": float(allr.std(unbiased=False))}
