@@ -28,7 +28,8 @@ sys.path.insert(0, {root!r})
 import torch, diffusers, accelerate, safetensors, gguf  # libraries count in the baseline
 from diffusers import QwenImageTransformer2DModel  # (diffusers imports lazily: the model's code too)
 from diffusers.quantizers.gguf import GGUFQuantizer
-from firered_core.formats.transformer_files import load_transformer, model_memory_bytes
+from firered_core.formats.fp8_layers import model_memory_bytes
+from firered_core.formats.transformer_files import load_transformer
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 r0 = rss()

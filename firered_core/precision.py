@@ -33,7 +33,7 @@ import logging
 import torch
 from torch import nn
 
-from .formats.transformer_files import FP8Linear
+from .formats.fp8_layers import FP8Linear
 
 log = logging.getLogger(__name__)
 

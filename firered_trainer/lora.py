@@ -6,7 +6,7 @@ held in fp8, and LoRA files that load everywhere.
   ``add_adapter``; the adapter weights are kept in float32 (an 8-bit or fp32 optimizer on bf16
   weights loses small updates to rounding) and everything else is frozen.
 * :func:`quantize_frozen_base` -- every frozen block linear (the base layer under each adapter and
-  the untargeted ones) becomes a scaled-fp8 :class:`firered_core.formats.transformer_files.FP8Linear`
+  the untargeted ones) becomes a scaled-fp8 :class:`firered_core.formats.fp8_layers.FP8Linear`
   (one float32 scale per output channel), halving the base's memory; the adapters stay float32.
 * :func:`quantize_frozen_base_nf4` -- QLoRA-style: every block linear becomes a bitsandbytes 4-bit
   NF4 ``Linear4bit`` (blocks of 64 weights, one float32 absmax each: 0.5625 bytes a weight, ~0.28x
@@ -75,7 +75,7 @@ def lora_layers(transformer: nn.Module) -> dict[str, tuple[torch.Tensor, torch.T
 
 
 def _fp8_scaled(lin: nn.Linear):
-    from firered_core.formats.transformer_files import FP8Linear
+    from firered_core.formats.fp8_layers import FP8Linear
 
     w = lin.weight.detach().float()
     fmax = torch.finfo(torch.float8_e4m3fn).max
@@ -171,7 +171,7 @@ def quantize_frozen_base_nf4(transformer: nn.Module, *, compute_dtype: torch.dty
 def frozen_linear_bytes(transformer: nn.Module) -> int:
     """Bytes held by the frozen block linears' weights and their quantization state (scales,
     absmax, code book), biases and adapters excluded: what the quantized bases shrink."""
-    from firered_core.formats.transformer_files import FP8Linear
+    from firered_core.formats.fp8_layers import FP8Linear
 
     blocks = getattr(transformer, "transformer_blocks", transformer)
     total = 0

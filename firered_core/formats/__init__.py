@@ -61,7 +61,8 @@ _EXPORTS = {
         "read_safetensors_header",
         "sniff",
     ),
-    "transformer_files": ("FP8Linear", "inspect_transformer", "load_transformer", "model_memory_bytes"),
+    "transformer_files": ("inspect_transformer", "load_transformer"),
+    "fp8_layers": ("FP8Linear", "model_memory_bytes"),
     "comfy_quant": ("QuantLinear",),
     "gguf_files": ("inspect_gguf", "is_gguf", "load_gguf_transformer", "quantized_linear_count"),
     "lora": (

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ._common import FORMAT_WORDS, GGUFFileError, describe_keys, gguf_field, gguf_module, open_gguf, sniff
-from .transformer_files import INDEX_TIMESTEP_ZERO, ZERO_COND_T_NOTE, config_from_shapes
+from .transformer_config import INDEX_TIMESTEP_ZERO, ZERO_COND_T_NOTE, config_from_shapes
 
 __all__ = [
     "GGUFFileError",

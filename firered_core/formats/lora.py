@@ -69,7 +69,7 @@ from torch import nn
 
 from ._common import LoraFormatError, read_safetensors_header
 from .comfy_quant import QuantLinear
-from .transformer_files import FP8Linear
+from .fp8_layers import FP8Linear
 
 log = logging.getLogger(__name__)
 

@@ -59,7 +59,7 @@ def test_single_files_give_the_release_folders_picture(files, reference):
 
 def test_fp8_weights_stay_close(files, tiny_model_dir, reference):
     ed = FireRedEditor.from_files(tiny_model_dir, transformer=files["transformer"], weight_dtype="fp8_e4m3fn", dtype="fp32")
-    from firered_core.formats.transformer_files import FP8Linear
+    from firered_core.formats.fp8_layers import FP8Linear
 
     assert sum(isinstance(m, FP8Linear) for m in ed.c.transformer.modules()) > 10
     d = (edit(ed) - reference).abs().mean().item()
@@ -107,7 +107,7 @@ def test_gguf_mmdit_edits_like_the_float_model(tiny_model_dir, tmp_path, referen
 
 def test_make_tiny_comfyui_layout_edits_like_the_release_folder(tmp_path, capsys):
     # the same seed as the session's tiny model: every ComfyUI-layout file loads and edits alike
-    from firered_core.formats.transformer_files import FP8Linear
+    from firered_core.formats.fp8_layers import FP8Linear
     from firered_core.formats.vae_files import inspect_vae
     from firered_core.tiny import COMFYUI_VAE, make_tiny, make_tiny_comfyui
 

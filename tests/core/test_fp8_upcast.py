@@ -5,8 +5,8 @@ rule allows, and is dropped when the layer moves."""
 import pytest
 import torch
 
-from firered_core.formats import transformer_files as tf
-from firered_core.formats.transformer_files import FP8Linear, fp8_to, set_fp8_upcast, upcast_bytes
+from firered_core.formats import fp8_layers as tf
+from firered_core.formats.fp8_layers import FP8Linear, fp8_to, set_fp8_upcast, upcast_bytes
 
 
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])

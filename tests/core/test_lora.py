@@ -10,6 +10,7 @@ import torch
 from formats_helpers import run, tiny_transformer
 from safetensors.torch import save_file
 
+from firered_core.formats.fp8_layers import FP8Linear
 from firered_core.formats.lora import (
     LoraFormatError,
     apply_loras,
@@ -20,7 +21,7 @@ from firered_core.formats.lora import (
     remove_loras,
     set_lora_strength,
 )
-from firered_core.formats.transformer_files import FP8Linear, load_transformer
+from firered_core.formats.transformer_files import load_transformer
 from firered_core.formats.writers import write_gguf
 
 RANK = 4

@@ -12,13 +12,8 @@ import torch
 from formats_helpers import linear_names, rel, run, state, tiny_transformer
 from safetensors.torch import save_file
 
-from firered_core.formats.transformer_files import (
-    CheckpointFormatError,
-    FP8Linear,
-    inspect_transformer,
-    load_transformer,
-    model_memory_bytes,
-)
+from firered_core.formats.fp8_layers import FP8Linear, model_memory_bytes
+from firered_core.formats.transformer_files import CheckpointFormatError, inspect_transformer, load_transformer
 from firered_core.formats.writers import write_gguf
 
 FP8 = torch.float8_e4m3fn

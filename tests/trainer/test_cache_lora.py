@@ -83,7 +83,8 @@ def test_text_cache_is_content_keyed_and_resumable(tmp_path):
 
 
 def test_fp8_base_lora_trains(tiny_model_dir):
-    from firered_core.formats.transformer_files import FP8Linear, load_transformer
+    from firered_core.formats.fp8_layers import FP8Linear
+    from firered_core.formats.transformer_files import load_transformer
     from firered_trainer.lora import add_lora, lora_layers, quantize_frozen_base
     from firered_trainer.sft import predict_velocity
 
