@@ -46,11 +46,18 @@ def stratified_uniform(
 
 
 def training_sigmas(u: torch.Tensor, *, image_seq_len: int, config: FlowMatchConfig | None = None) -> torch.Tensor:
-    """Map uniform draws to sigmas with the inference schedule's resolution-dependent shift."""
+    """Map uniform draws to sigmas with the inference schedule's resolution-dependent shift (the
+    scheduler config's ``time_shift_type``: "exponential" ``e^mu / (e^mu + 1/u - 1)``, or "linear"
+    ``mu / (mu + 1/u - 1)``; a fixed ``shift`` without dynamic shifting)."""
     cfg = config or FlowMatchConfig()
     u = u.clamp(1e-5, 1.0)
     if cfg.use_dynamic_shifting:
-        return flow.shift_exponential(u.double(), cfg.mu(image_seq_len)).float()
+        mu = cfg.mu(image_seq_len)
+        if cfg.time_shift_type == "exponential":
+            return flow.shift_exponential(u.double(), mu).float()
+        if cfg.time_shift_type == "linear":
+            return flow.shift_linear(u.double(), mu).float()  # mu / (mu + 1/u - 1) = shift_linear(u, mu)
+        raise ValueError(f"unknown time_shift_type {cfg.time_shift_type!r}; expected 'exponential' or 'linear'")
     return flow.shift_linear(u, cfg.shift)
 
 

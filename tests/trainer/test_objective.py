@@ -32,6 +32,19 @@ def test_training_sigmas_use_the_inference_shift():
     torch.testing.assert_close(s, flow.shift_exponential(u.double(), 0.5 + (4096 - 256) * 0.4 / (8192 - 256)).float())
 
 
+def test_training_sigmas_follow_a_linear_time_shift():
+    """A scheduler config with ``time_shift_type: linear`` trains at ``mu / (mu + 1/u - 1)`` (what
+    its inference schedule samples at), not the exponential shift."""
+    from firered_core.schedules import FlowMatchConfig
+
+    cfg = FlowMatchConfig(time_shift_type="linear")
+    u = torch.linspace(0.05, 1.0, 20)
+    mu = cfg.mu(4096)
+    want = (mu / (mu + (1 / u.double() - 1))).float()
+    torch.testing.assert_close(training_sigmas(u, image_seq_len=4096, config=cfg), want)
+    assert not torch.allclose(training_sigmas(u, image_seq_len=4096), want)  # the exponential shift differs
+
+
 def test_logit_normal_weight_is_a_density():
     x = torch.linspace(0, 1, 200001)[1:-1]
     integral = torch.trapezoid(logit_normal_weight(x.double()), x.double()).item()
