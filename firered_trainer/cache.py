@@ -25,6 +25,9 @@ sample drawn d times holds at most d text entries (one text entry per distinct v
 and its latents once per picture and size. A resumed run plans the same draws (nothing new is
 encoded); a run given more steps encodes the new draws at its start; training itself never needs
 the text encoder. :func:`size_report` gives the cache bytes per sample against one variant's.
+A sample shown E times holds up to E text entries; ``data.cache_variants = k`` bounds that at k
+for runs of many epochs (:func:`variant_budget`: the first k distinct draws of the plan; a later
+draw outside them is replaced by one of them).
 """
 
 from __future__ import annotations
@@ -156,6 +159,30 @@ def draw_variant(sample, sia, rng) -> Drawn:
                                                        inverse_prob=sia.inverse_prob, text_dropout=sia.text_dropout)
     al = sia_mod.shuffle_and_drop(text, len(sources), rng, drop_prob=sia.drop_prob, shuffle=sia.shuffle)
     return Drawn(TextVariant(tuple(sources[i] for i in al.order), al.text), tuple(sources), target)
+
+
+def variant_budget(draws: Iterable[tuple[int, Drawn]], k: int) -> dict[int, list[Drawn]]:
+    """The first ``k`` distinct draws of each sample in a run's plan (``{}`` for ``k == 0``: no limit).
+    With a budget a sample costs at most ``k`` text entries however many epochs the run has; SIA
+    still varies the instruction between samples and within those ``k`` (see :func:`within_budget`)."""
+    if k <= 0:
+        return {}
+    out: dict[int, list[Drawn]] = {}
+    for i, d in draws:
+        mine = out.setdefault(i, [])
+        if len(mine) < k and d not in mine:
+            mine.append(d)
+    return out
+
+
+def within_budget(drawn: Drawn, allowed: Sequence[Drawn] | None) -> Drawn:
+    """``drawn`` if the sample's budget holds it (or there is none), else one of the budget's draws,
+    picked by a hash of the drawn variant (the same in the plan and in training)."""
+    if not allowed or drawn in allowed:
+        return drawn
+    from .objective import seed_of
+
+    return allowed[seed_of(drawn.variant.text, *drawn.variant.pictures, drawn.target) % len(allowed)]
 
 
 def text_variants(sample, sia) -> list[TextVariant]:

@@ -83,6 +83,7 @@ class DataConfig:
     batch_size: int = 1  # per process
     cache_dir: str = ""  # embeddings / latents cache, shared by runs; default <output_dir>/cache
     cache_latents: bool = True  # VAE latents cached too (else encoded every step)
+    cache_variants: int = 0  # at most this many SIA variants per sample over a run (0: every drawn one; see cache.variant_budget)
     num_workers: int = 0
 
 
@@ -340,6 +341,7 @@ def validate(cfg: StageConfig) -> StageConfig:
     _check(cfg.stage in STAGES, "stage", f"expected one of {STAGES}, got {cfg.stage!r}")
     _check(cfg.train_mode in ("lora", "full"), "train_mode", f"expected 'lora' or 'full', got {cfg.train_mode!r}")
     _check(cfg.max_steps >= 1, "max_steps", f"must be >= 1, got {cfg.max_steps}")
+    _check(cfg.data.cache_variants >= 0, "data.cache_variants", f"must be >= 0 (0 = no limit), got {cfg.data.cache_variants}")
     _check(cfg.mixed_precision in ("bf16", "fp16", "no"), "mixed_precision",
            f"expected bf16, fp16 or no, got {cfg.mixed_precision!r}")
     _check(cfg.grad_accum >= 1, "grad_accum", f"must be >= 1, got {cfg.grad_accum}")

@@ -373,9 +373,10 @@ class Collator:
         px = images.pil_to_tensor(cache_mod.crop_resize(images.to_pil(path), w, h))
         return vae_mod.encode(self.vae, px)[0].float().cpu()
 
-    def __call__(self, sample, rng: random.Random) -> Example:
+    def __call__(self, sample, rng: random.Random, allowed=None) -> Example:
+        """``allowed``: the sample's :func:`cache.variant_budget` entry (``None``: no limit)."""
         c = self.cfg
-        drawn = cache_mod.draw_variant(sample, c.sia, rng)
+        drawn = cache_mod.within_budget(cache_mod.draw_variant(sample, c.sia, rng), allowed)
         variant, target, pics = drawn.variant, drawn.target, drawn.variant.pictures
         cond = self.cache.get_text(cache_mod.text_key(variant, model_id=self.mid, vl_resolution=c.data.vl_resolution))
         sizes = {sample.target: sample.target_size, **dict(zip(sample.sources, sample.source_sizes))}
@@ -509,8 +510,10 @@ def train(cfg: StageConfig, *, progress: Progress | None = None, should_stop: Ca
     mid = model_id(cfg)
     feature_cache = cache_mod.FeatureCache(cfg.data.cache_dir or out / "cache")
     vae = load_vae(part_path(cfg, "vae"), dtype=dtype, device=accelerator.device).eval().requires_grad_(False)
-    cache_report = extract_features(cfg, samples, accelerator, feature_cache, mid, dtype, vae,
-                                    planned_draws(cfg, samples, sampler))
+    draws = planned_draws(cfg, samples, sampler)
+    budget = cache_mod.variant_budget(draws, cfg.data.cache_variants)
+    draws = [(i, cache_mod.within_budget(d, budget.get(i))) for i, d in draws]
+    cache_report = extract_features(cfg, samples, accelerator, feature_cache, mid, dtype, vae, draws)
     sched_cfg = load_scheduler_config(Path(cfg.model.path)) if cfg.model.path else None
     collate = Collator(cfg, feature_cache, mid, vae=None if cfg.data.cache_latents else vae)
     need_vae = not cfg.data.cache_latents or bool(cfg.validation.every and cfg.validation.prompts)
@@ -576,7 +579,7 @@ def train(cfg: StageConfig, *, progress: Progress | None = None, should_stop: Ca
         return pics
 
     # a fixed evaluation set: the first samples, collated without randomness beyond a fixed seed
-    eval_examples = [collate(s, eval_rng(cfg, k)) for k, s in enumerate(samples[:EVAL_SAMPLES])]
+    eval_examples = [collate(s, eval_rng(cfg, k), budget.get(k)) for k, s in enumerate(samples[:EVAL_SAMPLES])]
 
     def evaluate() -> float:
         m = accelerator.unwrap_model(model)
@@ -602,7 +605,8 @@ def train(cfg: StageConfig, *, progress: Progress | None = None, should_stop: Ca
         for micro in range(cfg.grad_accum):
             batch = sampler.next_batch()
             positions = [batch.offset + j for j in range(len(batch.indices))]
-            examples = [collate(samples[i], sia_rng(cfg, state.step, micro, g)) for g, i in zip(positions, batch.indices)]
+            examples = [collate(samples[i], sia_rng(cfg, state.step, micro, g), budget.get(i))
+                        for g, i in zip(positions, batch.indices)]
             with accelerator.accumulate(model):
                 step_loss += batch_loss_backward(model, examples, accelerator=accelerator, cfg=cfg,
                                                  sched_cfg=sched_cfg, step=state.step, micro=micro, dtype=compute,

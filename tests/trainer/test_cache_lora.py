@@ -223,10 +223,10 @@ def test_cache_holds_the_drawn_variants_only(tiny_model_dir, tmp_path, monkeypat
     real_call, real_get = Collator.__call__, C.FeatureCache.get
     load_te = text_encoder_files.load_text_encoder
 
-    def collate(self, sample, rng):
+    def collate(self, sample, rng, *rest):
         reads.clear()
         phase["training"] = True
-        ex = real_call(self, sample, rng)
+        ex = real_call(self, sample, rng, *rest)
         calls.append(set(reads))
         return ex
 
@@ -260,3 +260,47 @@ def test_cache_holds_the_drawn_variants_only(tiny_model_dir, tmp_path, monkeypat
     assert on_disk == read_text  # nothing encoded that training does not read (and it read nothing else)
     assert res.cache["max_ratio"] <= 3 and res.cache["possible_per_sample"] == 45
     assert res.cache["ratio"] == pytest.approx(per_sample / one, rel=0.35)  # its own per-sample view of the same
+
+
+def test_variant_budget_bounds_a_long_run(tiny_model_dir, tmp_path, monkeypatch):
+    """Over many epochs every drawn variant costs a text entry (here 4 samples x 7 draws each:
+    measured 26 entries, 3.79x one variant a sample); ``data.cache_variants=2`` caps a sample at 2
+    entries (measured 8, 1.55x), every
+    collated example reads one of them (nothing is missing from the cache), and SIA still shows
+    each sample in 2 ways."""
+    from pathlib import Path
+
+    from firered_trainer import sft
+    from firered_trainer.config import load_config
+    from firered_trainer.sft import Collator
+
+    jsonl = three_picture_pairs(tmp_path / "pairs")
+    shown: dict[str, set] = {}
+    real_call = Collator.__call__
+
+    def collate(self, sample, rng, *rest):
+        ex = real_call(self, sample, rng, *rest)
+        shown.setdefault(sample.target, set()).add((tuple(ex.text.embeds.shape), round(ex.text.embeds.sum().item(), 5)))
+        return ex
+
+    monkeypatch.setattr(Collator, "__call__", collate)
+
+    def run(name, *extra):
+        shown.clear()
+        cache = tmp_path / name
+        cfg = load_config(Path(sft.__file__).parent / "configs" / "tiny_cpu.yaml", [
+            f"model.path={tiny_model_dir}", f"data.jsonl={jsonl}", f"data.cache_dir={cache}",
+            f"output_dir={tmp_path / ('out-' + name)}", "max_steps=12", "checkpoint.every=100", *extra])
+        res = sft.run(cfg)
+        entries = len(list((cache / "text").rglob("*.safetensors")))
+        return res, entries, {k: len(v) for k, v in shown.items()}
+
+    free, free_entries, free_shown = run("free")
+    capped, capped_entries, capped_shown = run("capped", "data.cache_variants=2")
+    print(f"12 steps x batch 2 over 4 samples: {free_entries} text entries without a budget "
+          f"({free.cache['ratio']:.2f}x one variant), {capped_entries} with 2 a sample "
+          f"({capped.cache['ratio']:.2f}x); distinct texts shown per sample {sorted(free_shown.values())} / "
+          f"{sorted(capped_shown.values())}")
+    assert free_entries > 2 * 4 and max(free_shown.values()) > 2
+    assert capped_entries <= 2 * 4 and capped.cache["max_ratio"] <= 2 + 1e-9
+    assert set(capped_shown.values()) == {2}
