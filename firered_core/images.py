@@ -31,6 +31,13 @@ MAX_PICTURES = 3
 REF_MODES = ("own_aspect", "match_output", "comfyui")
 
 
+def check_ref_mode(ref_mode: str) -> str:
+    """``ref_mode`` if it is one of :data:`REF_MODES`, else a ValueError naming the choices."""
+    if ref_mode not in REF_MODES:
+        raise ValueError(f"ref_mode must be one of {', '.join(map(repr, REF_MODES))}, got {ref_mode!r}")
+    return ref_mode
+
+
 def fit_to_area(area: int, aspect: float, multiple: int = 32) -> tuple[int, int]:
     """``(width, height)`` of about ``area`` pixels at ``aspect = width / height``, each side rounded
     to ``multiple`` (the diffusers ``calculate_dimensions`` rule, used for every FireRed resize)."""
@@ -201,6 +208,7 @@ def plan_sizes(
         dw, dh = fit_to_area(output_area, 1.0)
     out_w = width or dw // SIZE_MULTIPLE * SIZE_MULTIPLE
     out_h = height or dh // SIZE_MULTIPLE * SIZE_MULTIPLE
+    check_ref_mode(ref_mode)
     if ref_mode == "comfyui":
         vl = [scale_to_area(p.width, p.height, vl_area) for p in pictures]
         refs = [scale_to_area(p.width, p.height, ref_area, 8) for p in pictures]
@@ -208,10 +216,8 @@ def plan_sizes(
     vl = [fit_to_area(vl_area, p.width / p.height) for p in pictures]
     if ref_mode == "own_aspect":
         refs = [fit_to_area(ref_area, p.width / p.height) for p in pictures]
-    elif ref_mode == "match_output":
+    else:  # match_output
         refs = [(out_w, out_h) for _ in pictures]
-    else:
-        raise ValueError(f"ref_mode must be one of {', '.join(map(repr, REF_MODES))}, got {ref_mode!r}")
     return (out_w, out_h), vl, refs
 
 

@@ -72,8 +72,7 @@ class EditRequest:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be a whole number of at least 1, got {self.steps!r}")
         self.noise_device = noise_mod.check_noise_device(self.noise_device)
-        if self.ref_mode not in images.REF_MODES:
-            raise ValueError(f"ref_mode must be one of {', '.join(map(repr, images.REF_MODES))}, got {self.ref_mode!r}")
+        images.check_ref_mode(self.ref_mode)
         images.check_size(self.width, self.height)
 
 

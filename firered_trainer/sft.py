@@ -239,15 +239,17 @@ def extract_features(cfg: StageConfig, samples, accelerator, feature_cache, mid:
         stats = cache_mod.extract_texts(mine, feature_cache, encode, model_id=mid, vl_resolution=vl)
         log.info("rank %d: %d of %d text variants encoded", rank, stats["encoded"], stats["total"])
         del te
-    if cfg.data.cache_latents:
-        jobs = list(dict.fromkeys(j for i, d in draws for j in latent_jobs(samples[i], d, cfg)))
+    # the latents each distinct draw reads (a run repeats draws: computed once per draw)
+    distinct = list(dict.fromkeys(draws))
+    jobs_of = {x: latent_jobs(samples[x[0]], x[1], cfg) for x in distinct} if cfg.data.cache_latents else {}
+    if jobs_of:
+        jobs = list(dict.fromkeys(j for js in jobs_of.values() for j in js))
         cache_mod.extract_latents(jobs[rank::world], feature_cache, lambda px: vae_mod.encode(vae, px), model_id=mid)
     accelerator.wait_for_everyone()
     per_sample: dict[int, dict[cache_mod.TextVariant, set]] = {}
-    for i, d in draws:
+    for i, d in distinct:
         entries = {("text", cache_mod.text_key(d.variant, model_id=mid, vl_resolution=vl))}
-        if cfg.data.cache_latents:
-            entries |= {("latents", cache_mod.latent_key(p, w, h, model_id=mid)) for p, w, h in latent_jobs(samples[i], d, cfg)}
+        entries |= {("latents", cache_mod.latent_key(p, w, h, model_id=mid)) for p, w, h in jobs_of.get((i, d), ())}
         per_sample.setdefault(i, {})[d.variant] = entries
     report = cache_mod.size_report(feature_cache, {i: list(v.values()) for i, v in per_sample.items()})
     eager = sum(cache_mod.possible_variants(samples[i], cfg.sia) for i in per_sample) / max(len(per_sample), 1)

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random FireRed model, made once per test session from config and
 saved in the release layout, so every test loads real files through the real loaders."""
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -79,3 +80,45 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+def judge_choice(top: dict[str, float], lead: str = "Ok") -> dict:
+    """One OpenAI chat-completion choice answering ``"<lead>. Score: N"`` (N: the first key of
+    ``top``) whose score token carries ``top`` as its top log-probabilities -- what an
+    OpenAI-compatible judge server returns with ``logprobs``."""
+    import math
+
+    tok = next(iter(top))
+    toks = [{"token": t, "logprob": -0.1, "top_logprobs": []} for t in [lead, ".", " Score", ":", " "]]
+    toks.append({"token": tok, "logprob": math.log(top[tok]),
+                 "top_logprobs": [{"token": k, "logprob": math.log(v)} for k, v in top.items()]})
+    return {"message": {"content": f"{lead}. Score: {tok}"}, "logprobs": {"content": toks}}
+
+
+@contextlib.contextmanager
+def json_server(answer):
+    """A local HTTP server answering every POST with ``answer(path, headers, body) -> dict`` as JSON
+    (``body``: the parsed request); yields its address ``http://127.0.0.1:PORT``."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            data = json.dumps(answer(self.path, self.headers, body)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    srv = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_port}"
+    finally:
+        srv.shutdown()

@@ -243,24 +243,24 @@ def _grow(box, m, w, h):
     return [max(0, box[0] - m), max(0, box[1] - m), min(w, box[2] + m), min(h, box[3] + m)]
 
 
-def _keep_outside(w, h, boxes):
+def _box_mask(w, h, boxes, *, kept: bool):
+    """An "L" keep mask: the boxes kept (``kept=True``: white boxes on black) or excluded (black
+    boxes on white, the edit's region)."""
     from PIL import Image, ImageDraw
 
-    m = Image.new("L", (w, h), 255)
+    m = Image.new("L", (w, h), 0 if kept else 255)
     d = ImageDraw.Draw(m)
     for b in boxes:
-        d.rectangle(b, fill=0)
+        d.rectangle(b, fill=255 if kept else 0)
     return m
+
+
+def _keep_outside(w, h, boxes):
+    return _box_mask(w, h, boxes, kept=False)
 
 
 def _keep_inside(w, h, boxes):
-    from PIL import Image, ImageDraw
-
-    m = Image.new("L", (w, h), 0)
-    d = ImageDraw.Draw(m)
-    for b in boxes:
-        d.rectangle(b, fill=255)
-    return m
+    return _box_mask(w, h, boxes, kept=True)
 
 
 def _draw_case(category: str, k: int, w: int, h: int, rng):

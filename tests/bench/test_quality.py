@@ -5,8 +5,6 @@ on two hand-written result files; the judge's rubric path through the NFT reward
 
 import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from bench.quality import metrics as M
 from bench.quality import report as R
 from bench.quality import runner as RUN
 from firered_trainer.rl import rewards
+from tests.conftest import json_server, judge_choice
 
 # ---------------------------------------------------------------------------------------------
 # Metrics
@@ -168,36 +167,21 @@ def test_redbench_reader_on_a_local_layout(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-class _Stub(BaseHTTPRequestHandler):
-    seen: list = []
+SEEN: list = []  # (Authorization header, rubric text) of every request the stub judge got
 
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        _Stub.seen.append((self.headers.get("Authorization"), body["messages"][0]["content"][-1]["text"]))
-        following = "carried out" in body["messages"][0]["content"][-1]["text"]
-        top = {"4": 0.5, "5": 0.5} if following else {"2": 1.0}  # 4.5 for following, 2 for consistency
-        tok = next(iter(top))
-        toks = [{"token": t, "logprob": -0.1, "top_logprobs": []} for t in ["Ok", ".", " Score", ":", " "]]
-        toks.append({"token": tok, "logprob": math.log(top[tok]), "top_logprobs": [{"token": k, "logprob": math.log(v)} for k, v in top.items()]})
-        data = json.dumps({"choices": [{"message": {"content": "Ok. Score: " + tok}, "logprobs": {"content": toks}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
-    def log_message(self, *a):
-        pass
+def _judge_answer(path, headers, body):
+    text = body["messages"][0]["content"][-1]["text"]
+    SEEN.append((headers.get("Authorization"), text))
+    # 4.5 for following, 2 for consistency
+    return {"choices": [judge_choice({"4": 0.5, "5": 0.5} if "carried out" in text else {"2": 1.0})]}
 
 
 @pytest.fixture()
 def stub_url():
-    srv = HTTPServer(("127.0.0.1", 0), _Stub)
-    th = threading.Thread(target=srv.serve_forever, daemon=True)
-    th.start()
-    _Stub.seen = []
-    yield f"http://127.0.0.1:{srv.server_port}/v1"
-    srv.shutdown()
+    SEEN.clear()
+    with json_server(_judge_answer) as url:
+        yield url + "/v1"
 
 
 def test_judge_rubrics_through_the_reward_code(tmp_path, stub_url, monkeypatch):
@@ -208,14 +192,14 @@ def test_judge_rubrics_through_the_reward_code(tmp_path, stub_url, monkeypatch):
     case = C.Case("c", [str(tmp_path / "x.png")], "Remove the dog", "Remove")
     s = RUN.score_case(case, src, src.copy(), judge=judge)
     assert s["following"] == pytest.approx(4.5) and s["consistency"] == pytest.approx(2.0)
-    assert [a for a, _ in _Stub.seen] == ["Bearer s3cret"] * 2
-    assert _Stub.seen[0][1] == RUN.FOLLOWING_RUBRIC.replace("{instruction}", "Remove the dog")
-    assert _Stub.seen[1][1] == RUN.CONSISTENCY_RUBRIC.replace("{instruction}", "Remove the dog")
+    assert [a for a, _ in SEEN] == ["Bearer s3cret"] * 2
+    assert SEEN[0][1] == RUN.FOLLOWING_RUBRIC.replace("{instruction}", "Remove the dog")
+    assert SEEN[1][1] == RUN.CONSISTENCY_RUBRIC.replace("{instruction}", "Remove the dog")
     assert s["psnr"] == RUN.PSNR_CAP and s["ssim"] == pytest.approx(1.0)
     # a case's own rubric replaces the default one; the Score line is added when it lacks one
-    _Stub.seen = []
+    SEEN.clear()
     RUN.score_case(C.Case("c", case.images, "Remove the dog", "Remove", rubric="Was it carried out? {instruction}"), src, src, judge=judge)
-    assert _Stub.seen[0][1] == "Was it carried out? Remove the dog\n" + rewards.SCORE_LINE
+    assert SEEN[0][1] == "Was it carried out? Remove the dog\n" + rewards.SCORE_LINE
     monkeypatch.delenv("BENCH_TEST_JUDGE_KEY")
     with pytest.raises(ValueError, match="BENCH_TEST_JUDGE_KEY"):
         RUN.score_case(case, src, src, judge=judge)

@@ -2,16 +2,14 @@
 consistency and cheap rewards, and the VLM judge (eq. 4) through the tiny Qwen2.5-VL and through
 a stub OpenAI-compatible server."""
 
-import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from firered_trainer.rl import rewards as R
+from tests.conftest import json_server, judge_choice
 
 W, H = 320, 160
 
@@ -172,41 +170,19 @@ def test_vlm_judge_local_tiny(tiny_model_dir):
     assert torch.equal(a, b)  # seeded sampling of the reasoning
 
 
-class _StubJudge(BaseHTTPRequestHandler):
-    requests: list = []
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        _StubJudge.requests.append((self.path, body))
-
-        def choice(tok, top):
-            toks = [{"token": t, "logprob": -0.1, "top_logprobs": []} for t in ["Fine", ".", " Score", ":", " "]]
-            toks.append({"token": tok, "logprob": math.log(top[tok]), "top_logprobs": [{"token": k, "logprob": math.log(v)} for k, v in top.items()]})
-            return {"message": {"content": "Fine. Score: " + tok}, "logprobs": {"content": toks}}
-
-        reply = {"choices": [choice("4", {"4": 0.5, "5": 0.25, "3": 0.25}), choice("2", {"2": 1.0})]}
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *a):
-        pass
-
-
 def test_vlm_judge_http_stub():
-    srv = HTTPServer(("127.0.0.1", 0), _StubJudge)
-    th = threading.Thread(target=srv.serve_forever, daemon=True)
-    th.start()
-    try:
-        judge = R.VLMJudge(backend="http", url=f"http://127.0.0.1:{srv.server_port}/v1", passes=2)
+    requests = []
+
+    def answer(path, headers, body):
+        requests.append((path, body))
+        return {"choices": [judge_choice({"4": 0.5, "5": 0.25, "3": 0.25}, lead="Fine"),
+                            judge_choice({"2": 1.0}, lead="Fine")]}
+
+    with json_server(answer) as url:
+        judge = R.VLMJudge(backend="http", url=f"{url}/v1", passes=2)
         s = judge(torch.rand(1, 32, 32, 3), R.RewardBatch(prompts=["make it red"]))
-    finally:
-        srv.shutdown()
     # pass 1: 0.25 * 3 + 0.5 * 4 + 0.25 * 5 = 4.0; pass 2: 2 -> mean 3.0
     assert s.item() == pytest.approx(3.0)
-    path, body = _StubJudge.requests[-1]
+    path, body = requests[-1]
     assert path == "/v1/chat/completions" and body["n"] == 2 and body["logprobs"] is True
     assert body["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")

@@ -230,6 +230,29 @@ def test_configs_load_and_reject_bad_keys(tmp_path):
         common.load_config(nft.NFTConfig, None, {"model": "m", "prompts": "p", "output_dir": "o", "group_size": 1})
 
 
+def _stage_lora(stage: str, nproc: int, out: Path, opts: list[str]) -> dict:
+    """Run an RL stage through its CLI (its tiny CPU config, ``opts`` overriding it) in ``nproc``
+    processes -- torchrun + gloo when more than one -- and return the LoRA rank 0 wrote."""
+    from safetensors.torch import load_file
+
+    from tests.trainer.test_stages import env_one_thread
+
+    head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
+    config = ROOT / f"firered_trainer/configs/{stage}_tiny_cpu.yaml"
+    done = subprocess.run([*head, "-m", "firered_trainer", stage, "--config", str(config), f"output_dir={out}", *opts],
+                          cwd=ROOT, env=env_one_thread(), capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return load_file(str(out / f"{stage}_lora.safetensors"))
+
+
+def _lora_gap(one: dict, two: dict) -> tuple[float, float]:
+    """(largest entry difference between two LoRA files, largest trained up / B entry of the first)."""
+    assert one.keys() == two.keys() and any("lora" in k for k in one)
+    err = max((one[k].float() - two[k].float()).abs().max().item() for k in one)
+    moved = max(v.float().abs().max().item() for k, v in one.items() if "lora_B" in k or "lora_up" in k)
+    return err, moved
+
+
 @pytest.mark.slow
 def test_dpo_two_processes_train_the_one_process_batch(tiny_model_dir, tmp_path):
     """2 CPU processes (torchrun + gloo) x batch 1 against 1 process x batch 2, 4 DPO steps on 3
@@ -237,10 +260,6 @@ def test_dpo_two_processes_train_the_one_process_batch(tiny_model_dir, tmp_path)
     place in it, so with the gradients averaged (the stage's all-reduce) rank 0 writes the LoRA of
     the 1-process run (measured: identical). Without the averaging rank 0 trains on its half only
     (measured: the LoRA differs by 7e-2)."""
-    from safetensors.torch import load_file
-
-    from tests.trainer.test_stages import env_one_thread
-
     src = make_picture(32, 32, seed=1)
     src.save(tmp_path / "src.png")
     a = np.asarray(src).astype(np.float32)
@@ -251,21 +270,10 @@ def test_dpo_two_processes_train_the_one_process_batch(tiny_model_dir, tmp_path)
         recs.append({"source_image": "src.png", "instruction": f"edit {k}", "preferred": f"w{k}.png",
                      "rejected": f"l{k}.png"})
     (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    config = ROOT / "firered_trainer/configs/dpo_tiny_cpu.yaml"
-
-    def launch(out, nproc, batch):
-        opts = [f"model={tiny_model_dir}", f"data={tmp_path / 'prefs.jsonl'}", f"output_dir={out}", "steps=4",
-                f"batch_size={batch}", "lr=1e-2", "save_every=0", "resume=false", "lam=0.5"]
-        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
-        done = subprocess.run([*head, "-m", "firered_trainer", "dpo", "--config", str(config), *opts], cwd=ROOT,
-                              env=env_one_thread(), capture_output=True, text=True, timeout=420)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return load_file(str(out / "dpo_lora.safetensors"))
-
-    one, two = launch(tmp_path / "one", 1, 2), launch(tmp_path / "two", 2, 1)
-    assert one.keys() == two.keys() and any("lora" in k for k in one)
-    err = max((one[k].float() - two[k].float()).abs().max().item() for k in one)
-    moved = max(v.float().abs().max().item() for k, v in one.items() if "lora_B" in k or "lora_up" in k)
+    opts = [f"model={tiny_model_dir}", f"data={tmp_path / 'prefs.jsonl'}", "steps=4", "lr=1e-2", "save_every=0",
+            "resume=false", "lam=0.5"]
+    err, moved = _lora_gap(_stage_lora("dpo", 1, tmp_path / "one", [*opts, "batch_size=2"]),
+                           _stage_lora("dpo", 2, tmp_path / "two", [*opts, "batch_size=1"]))
     print(f"DPO, 2 processes x batch 1 vs 1 x batch 2 after 4 steps: LoRA max difference {err:.2e} "
           f"(largest trained B entry {moved:.3f})")
     assert moved > 1e-3
@@ -278,26 +286,10 @@ def test_nft_two_processes_train_the_one_process_groups(tiny_model_dir, tmp_path
     2: the same prompts, rollouts, rewards and update draws (keyed by the group's place in the
     step), so with the gradients averaged rank 0 writes the 1-process LoRA. Without the averaging
     it trains on its own group only (measured: identical with it, 1.8e-1 off without)."""
-    from safetensors.torch import load_file
-
-    from tests.trainer.test_stages import env_one_thread
-
-    prompts = _prompts(tmp_path)
-    config = ROOT / "firered_trainer/configs/nft_tiny_cpu.yaml"
-
-    def launch(out, nproc, per_step):
-        opts = [f"model={tiny_model_dir}", f"prompts={prompts}", f"output_dir={out}", "steps=3", "group_size=4",
-                "micro_batch=4", f"prompts_per_step={per_step}", "save_every=0", "validate_every=0", "resume=false"]
-        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
-        done = subprocess.run([*head, "-m", "firered_trainer", "nft", "--config", str(config), *opts], cwd=ROOT,
-                              env=env_one_thread(), capture_output=True, text=True, timeout=420)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return load_file(str(out / "nft_lora.safetensors"))
-
-    one, two = launch(tmp_path / "one", 1, 2), launch(tmp_path / "two", 2, 1)
-    assert one.keys() == two.keys() and one
-    err = max((one[k].float() - two[k].float()).abs().max().item() for k in one)
-    moved = max(v.float().abs().max().item() for k, v in one.items() if "lora_B" in k or "lora_up" in k)
+    opts = [f"model={tiny_model_dir}", f"prompts={_prompts(tmp_path)}", "steps=3", "group_size=4", "micro_batch=4",
+            "save_every=0", "validate_every=0", "resume=false"]
+    err, moved = _lora_gap(_stage_lora("nft", 1, tmp_path / "one", [*opts, "prompts_per_step=2"]),
+                           _stage_lora("nft", 2, tmp_path / "two", [*opts, "prompts_per_step=1"]))
     print(f"NFT, 2 processes x 1 prompt vs 1 x 2 prompts after 3 steps: LoRA max difference {err:.2e} "
           f"(largest trained B entry {moved:.3f})")
     assert moved > 1e-3

@@ -54,7 +54,8 @@ def overrides(tiny_model_dir, tiny_data, out, *extra):
 def reference_run(tiny_model_dir, tiny_data, tmp_path_factory):
     """The uninterrupted 1-process LoRA run (batch 2), with sample edits every 8 steps; the sample
     indices of every training batch are recorded (``res.batches``)."""
-    from firered_trainer import buckets, sft
+    from firered_trainer import sft
+    from tests.trainer.ddp_run import recording_batches
 
     out = tmp_path_factory.mktemp("ref")
     val = (f"validation.prompts=[{{prompt: 'swap red and blue in Picture 1', "
@@ -62,19 +63,8 @@ def reference_run(tiny_model_dir, tiny_data, tmp_path_factory):
     cfg = load_config(CONFIG, overrides(tiny_model_dir, tiny_data, out, "validation.every=8", "validation.steps=2",
                                         "validation.cfg=2", "validation.resolution=64", val))
     calls, batches = [], []
-    draw = buckets.BucketBatchSampler.next_batch
-
-    def draw_and_record(self):
-        b = draw(self)
-        if not self._quiet:  # preview() (the cache plan) draws on a quiet copy
-            batches.append(list(b.indices))
-        return b
-
-    buckets.BucketBatchSampler.next_batch = draw_and_record
-    try:
+    with recording_batches(batches):
         res = sft.run(cfg, progress=lambda step, total, loss, pics: calls.append((step, total, loss, pics)))
-    finally:
-        buckets.BucketBatchSampler.next_batch = draw
     res.batches = batches
     return res, calls, cfg
 
