@@ -29,9 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from firered_core import FireRedEditor  # noqa: E402
-from firered_core import step_cache as sc  # noqa: E402
 from firered_core.pipeline import EditRequest  # noqa: E402
-from firered_core.speed import SpeedOptions  # noqa: E402
+from firered_core.runtime import step_cache as sc  # noqa: E402
+from firered_core.runtime.speed import SpeedOptions  # noqa: E402
 from firered_core.tiny import make_tiny  # noqa: E402
 
 

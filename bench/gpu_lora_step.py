@@ -104,7 +104,7 @@ def main() -> int:
 
     import torch
 
-    from firered_core import flow
+    from firered_core.sampling import flow
     from firered_trainer.objective import flow_matching_loss
     from firered_trainer.optim import build_optimizer, state_bytes_per_param
     from firered_trainer.sft import predict_velocity
@@ -132,7 +132,7 @@ def main() -> int:
     g = torch.Generator(device="cpu").manual_seed(0)
     x0 = torch.randn(1, n, 64, generator=g).to(device)
     refs = torch.randn(1, n, 64, generator=g).to(device)
-    from firered_core.conditioning import TextCond
+    from firered_core.model.conditioning import TextCond
 
     text = TextCond(torch.randn(1, args.text_tokens, args.text_dim, generator=g).to(device, torch.bfloat16))
     shapes = [(1, side, side), (1, side, side)]

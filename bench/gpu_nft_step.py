@@ -6,7 +6,7 @@ The architecture is diffusers' ``QwenImageTransformer2DModel`` at release size (
 materialised block by block on the GPU (bf16; with ``--fp8`` the frozen block linears become the
 trainer's scaled fp8). The NFT pieces are the stage's own: :class:`firered_trainer.rl.common.Policy`
 (PEFT LoRA r32 / alpha 64, reference = adapters off, old policy = EMA swapped in) and
-:func:`firered_trainer.rl.losses.nft_loss` through :class:`firered_core.denoiser.Denoiser`. One update =
+:func:`firered_trainer.rl.losses.nft_loss` through :class:`firered_core.sampling.denoiser.Denoiser`. One update =
 old-policy forward + reference forward (no grad) + trained forward and backward (gradient
 checkpointing) + AdamW step + EMA update, on a 1024^2 target with a 1024^2 reference (8192
 image tokens) and ~250 text tokens.
@@ -89,9 +89,9 @@ def main() -> int:
 
     import torch
 
-    from firered_core import flow
-    from firered_core.conditioning import TextCond
-    from firered_core.denoiser import Denoiser, EditCondition
+    from firered_core.model.conditioning import TextCond
+    from firered_core.sampling import flow
+    from firered_core.sampling.denoiser import Denoiser, EditCondition
     from firered_trainer.optim import build_optimizer
     from firered_trainer.rl import losses
 

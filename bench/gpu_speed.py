@@ -11,7 +11,7 @@ warm-up), peak GPU memory, and the model FLOP utilisation, from the FLOPs comput
 Variants, in one run on one card:
 
 - ``diffusers plain``: ``QwenImageTransformer2DModel.forward`` called directly -- the reference;
-- ``bf16 resident``: the same step through ``firered_core.denoiser.Denoiser`` (ours);
+- ``bf16 resident``: the same step through ``firered_core.sampling.denoiser.Denoiser`` (ours);
 - ``step cache``: an 8-step Lightning-like run (Euler over sigmas 1 -> 0) with the first-blocks
   cache (threshold ``--cache-threshold``, 8 blocks computed, 2 warm-up steps): mean s/step and the
   block evaluations skipped. Random weights do not behave like trained ones, so the hit rate is
@@ -38,11 +38,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from firered_core import attention, precision  # noqa: E402
-from firered_core.conditioning import TextCond  # noqa: E402
-from firered_core.denoiser import Denoiser, EditCondition  # noqa: E402
-from firered_core.memory import GB, BlockSwapper, ModelSizes, module_bytes, plan_memory  # noqa: E402
-from firered_core.step_cache import StepCache  # noqa: E402
+from firered_core.model.conditioning import TextCond  # noqa: E402
+from firered_core.runtime import attention, precision  # noqa: E402
+from firered_core.runtime.memory import GB, BlockSwapper, ModelSizes, module_bytes, plan_memory  # noqa: E402
+from firered_core.runtime.step_cache import StepCache  # noqa: E402
+from firered_core.sampling.denoiser import Denoiser, EditCondition  # noqa: E402
 
 REAL = dict(num_layers=60, num_attention_heads=24, attention_head_dim=128, joint_attention_dim=3584,
             in_channels=64, out_channels=16, patch_size=2, axes_dims_rope=(16, 56, 56))

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from firered_core import FireRedEditor  # noqa: E402
-from firered_core import consistency_guidance as CG  # noqa: E402
+from firered_core.editing import consistency_guidance as CG  # noqa: E402
 from firered_core.pipeline import EditRequest  # noqa: E402
 from firered_core.tiny import make_tiny  # noqa: E402
 

@@ -36,8 +36,8 @@ def folder_bytes(folder: Path) -> int:
 def measured(epochs: int) -> dict:
     import torch
 
-    from firered_core import conditioning
     from firered_core.formats.text_encoder_files import find_processor, load_text_encoder
+    from firered_core.model import conditioning
     from firered_core.tiny import make_tiny
     from firered_trainer import cache as C
     from firered_trainer import sft

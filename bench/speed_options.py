@@ -28,10 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from firered_core import FireRedEditor, precision  # noqa: E402
-from firered_core.memory import MemoryOptions  # noqa: E402
+from firered_core import FireRedEditor
 from firered_core.pipeline import EditRequest  # noqa: E402
-from firered_core.speed import SpeedOptions  # noqa: E402
+from firered_core.runtime import precision  # noqa: E402
+from firered_core.runtime.memory import MemoryOptions  # noqa: E402
+from firered_core.runtime.speed import SpeedOptions  # noqa: E402
 from firered_core.tiny import make_tiny  # noqa: E402
 
 
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
 
     # random weights move the first blocks' residual far more per step than trained ones, so the
     # thresholds are calibrated: the 40th and 70th percentile of the changes measured in one run
-    from firered_core.step_cache import StepCache
+    from firered_core.runtime.step_cache import StepCache
 
     probe = StepCache(ed.c.transformer, threshold=1e-12, compute_blocks=max(1, args.layers // 4))
     orig = SpeedOptions.step_cache

@@ -62,8 +62,8 @@ def step_child(args) -> dict:
     import torch
     from diffusers import QwenImageTransformer2DModel
 
-    from firered_core import flow
-    from firered_core.conditioning import TextCond
+    from firered_core.model.conditioning import TextCond
+    from firered_core.sampling import flow
     from firered_trainer.config import LORA_PRESETS
     from firered_trainer.lora import add_lora
     from firered_trainer.objective import flow_matching_loss

@@ -21,7 +21,8 @@ from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import images, samplers, schedules
+    from .model import images
+    from .sampling import samplers, schedules
 
     p = argparse.ArgumentParser(prog="python -m firered_core", description="FireRed-Image-Edit from the command line")
     sub = p.add_subparsers(dest="command", required=True)
@@ -61,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="MM-DiT weight storage: auto keeps fp8 files in fp8; fp8_* stores bf16 weights in fp8 (plain "
                         "down-cast); fp8_scaled: fp8 with per-channel scales (pick this with Lightning LoRAs); int8: "
                         "int8 weight-only with per-channel scales")
-    s = e.add_argument_group("speed and memory (see firered_core/memory.py and speed.py)")
+    s = e.add_argument_group("speed and memory (see firered_core/runtime/memory.py and speed.py)")
     s.add_argument("--memory", choices=["auto", "resident", "offload_encoders", "block_swap", "sequential"],
                    help="memory plan (default: everything where it was loaded; auto = chosen from the free GPU memory)")
     s.add_argument("--blocks-resident", type=int, help="MM-DiT blocks kept on the GPU with --memory block_swap")
@@ -91,14 +92,14 @@ def check_edit_args(args) -> list:
     loaded: the steps, the output size and file, the instruction, and that every ``--image`` is a
     readable picture (at most 3). Returns the pictures (RGB PIL); raises ValueError /
     FileNotFoundError naming the option."""
-    from . import conditioning, images
+    from .model import conditioning, images
 
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     if args.cfg is not None and args.cfg < 0:
         raise ValueError(f"--cfg must be >= 0 (1 = no CFG), got {args.cfg}")
     images.check_size(args.width, args.height)
-    from .noise import check_noise_device
+    from .sampling.noise import check_noise_device
 
     try:
         args.noise_device = check_noise_device(args.noise_device)
@@ -200,8 +201,8 @@ def _edit(args) -> int:
 
 def _speed_memory(args):
     """SpeedOptions / MemoryOptions from the flags (None where every flag of the group is default)."""
-    from .memory import MemoryOptions
-    from .speed import SpeedOptions
+    from .runtime.memory import MemoryOptions
+    from .runtime.speed import SpeedOptions
 
     speed = None
     if args.cache_threshold or args.attention != "sdpa" or args.compile or args.fp8_matmul:

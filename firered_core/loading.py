@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .schedules import FlowMatchConfig
+from .sampling.schedules import FlowMatchConfig
 
 SUBFOLDERS = ("transformer", "text_encoder", "vae", "scheduler")
 DTYPES = {

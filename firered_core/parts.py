@@ -32,13 +32,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from . import images, latents, samplers
-from . import noise as noise_mod
-from . import vae as vae_mod
 from .loading import FireRedComponents, ModelFolderError, check_model_folder, load_scheduler_config, resolve_dtype
-from .modules import module_device
+from .model import images, latents
+from .model import vae as vae_mod
+from .model.modules import module_device
 from .pipeline import EditRequest, EncodedEdit, FireRedEditor
-from .schedules import FlowMatchConfig
+from .sampling import noise as noise_mod
+from .sampling import samplers
+from .sampling.schedules import FlowMatchConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,8 @@ class DiT:
     loras: ``((path, strength), ...)`` in stacking order; scheduler_config: the release's sigma
     schedule settings; source: the file it came from; keep_loaded: a host application should leave
     it on the compute device after use instead of offloading it (same field on every part);
-    speed: :class:`~firered_core.speed.SpeedOptions` for its runs (attention, step cache, compile);
-    memory: :class:`~firered_core.memory.MemoryOptions` for its placement (see :func:`placed`).
+    speed: :class:`~firered_core.runtime.speed.SpeedOptions` for its runs (attention, step cache, compile);
+    memory: :class:`~firered_core.runtime.memory.MemoryOptions` for its placement (see :func:`placed`).
     """
 
     transformer: torch.nn.Module
@@ -110,7 +111,7 @@ class EditCond:
 
 @dataclass(frozen=True)
 class GuidanceSettings:
-    """Consistency guidance asked for by a graph (see :mod:`firered_core.consistency_guidance`).
+    """Consistency guidance asked for by a graph (see :mod:`firered_core.editing.consistency_guidance`).
 
     strength: weight of the pull toward the source outside the edit region (0 = off, bit for bit);
     schedule: "constant" or "sigma2" (the report's eta sigma^2 below sigma 0.9);
@@ -176,10 +177,10 @@ def file_fingerprint(path) -> str:
 def load_dit(path, *, device="cpu", dtype="bf16", weight_dtype: str = "auto", scheduler_from=None) -> DiT:
     """Load the MM-DiT from a ``diffusion_models/`` file (bf16 / fp16 / fp8 / scaled fp8 / GGUF) or a
     diffusers folder. ``weight_dtype``: see :func:`firered_core.formats.transformer_files.load_transformer`,
-    plus ``"fp8_scaled"`` / ``"int8"`` (:mod:`firered_core.precision`).
+    plus ``"fp8_scaled"`` / ``"int8"`` (:mod:`firered_core.runtime.precision`).
     ``scheduler_from``: a release folder whose ``scheduler/`` settings to use (default: the release's)."""
-    from . import precision
     from .formats.transformer_files import load_transformer
+    from .runtime import precision
 
     quant = weight_dtype if weight_dtype in precision.WEIGHT_MODES else None
     tr = load_transformer(path, dtype=resolve_dtype(dtype), device=device, weight_dtype="auto" if quant else weight_dtype)
@@ -355,7 +356,7 @@ def sample_edit(
         schedule); with ``denoise = 1`` only its size and batch are used.
     seed, noise_device: one generator seeded once draws every picture's noise, on the CPU as the
         diffusers examples (``cpu``), on a GPU as FireRed's inference.py (``cuda``), or as ComfyUI's
-        KSampler (``comfyui``: the whole batch in one float32 draw); see :mod:`firered_core.noise`.
+        KSampler (``comfyui``: the whole batch in one float32 draw); see :mod:`firered_core.sampling.noise`.
         Picture 0 of a batch equals the single edit with that seed.
     callback(Progress) after every step; raise in it to cancel.
     guidance: consistency guidance toward the input picture ``guidance.source`` (needs pictures).
@@ -418,7 +419,7 @@ def _sample_with_hook(
     editor = FireRedEditor(
         FireRedComponents(dit.transformer, None, None, None, dit.scheduler_config, dit.source), device=module_device(dit.transformer)
     )
-    from .speed import SpeedOptions, apply_speed
+    from .runtime.speed import SpeedOptions, apply_speed
 
     # the module may be shared with a branch that had other settings: always set this part's own
     editor.speed = dit.speed or SpeedOptions()
@@ -453,8 +454,8 @@ def _sample_with_hook(
 
 
 def guidance_hook(settings: GuidanceSettings, cond: EditCond):
-    """The :class:`~firered_core.consistency_guidance.GuidanceHook` for ``settings`` on this edit."""
-    from .consistency_guidance import AutoMask, GuidanceHook
+    """The :class:`~firered_core.editing.consistency_guidance.GuidanceHook` for ``settings`` on this edit."""
+    from .editing.consistency_guidance import AutoMask, GuidanceHook
 
     if not cond.pictures:
         raise ValueError("consistency guidance keeps an input picture, but this edit has none (text-to-image)")
@@ -565,7 +566,7 @@ def placed(dit: DiT, device, offload_device="cpu", *, width: int = 1024, height:
     """Run a block with ``dit``'s MM-DiT placed on ``device`` as its memory options say; afterwards
     it goes to ``offload_device`` unless ``dit.keep_loaded``. Yields the plan used.
 
-    The plan is :func:`firered_core.memory.plan_memory`'s for the MM-DiT alone (the text encoder
+    The plan is :func:`firered_core.runtime.memory.plan_memory`'s for the MM-DiT alone (the text encoder
     and the VAE visit the device on their own, before and after) at ``width`` x ``height``, from the
     free memory of ``device`` or ``budget_gb``: resident, block swap (``blocks_resident`` blocks
     stay, the others stream from the offload device ahead of use) or sequential. No memory options,
@@ -573,7 +574,7 @@ def placed(dit: DiT, device, offload_device="cpu", *, width: int = 1024, height:
     """
     from torch import nn
 
-    from . import memory as mem
+    from .runtime import memory as mem
 
     device, offload_device = torch.device(device), torch.device(offload_device)
     tr = dit.transformer

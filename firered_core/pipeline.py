@@ -19,13 +19,14 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from . import conditioning, guidance, images, latents, samplers, schedules
-from . import noise as noise_mod
-from . import vae as vae_mod
-from .conditioning import TextCond
-from .denoiser import Denoiser, EditCondition
 from .loading import FireRedComponents, load_components, load_pretrained, resolve_dtype
-from .modules import compute_dtype, module_device
+from .model import conditioning, images, latents
+from .model import vae as vae_mod
+from .model.conditioning import TextCond
+from .model.modules import compute_dtype, module_device
+from .sampling import guidance, samplers, schedules
+from .sampling import noise as noise_mod
+from .sampling.denoiser import Denoiser, EditCondition
 
 
 @dataclass
@@ -43,7 +44,7 @@ class EditRequest:
         denoising from a given starting latent; 1 = the whole schedule).
     noise_device: where the seed's initial noise is drawn, i.e. which tool's picture a seed gives:
         "cpu" (diffusers' examples), "cuda" / "cuda:N" (FireRed's inference.py), "comfyui"
-        (ComfyUI's KSampler); see :mod:`firered_core.noise`.
+        (ComfyUI's KSampler); see :mod:`firered_core.sampling.noise`.
     cfg_batched: run cond and uncond in one forward pass (texts of different lengths are padded
         and masked). ``None`` = automatic: batched on CUDA, where it saves most of the second
         pass; one after the other on the CPU, where a measured batched pass is no faster
@@ -106,7 +107,7 @@ class FireRedEditor:
     """A loaded FireRed-Image-Edit model (MM-DiT, VAE, Qwen2.5-VL and its processor).
 
     Speed and memory settings (:meth:`configure`, or ``speed=`` / ``memory=`` when loading):
-    :class:`firered_core.speed.SpeedOptions`, :class:`firered_core.memory.MemoryOptions`.
+    :class:`firered_core.runtime.speed.SpeedOptions`, :class:`firered_core.runtime.memory.MemoryOptions`.
     Without them every part stays where it was loaded and nothing changes.
     """
 
@@ -132,9 +133,9 @@ class FireRedEditor:
         (``[(path, strength), ...]``) and ``weight_dtype=``, with the rest from the release folder
         ``model`` (see :func:`firered_core.loading.load_components`). ``weight_dtype="int8"`` or
         ``"fp8_scaled"`` quantizes the MM-DiT's block linears after loading (see
-        :mod:`firered_core.precision`). With ``memory=`` the parts are loaded on the CPU and then
+        :mod:`firered_core.runtime.precision`). With ``memory=`` the parts are loaded on the CPU and then
         placed by the memory plan."""
-        from . import precision
+        from .runtime import precision
 
         quant = files.get("weight_dtype") if files.get("weight_dtype") in precision.WEIGHT_MODES else None
         if quant:
@@ -154,13 +155,13 @@ class FireRedEditor:
     # -- speed and memory ---------------------------------------------------------------------
 
     def configure(self, speed=None, memory=None, *, width: int = 1024, height: int = 1024, refs: int = 1) -> dict:
-        """Apply :class:`~firered_core.speed.SpeedOptions` and / or
-        :class:`~firered_core.memory.MemoryOptions` (``None`` leaves that part as it is).
+        """Apply :class:`~firered_core.runtime.speed.SpeedOptions` and / or
+        :class:`~firered_core.runtime.memory.MemoryOptions` (``None`` leaves that part as it is).
         The memory plan is chosen for a ``width`` x ``height`` edit with ``refs`` pictures (the
         free memory of the device, or ``memory.budget_gb``). Returns what is in effect:
         ``{"attention", "memory_plan", ...}``."""
-        from . import memory as mem
-        from .speed import apply_speed
+        from .runtime import memory as mem
+        from .runtime.speed import apply_speed
 
         info: dict[str, Any] = {}
         if speed is not None:
@@ -190,7 +191,7 @@ class FireRedEditor:
         """Move every part to the offload device (the CPU), freeing the GPU, e.g. when a ComfyUI node
         finishes; the next edit (or :meth:`to_device`) puts the memory plan back in place."""
         if self.memory is None:
-            from . import memory as mem
+            from .runtime import memory as mem
 
             self.memory = mem.MemoryManager(self.c, mem.MemoryPlan("resident", reason="offload()"), self.target_device)
         self.memory.offload()
@@ -268,7 +269,7 @@ class FireRedEditor:
         self, size: tuple[int, int], generator: torch.Generator | None, dtype: torch.dtype, noise_device: str = "cpu"
     ) -> torch.Tensor:
         """Packed noise of one picture drawn as the tool ``noise_device`` names draws it (see
-        :mod:`firered_core.noise`; ``cpu``: exactly as the reference pipeline), so a seed gives the
+        :mod:`firered_core.sampling.noise`; ``cpu``: exactly as the reference pipeline), so a seed gives the
         same picture in both."""
         return noise_mod.draw(generator, size, noise_device=noise_device, dtype=dtype, device=self.device)[0]
 
@@ -285,7 +286,7 @@ class FireRedEditor:
         """Run the sampler; returns normalised latents ``[1, 16, h, w]`` and the sigmas used.
 
         ``guide(model_fn, enc, sigmas) -> model_fn``, when given, wraps the (CFG-guided) model
-        function, e.g. :class:`firered_core.consistency_guidance.GuidanceHook`.
+        function, e.g. :class:`firered_core.editing.consistency_guidance.GuidanceHook`.
         """
         w, h = enc.size
         sig = self.sigmas(req, enc.size)
@@ -296,7 +297,7 @@ class FireRedEditor:
             den = Denoiser(self.c.transformer, enc.cond, step_cache=cache)
             batched = req.cfg_batched if req.cfg_batched is not None else self.device.type == "cuda"
             if batched and self.speed is not None:
-                from .attention import current_attention, supports_mask
+                from .runtime.attention import current_attention, supports_mask
 
                 batched = supports_mask(current_attention(self.c.transformer))  # flash / sage take no mask
             model_fn = guidance.true_cfg(

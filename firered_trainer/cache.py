@@ -10,7 +10,7 @@ Keys are content hashes, so a cache folder is shared by later runs and other dat
 
 Entries are ``<root>/<kind>/<k[:2]>/<k>.safetensors``, each written to a temporary file and
 renamed into place (``os.replace``), so an interrupted extraction leaves only whole entries and a
-rerun does the missing ones. Training prompts are built by :func:`firered_core.conditioning.encode_prompt`
+rerun does the missing ones. Training prompts are built by :func:`firered_core.model.conditioning.encode_prompt`
 itself -- the inference template with its ``Picture N:`` blocks.
 
 Only the variants a run draws are encoded. Stochastic instruction alignment can show a
@@ -42,8 +42,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from PIL import Image
 
-from firered_core import images
-from firered_core.conditioning import TextCond, template_for
+from firered_core.model import images
+from firered_core.model.conditioning import TextCond, template_for
 
 from . import sia as sia_mod
 
@@ -205,7 +205,7 @@ def possible_variants(sample, sia) -> int:
 
 def vl_pictures(paths: Sequence[str], vl_resolution: int) -> list[Image.Image]:
     """The pictures as Qwen2.5-VL sees them: ``vl_resolution^2`` pixels at their own aspect (the
-    inference rule of :func:`firered_core.images.plan_sizes`)."""
+    inference rule of :func:`firered_core.model.images.plan_sizes`)."""
     out = []
     for p in paths:
         pil = images.to_pil(p)
@@ -237,7 +237,7 @@ def extract_texts(
     """Encode every variant not yet in the cache (duplicates once); returns ``{"total", "encoded"}``.
 
     ``encode(text, vl_pictures) -> TextCond`` runs the frozen encoder (see
-    :func:`firered_core.conditioning.encode_prompt`)."""
+    :func:`firered_core.model.conditioning.encode_prompt`)."""
     todo = list(dict.fromkeys(variants))
     done = 0
     for i, v in enumerate(todo):
@@ -259,7 +259,7 @@ def extract_latents(
     model_id: str,
 ) -> dict[str, int]:
     """VAE-encode every ``(path, width, height)`` not yet in the cache. ``encode([1, 3, H, W] in
-    [-1, 1]) -> [1, 16, H/8, W/8]`` normalised latents (:func:`firered_core.vae.encode`)."""
+    [-1, 1]) -> [1, 16, H/8, W/8]`` normalised latents (:func:`firered_core.model.vae.encode`)."""
     jobs = list(dict.fromkeys(jobs))
     done = 0
     for path, w, h in jobs:

@@ -6,10 +6,10 @@
   visits every sub-interval in turn (the released code keeps each rank's interval fixed; the
   report rotates it -- this follows the report). With one process this is plain uniform sampling.
   The uniform draw goes through the same resolution-dependent shift as inference
-  (:func:`firered_core.schedules.FlowMatchConfig.mu`), so training and sampling agree on where
+  (:func:`firered_core.sampling.schedules.FlowMatchConfig.mu`), so training and sampling agree on where
   the noise levels are.
 * **Loss** -- MSE between the predicted velocity and ``eps - x0`` (the convention of
-  :mod:`firered_core.flow`), per sample, weighted by ``"none"`` or ``"logit_normal"`` (the
+  :mod:`firered_core.sampling.flow`), per sample, weighted by ``"none"`` or ``"logit_normal"`` (the
   logit-normal density of sigma, normalised to mean 1 under the uniform draw: it emphasises
   middle noise levels, SD3-style), with the released trainer's guard that ignores elements whose
   error exceeds ``clip`` (50).
@@ -23,8 +23,8 @@ import math
 
 import torch
 
-from firered_core import flow
-from firered_core.schedules import FlowMatchConfig
+from firered_core.sampling import flow
+from firered_core.sampling.schedules import FlowMatchConfig
 
 
 def seed_of(*parts) -> int:

@@ -55,9 +55,10 @@ from typing import Callable
 
 import torch
 
-from firered_core import flow, latents
-from firered_core.denoiser import batch_texts
-from firered_core.images import fit_to_area
+from firered_core.model import latents
+from firered_core.model.images import fit_to_area
+from firered_core.sampling import flow
+from firered_core.sampling.denoiser import batch_texts
 
 from . import cache as cache_mod
 from . import checkpoint as ckpt
@@ -219,9 +220,9 @@ def extract_features(cfg: StageConfig, samples, accelerator, feature_cache, mid:
     latents when configured -- split across processes; the text encoder is loaded only when
     something is missing and freed afterwards. Returns :func:`cache.size_report` of the draws
     (logged on the main process)."""
-    from firered_core import conditioning
-    from firered_core import vae as vae_mod
     from firered_core.formats.text_encoder_files import find_processor, load_text_encoder
+    from firered_core.model import conditioning
+    from firered_core.model import vae as vae_mod
 
     rank, world = accelerator.process_index, accelerator.num_processes
     pos, neg = validation_variants(cfg)
@@ -348,7 +349,7 @@ def consistency_term(x_t: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sr
                      keep: torch.Tensor, eta: float) -> torch.Tensor:
     """Per sample ``eta sigma^2 [sigma < 0.9] * region_consistency(x0_hat, src, keep)``, ``[B]``, with
     ``x0_hat = x_t - sigma v`` -- :func:`firered_trainer.rl.losses.consistency_loss` (the measure of
-    consistency-guided editing, :func:`firered_core.consistency.region_consistency`)."""
+    consistency-guided editing, :func:`firered_core.editing.consistency.region_consistency`)."""
     from .rl.losses import consistency_loss, x0_estimate
 
     x0_hat = x0_estimate(x_t.to(v.device), v, sigma.to(v.device))
@@ -369,8 +370,8 @@ class Collator:
             return self.cache.get_latent(key)
         if self.vae is None:
             raise KeyError(f"no cached latent for {path} at {w}x{h}")
-        from firered_core import images
-        from firered_core import vae as vae_mod
+        from firered_core.model import images
+        from firered_core.model import vae as vae_mod
 
         px = images.pil_to_tensor(cache_mod.crop_resize(images.to_pil(path), w, h))
         return vae_mod.encode(self.vae, px)[0].float().cpu()
@@ -402,7 +403,7 @@ class Collator:
 
 def predict_velocity(model, x_t, sigma, refs, texts, img_shapes, dtype):
     """The MM-DiT's velocity for target tokens ``x_t`` ``[B, N, 64]`` (the same call the inference
-    :class:`firered_core.denoiser.Denoiser` makes, one condition per row)."""
+    :class:`firered_core.sampling.denoiser.Denoiser` makes, one condition per row)."""
     n = x_t.shape[1]
     embeds, mask = batch_texts([t.to(x_t.device, dtype) for t in texts])
     hidden = x_t.to(dtype) if refs is None else torch.cat([x_t, refs], 1).to(dtype)
@@ -483,7 +484,7 @@ def train(cfg: StageConfig, *, progress: Progress | None = None, should_stop: Ca
 
     from firered_core.formats.vae_files import load_vae
     from firered_core.loading import load_scheduler_config, resolve_dtype
-    from firered_core.modules import compute_dtype
+    from firered_core.model.modules import compute_dtype
 
     # ---- setup: processes, output folder -------------------------------------------------------
     # cpu=True on a machine without CUDA lets torchrun / mpirun start a multi-CPU (gloo) run.

@@ -134,11 +134,11 @@ def sample_edits(transformer, vae, scheduler_config, prompts, *, positive, negat
     """One edit per validation prompt with the core sampler on ``transformer`` (the model being
     trained). ``positive[i]`` / ``negative[i]``: the cached :class:`TextCond` of prompt ``i`` and of
     the negative prompt " " with the same pictures."""
-    from firered_core import images, latents
-    from firered_core import vae as vae_mod
-    from firered_core.denoiser import EditCondition
     from firered_core.loading import FireRedComponents
+    from firered_core.model import images, latents
+    from firered_core.model import vae as vae_mod
     from firered_core.pipeline import EditRequest, EncodedEdit, FireRedEditor
+    from firered_core.sampling.denoiser import EditCondition
 
     editor = FireRedEditor(FireRedComponents(transformer, vae, None, None, scheduler_config))
     was_training = transformer.training

@@ -9,7 +9,8 @@
 
 from __future__ import annotations
 
-from ..firered_core import composite, parts
+from ..firered_core import parts
+from ..firered_core.editing import composite
 from . import host
 from .edit import SCHEDULE_NAMES, _size
 

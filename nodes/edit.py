@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import uuid
 
-from ..firered_core import images, noise, parts, samplers, schedules
+from ..firered_core import parts
+from ..firered_core.model import images
 from ..firered_core.pipeline import EditRequest
+from ..firered_core.sampling import noise, samplers, schedules
 from . import host
 
 CATEGORY = "FireRed"

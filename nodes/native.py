@@ -4,7 +4,7 @@ Users of the native FireRed / Qwen-Image-Edit workflow (``UNETLoader`` -> ``MODE
 ``TextEncodeQwenImageEditPlus`` -> ``CONDITIONING``, ``VAEEncode`` -> ``LATENT``) get the pack's
 consistency guidance on the model they already load: ``FireRedConsistencyGuider`` is ComfyUI's
 ``CFGGuider`` (same cfg, same conditioning) whose prediction is then pulled toward the source latent
-outside the edit region, by :class:`firered_core.consistency_guidance.ConsistencyGuider` — the same
+outside the edit region, by :class:`firered_core.editing.consistency_guidance.ConsistencyGuider` — the same
 measure and schedule as FireRed Sampler's guidance.
 
 The adapter (:class:`ConsistencyGuiderMixin`): ComfyUI's Qwen-Image model is a flow model (CONST
@@ -24,9 +24,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ..firered_core import consistency_guidance as CG
-from ..firered_core import latents as L
-from ..firered_core import masks as M
+from ..firered_core.editing import consistency_guidance as CG
+from ..firered_core.editing import masks as M
+from ..firered_core.model import latents as L
 
 log = logging.getLogger("FireRed")
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..firered_core.attention import CHOICES as ATTENTION_CHOICES
-from ..firered_core.memory import MemoryOptions
-from ..firered_core.speed import SpeedOptions
+from ..firered_core.runtime.attention import CHOICES as ATTENTION_CHOICES
+from ..firered_core.runtime.memory import MemoryOptions
+from ..firered_core.runtime.speed import SpeedOptions
 
 CATEGORY = "FireRed/loaders"
 MEMORY_PLANS = ["off", "auto", "resident", "block_swap", "sequential"]

@@ -51,6 +51,44 @@ def test_core_never_imports_comfyui_nodes_or_trainer(path):
         assert first not in ("nodes", "trainer", "firered_trainer", "<pack root>"), f"{path.name}:{line} imports {module!r}"
 
 
+#: The core's folders, lowest first: a module may import its own folder or a lower one, never a higher
+#: one. The modules directly in firered_core/ (pipeline, parts, loading, cli, tiny) sit on top of all.
+CORE_RANK = ["model", "formats", "runtime", "sampling", "editing", "agent"]
+CORE_TOP = {"__init__", "__main__", "pipeline", "parts", "loading", "cli", "tiny", "tiny_tokenizer"}
+
+
+def core_rank(parts: tuple[str, ...] | list[str]) -> int:
+    """Rank of a module or folder inside firered_core, given its path parts below firered_core/."""
+    return CORE_RANK.index(parts[0]) if parts[0] in CORE_RANK else len(CORE_RANK)
+
+
+def test_core_top_level_holds_only_the_entry_modules():
+    top = {p.stem for p in (ROOT / "firered_core").glob("*.py")}
+    assert top <= CORE_TOP, f"move {sorted(top - CORE_TOP)} into one of the folders {CORE_RANK}"
+    folders = {p.name for p in (ROOT / "firered_core").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders <= set(CORE_RANK), f"unknown core folders {sorted(folders - set(CORE_RANK))}"
+
+
+@pytest.mark.parametrize("path", py_files("firered_core"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_core_lower_folders_never_import_higher_ones(path):
+    here = path.relative_to(ROOT / "firered_core").with_suffix("").parts
+    mine = core_rank(here)
+    package = list(here[:-1])  # a package's __init__ resolves from its own folder, like a module in it
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.ImportFrom) or not node.level:
+            continue
+        base = package[: len(package) - (node.level - 1)]
+        target = base + (node.module.split(".") if node.module else [])
+        targets = [target + [a.name] for a in node.names] if not node.module else [target]
+        for t in targets:
+            if not t:
+                continue
+            assert core_rank(t) <= mine, (
+                f"{path.relative_to(ROOT)}:{node.lineno} imports {'.'.join(t)} from a higher layer "
+                f"(order, lowest first: {CORE_RANK}, then the top-level modules)"
+            )
+
+
 @pytest.mark.parametrize("path", py_files("firered_core"), ids=lambda p: p.name)
 def test_core_imports_heavy_libraries_only_where_used(path):
     for module, level, line in imports(path, top_level_only=True):

@@ -13,8 +13,8 @@ overrides on the command line (dotted keys, YAML values: ``request.steps=8``)::
     weight_dtype: fp8_scaled     # auto | fp8_e4m3fn | fp8_e5m2 | dequantize | fp8_scaled | int8
     device: null                 # default cuda if available
     dtype: null                  # default bf16 on GPU, fp32 on CPU
-    speed: {cache_threshold: 0.1}            # firered_core.speed.SpeedOptions fields (step cache ...)
-    memory: null                 # firered_core.memory.MemoryOptions fields, e.g. {plan: block_swap}
+    speed: {cache_threshold: 0.1}            # firered_core.runtime.speed.SpeedOptions fields (step cache ...)
+    memory: null                 # firered_core.runtime.memory.MemoryOptions fields, e.g. {plan: block_swap}
     request: {schedule: lightning}           # firered_core.pipeline.EditRequest fields
     seed: 43                     # each case's seed unless the case sets one
 
@@ -182,9 +182,9 @@ def build_editor(cfg: EditorConfig, *, tiny_dir=None):
 
     import torch
 
-    from firered_core.memory import MemoryOptions
     from firered_core.pipeline import FireRedEditor
-    from firered_core.speed import SpeedOptions
+    from firered_core.runtime.memory import MemoryOptions
+    from firered_core.runtime.speed import SpeedOptions
 
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = cfg.dtype or ("bf16" if device.startswith("cuda") else "fp32")

@@ -32,11 +32,11 @@ def config_from_shapes(
     ``num_layers`` by counting ``transformer_blocks.N`` (which must be numbered 0..N-1),
     ``out_channels`` from ``proj_out``, ``use_additional_t_cond`` from its embedding.
     Not in the keys (parameter-free): ``patch_size`` (2), ``axes_dims_rope`` ((16, 56, 56) for
-    128-wide heads, :func:`firered_core.tiny.default_axes_dims_rope` otherwise), ``zero_cond_t``,
+    128-wide heads, :func:`firered_core.model.architecture.default_axes_dims_rope` otherwise), ``zero_cond_t``,
     ``use_layer3d_rope`` and ``guidance_embeds`` (False), taken from ``base`` (a config.json) when
     given. Raises ``error`` naming ``where`` when a key it needs is missing or the shapes disagree.
     """
-    from ..tiny import default_axes_dims_rope
+    from ..model.architecture import default_axes_dims_rope
 
     need = ("img_in.weight", "txt_in.weight", "proj_out.weight", "transformer_blocks.0.attn.norm_q.weight")
     missing = [k for k in need if k not in shapes]

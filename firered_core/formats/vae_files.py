@@ -13,7 +13,7 @@ Formats (detected from the keys, never the file name):
 
 The architecture (base width, latent channels, stage widths, residual blocks per stage, which
 stages also downsample time) is read from the tensor shapes; the latent statistics are
-Qwen-Image's (:data:`firered_core.tiny.LATENTS_MEAN` / ``LATENTS_STD``), which need 16 latent
+Qwen-Image's (:data:`firered_core.model.architecture.LATENTS_MEAN` / ``LATENTS_STD``), which need 16 latent
 channels. The model is built on the meta device and the file's tensors are assigned to it, so
 only one copy of the weights is ever in memory.
 
@@ -234,7 +234,7 @@ def load_vae(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu"):
     """
     from safetensors import safe_open
 
-    from ..tiny import LATENTS_MEAN, LATENTS_STD
+    from ..model.architecture import LATENTS_MEAN, LATENTS_STD
 
     p = Path(path)
     kind = sniff(p, error=VAEFileError, expected=EXPECTED)

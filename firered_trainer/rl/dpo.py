@@ -106,8 +106,8 @@ class DPORun:
     def encoded(self, i: int):
         """(EncodedEdit, preferred tokens [1, N, 64], rejected tokens) of pair ``i``, computed once."""
         if i not in self._cache:
-            from firered_core import images, latents
-            from firered_core import vae as vae_mod
+            from firered_core.model import images, latents
+            from firered_core.model import vae as vae_mod
 
             s = self.pairs[i]
             enc = self.editor.encode([s.source] if s.source else None, dataclasses.replace(self.req, prompt=s.instruction))
@@ -123,8 +123,8 @@ class DPORun:
     def errors(self, i: int, sigma: torch.Tensor, eps: torch.Tensor, *, reference: bool = False):
         """Velocity errors ``[2]`` (preferred, rejected) of the policy (or the reference) on pair ``i``
         noised to ``sigma`` with the shared noise ``eps`` ``[1, N, 64]``."""
-        from firered_core import flow
-        from firered_core.denoiser import Denoiser
+        from firered_core.sampling import flow
+        from firered_core.sampling.denoiser import Denoiser
 
         enc, zw, zl = self.encoded(i)
         x0 = torch.cat([zw, zl]).to(self.editor.device)

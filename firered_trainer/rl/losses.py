@@ -1,6 +1,6 @@
 """The RL stage's objectives as pure functions of tensors (FireRed report section 3.6-3.7).
 
-Convention (:mod:`firered_core.flow`): ``x_sigma = (1 - sigma) x0 + sigma eps``, velocity target
+Convention (:mod:`firered_core.sampling.flow`): ``x_sigma = (1 - sigma) x0 + sigma eps``, velocity target
 ``v = eps - x0``. Every loss returns a scalar and a small stats dataclass for the curves.
 
 **DPO with Asymmetric Gradient Optimization** (report eq. 2). With the per-sample velocity errors
@@ -36,7 +36,7 @@ as in the released code (a constant rescaling that keeps the published learning 
 The KL term is measured on velocities, ``|v_theta - v_ref|^2``, as in DiffusionNFT's released code.
 
 **Consistency loss** (report eqs. 6-8): :func:`consistency_loss` and :func:`identity_loss` call the
-same measures as consistency-guided editing (:mod:`firered_core.consistency`) and weight them with
+same measures as consistency-guided editing (:mod:`firered_core.editing.consistency`) and weight them with
 its sigma schedules (``"sigma2"`` = the report's ``eta sigma^2`` below sigma 0.9, else 0).
 """
 
@@ -47,7 +47,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from firered_core import consistency, flow
+from firered_core.editing import consistency
+from firered_core.sampling import flow
 
 # ---------------------------------------------------------------------------------------------
 # shared
@@ -268,8 +269,8 @@ def consistency_loss(
 ) -> torch.Tensor:
     """``lambda(sigma) * region_consistency(x0_hat, x_src, keep_mask)`` per sample, ``[B]``.
 
-    The measure is :func:`firered_core.consistency.region_consistency` (the one consistency-guided
-    editing uses) and ``lambda`` the named schedule of :mod:`firered_core.consistency`."""
+    The measure is :func:`firered_core.editing.consistency.region_consistency` (the one consistency-guided
+    editing uses) and ``lambda`` the named schedule of :mod:`firered_core.editing.consistency`."""
     m = consistency.region_consistency(x0_hat, x_src, keep_mask, space=space, vae=vae)
     w = consistency.get_weight_schedule(schedule)(sigma.float().to(m.device), eta)
     return w * m
@@ -286,7 +287,7 @@ def identity_loss(
     schedule: str = "sigma2",
 ) -> torch.Tensor:
     """The report's identity consistency loss, ``lambda_id(sigma) * L_id`` per sample, ``[B]``,
-    with ``L_id`` = :func:`firered_core.consistency.identity_consistency`."""
+    with ``L_id`` = :func:`firered_core.editing.consistency.identity_consistency`."""
     m = consistency.identity_consistency(x0_pixels, ref_pixels, faces, embedder)
     w = consistency.get_weight_schedule(schedule)(sigma.float().to(m.device), eta)
     return w * m

@@ -8,7 +8,7 @@ Launch::
 Each iteration (one optimizer step):
 
 1. **Rollouts** -- for ``prompts_per_step`` prompts, ``group_size`` edits each, sampled by the core
-   samplers (:mod:`firered_core.samplers`, any solver, the Lightning schedule included) at CFG 1
+   samplers (:mod:`firered_core.sampling.samplers`, any solver, the Lightning schedule included) at CFG 1
    with the **old policy** (an EMA of the trained weights). Only the clean latents are kept.
 2. **Rewards** -- decoded pictures scored by :func:`firered_trainer.rl.rewards.build_reward`, standardised
    per prompt group and mapped to optimality probabilities ``r`` in [0, 1].
@@ -171,7 +171,7 @@ def _dist():
 def _source_pixels(path: str | None, size: tuple[int, int]) -> torch.Tensor | None:
     if path is None:
         return None
-    from firered_core import images
+    from firered_core.model import images
 
     w, h = size
     return images.pil_to_tensor(images.resize(images.to_pil(path), w, h)).squeeze(0).permute(1, 2, 0).add(1).div(2)
@@ -228,15 +228,15 @@ class NFTRun:
     def _initial_noise(self, enc, n: int, gen: torch.Generator) -> torch.Tensor:
         w, h = enc.size
         z = torch.randn(n, 16, h // 8, w // 8, generator=gen)
-        from firered_core import latents
+        from firered_core.model import latents
 
         return latents.pack(z).to(self.editor.device, self.editor.dtype)
 
     @torch.no_grad()
     def rollout(self, idx: int, n: int, gen: torch.Generator, *, old: bool = True) -> torch.Tensor:
         """``n`` clean latents (packed ``[n, N, 64]``) for prompt ``idx`` at CFG 1."""
-        from firered_core import samplers
-        from firered_core.denoiser import Denoiser
+        from firered_core.sampling import samplers
+        from firered_core.sampling.denoiser import Denoiser
 
         enc = self.encoded[idx]
         sig = self.editor.sigmas(self.req, enc.size)
@@ -249,7 +249,7 @@ class NFTRun:
     @torch.no_grad()
     def score(self, idx: int, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded pictures ``[n, H, W, 3]`` and their rewards ``[n]``."""
-        from firered_core import latents
+        from firered_core.model import latents
 
         enc = self.encoded[idx]
         w, h = enc.size
@@ -267,8 +267,8 @@ class NFTRun:
     def update(self, items: list[tuple[int, torch.Tensor, torch.Tensor, torch.Generator]]) -> losses.NFTStats:
         """One optimizer step on ``items`` = ``[(prompt idx, x0 [n, N, 64], r [n], generator of that
         group's training timesteps and noise)]``; gradients averaged over the processes."""
-        from firered_core import flow
-        from firered_core.denoiser import Denoiser
+        from firered_core.sampling import flow
+        from firered_core.sampling.denoiser import Denoiser
 
         cfg = self.cfg
         self.opt.zero_grad(set_to_none=True)

@@ -8,7 +8,7 @@ float32 tensor ``[B]``, higher is better. :func:`build_reward` turns a name, or 
 
 * ``brightness``, ``colour`` -- cheap image statistics, for tests and demonstrations.
 * ``consistency`` -- ``1 - region_consistency`` against the source outside the edit (the shared
-  measure of :mod:`firered_core.consistency`, on pixels).
+  measure of :mod:`firered_core.editing.consistency`, on pixels).
 * ``ocr`` -- the report's layout-aware OCR reward (eq. 5, reconstructed; see :class:`OCRReward`),
   on rapidocr's PP-OCR ONNX models, which ship inside its wheel and run offline.
 * ``vlm_judge`` -- the report's fine-grained logit-weighted judge (eq. 4, :class:`VLMJudge`), a
@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from firered_core import consistency
+from firered_core.editing import consistency
 
 # ---------------------------------------------------------------------------------------------
 # The interface

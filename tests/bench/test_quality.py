@@ -233,8 +233,8 @@ def test_shipped_configs_load():
     """Every example configuration is a valid editor configuration of the core's own options."""
     from pathlib import Path
 
-    from firered_core.memory import MemoryOptions
-    from firered_core.speed import SpeedOptions
+    from firered_core.runtime.memory import MemoryOptions
+    from firered_core.runtime.speed import SpeedOptions
 
     files = sorted((Path(RUN.__file__).parent / "configs").glob("*.yaml"))
     names = {f.stem for f in files}

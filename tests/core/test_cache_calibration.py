@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from firered_core import step_cache as sc
+from firered_core.runtime import step_cache as sc
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -102,7 +102,7 @@ def test_an_overlong_instruction_is_cut_at_the_reference_limit_with_one_warning(
 
     import torch
 
-    from firered_core import conditioning
+    from firered_core.model import conditioning
     from firered_core.pipeline import FireRedEditor
 
     ed = FireRedEditor.from_pretrained(tiny_model_dir, dtype="fp32")
@@ -115,7 +115,7 @@ def test_an_overlong_instruction_is_cut_at_the_reference_limit_with_one_warning(
     assert per_word == 1.0
     fixed = probe.length - 10
     at_limit = word * (1024 - fixed)
-    with caplog.at_level(logging.WARNING, logger="firered_core.conditioning"):
+    with caplog.at_level(logging.WARNING, logger="firered_core.model.conditioning"):
         full = conditioning.encode_prompt(te, proc, at_limit, [pic])
         assert full.length == 1024 and not [r for r in caplog.records if "too long" in r.getMessage()]
         over = conditioning.encode_prompt(te, proc, at_limit + "blue green", [pic])

@@ -30,8 +30,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from firered_core import FireRedEditor, images, latents
-from firered_core import vae as vae_mod
+from firered_core import FireRedEditor
+from firered_core.model import images, latents
+from firered_core.model import vae as vae_mod
 from firered_core.pipeline import EditRequest
 
 # a float picture (not 8-bit values: a ComfyUI IMAGE is float) whose 8-multiple reference has an
@@ -215,7 +216,7 @@ def comfy_native(tmp_path_factory):
 
 @pytest.mark.comfyui
 def test_sizes_and_pixels_equal_comfyuis_own(comfy_native):
-    from firered_core import conditioning
+    from firered_core.model import conditioning
 
     img, z, got = comfy_native
     unit = images.to_unit(img)

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from firered_core import composite as CP  # noqa: E402
-from firered_core import consistency as C  # noqa: E402
-from firered_core import consistency_guidance as CG  # noqa: E402
-from firered_core import flow, images, samplers  # noqa: E402
-from firered_core import latents as L  # noqa: E402
-from firered_core import masks as M  # noqa: E402
-from firered_core import vae as V  # noqa: E402
+from firered_core.editing import composite as CP  # noqa: E402
+from firered_core.editing import consistency as C  # noqa: E402
+from firered_core.editing import consistency_guidance as CG  # noqa: E402
+from firered_core.editing import masks as M  # noqa: E402
+from firered_core.model import images  # noqa: E402
+from firered_core.model import latents as L  # noqa: E402
+from firered_core.model import vae as V  # noqa: E402
+from firered_core.sampling import flow, samplers
 from tests.conftest import make_picture  # noqa: E402
 
 SIZE = 64

@@ -5,8 +5,9 @@ import shutil
 import pytest
 import torch
 
-from firered_core import FireRedEditor, images
+from firered_core import FireRedEditor
 from firered_core.loading import ModelFolderError, check_model_folder
+from firered_core.model import images
 from tests.conftest import make_picture
 
 

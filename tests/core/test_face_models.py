@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from firered_core import consistency as C
-from firered_core import face_models as FM
-from firered_core import images
+from firered_core.editing import consistency as C
+from firered_core.editing import face_models as FM
+from firered_core.model import images
 from tests.conftest import make_picture
 
 onnx = pytest.importorskip("onnx")

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from firered_core import flow, schedules
+from firered_core.sampling import flow, schedules
 
 
 def test_parameterisation_round_trips():

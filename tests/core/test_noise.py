@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from firered_core import latents, noise
+from firered_core.model import latents
 from firered_core.pipeline import EditRequest
+from firered_core.sampling import noise
 
 
 def _packed(raw):

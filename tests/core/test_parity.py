@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from firered_core import FireRedEditor, conditioning, images
+from firered_core import FireRedEditor
+from firered_core.model import conditioning, images
 from tests.conftest import make_picture
 
 PIPE_MODULE = "diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus"

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from firered_core import flow, samplers, schedules
+from firered_core.sampling import flow, samplers, schedules
 
 M, C = 0.7, 0.3
 

@@ -3,7 +3,7 @@
 - memory plans (block swap, offload, sequential) give the everything-resident edit bit for bit;
 - the step cache off is bit-identical; on, it skips exactly the block evaluations it reports and
   stays within a measured deviation;
-- the memory planner picks the documented plan (the table in firered_core/memory.py);
+- the memory planner picks the documented plan (the table in firered_core/runtime/memory.py);
 - int8 / scaled-fp8 weights stay within measured deviations; fp8 matmul matches the upcast layer;
 - an attention backend that is not installed falls back to SDPA with a log line.
 
@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from firered_core import FireRedEditor
-from firered_core.memory import GB, BlockSwapper, MemoryOptions, ModelSizes, plan_memory
-from firered_core.speed import SpeedOptions
-from firered_core.step_cache import StepCache
+from firered_core.runtime.memory import GB, BlockSwapper, MemoryOptions, ModelSizes, plan_memory
+from firered_core.runtime.speed import SpeedOptions
+from firered_core.runtime.step_cache import StepCache
 from tests.conftest import make_picture
 
 EDIT = dict(steps=6, cfg=4.0, seed=3, width=64, height=48, ref_area=64 * 48, vl_area=64 * 64)
@@ -184,7 +184,7 @@ def test_planner_limits_and_overrides():
 @pytest.mark.parametrize("mode,bound", [("int8", 0.002), ("fp8_scaled", 0.01)])
 def test_quantized_weights_edit(tiny_model_dir, picture, base, mode, bound):
     """Measured latent deviation (relative L2) after 6 steps: int8 0.00026, scaled fp8 e4m3 0.0014."""
-    from firered_core import precision
+    from firered_core.runtime import precision
 
     ed = FireRedEditor.from_pretrained(tiny_model_dir, device="cpu", dtype="fp32")
     n = precision.quantize_weights(ed.c.transformer, mode)
@@ -200,7 +200,7 @@ def test_fp8_matmul_matches_upcast_layer(dtype):
     per-channel scale applied after the matmul (float32 input) or by the kernel (bf16 input).
     Measured relative error against the upcast fp8 layer (the activation's e4m3 rounding):
     0.026 (float32), 0.026 (bf16); bounded at 0.06."""
-    from firered_core import precision
+    from firered_core.runtime import precision
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48).to(dtype)
@@ -221,7 +221,7 @@ def test_fp8_matmul_matches_upcast_layer(dtype):
 def test_a_refused_fp8_matmul_downgrades_only_that_layer(monkeypatch):
     """A layer whose shape or device the fp8 kernel refuses falls back to the upcast path; the
     other layers keep their fp8 matmul (the state is per layer, not per process)."""
-    from firered_core import precision
+    from firered_core.runtime import precision
 
     torch.manual_seed(0)
     refused, ok = (precision.fp8_scaled_linear(torch.nn.Linear(64, n).to(torch.bfloat16)) for n in (32, 48))
@@ -246,9 +246,9 @@ def test_a_refused_fp8_matmul_downgrades_only_that_layer(monkeypatch):
 
 
 def test_attention_fallback_logs(editor, caplog):
-    from firered_core.attention import current_attention, set_attention
+    from firered_core.runtime.attention import current_attention, set_attention
 
-    with caplog.at_level(logging.WARNING, logger="firered_core.attention"):
+    with caplog.at_level(logging.WARNING, logger="firered_core.runtime.attention"):
         assert set_attention(editor.c.transformer, "flash") == "native"
     assert "not available" in caplog.text and "using PyTorch SDPA" in caplog.text
     assert current_attention(editor.c.transformer) == "native"

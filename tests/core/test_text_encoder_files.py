@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from firered_core.conditioning import encode_prompt
 from firered_core.formats.text_encoder_files import (
     QWEN25_VL_7B,
     ProcessorNotFoundError,
@@ -16,7 +15,8 @@ from firered_core.formats.text_encoder_files import (
     find_processor,
     load_text_encoder,
 )
-from firered_core.tiny import QWEN_SPECIAL_TOKENS
+from firered_core.model.conditioning import encode_prompt
+from firered_core.tiny_tokenizer import QWEN_SPECIAL_TOKENS
 from tests.conftest import make_picture
 
 FP8 = torch.float8_e4m3fn

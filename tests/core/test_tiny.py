@@ -18,14 +18,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from firered_core.tiny import (  # noqa: E402
-    EDIT_TEMPLATE_PREFIX,
-    LATENTS_MEAN,
-    LATENTS_STD,
-    QWEN_SPECIAL_TOKENS,
-    default_axes_dims_rope,
-    make_tiny,
-)
+from firered_core.model.architecture import LATENTS_MEAN, LATENTS_STD, default_axes_dims_rope  # noqa: E402
+from firered_core.tiny import make_tiny  # noqa: E402
+from firered_core.tiny_tokenizer import EDIT_TEMPLATE_PREFIX, QWEN_SPECIAL_TOKENS  # noqa: E402
 
 IMG_PROMPT = "Picture 1: <|vision_start|><|image_pad|><|vision_end|>"
 

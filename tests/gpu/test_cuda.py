@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from firered_core import FireRedEditor
-from firered_core.memory import MemoryOptions
-from firered_core.speed import SpeedOptions
+from firered_core.runtime.memory import MemoryOptions
+from firered_core.runtime.speed import SpeedOptions
 from tests.conftest import make_picture
 
 pytestmark = pytest.mark.gpu
@@ -76,7 +76,7 @@ def test_block_swap_on_a_side_stream_equals_resident(tiny_model_dir, picture, cu
 
 @pytest.mark.parametrize("mode,bound", [("int8", 0.02), ("fp8_scaled", 0.05)])
 def test_quantized_weights_on_cuda(tiny_model_dir, picture, cuda_fp32_edit, mode, bound):
-    from firered_core import precision
+    from firered_core.runtime import precision
 
     ed = FireRedEditor.from_pretrained(tiny_model_dir, device="cuda", dtype="fp32")
     precision.quantize_weights(ed.c.transformer, mode)
@@ -85,7 +85,7 @@ def test_quantized_weights_on_cuda(tiny_model_dir, picture, cuda_fp32_edit, mode
 
 
 def test_fp8_matmul_kernel_matches_the_upcast_layer():
-    from firered_core import precision
+    from firered_core.runtime import precision
 
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("torch._scaled_mm needs compute capability >= 8.9")
@@ -109,7 +109,7 @@ def test_compiled_blocks_equal_eager(tiny_model_dir, picture, cuda_fp32_edit):
 
 @pytest.mark.parametrize("backend", ["flash", "sage"])
 def test_attention_backends_agree_with_sdpa(tiny_model_dir, picture, backend):
-    from firered_core.attention import set_attention
+    from firered_core.runtime.attention import set_attention
 
     ed = FireRedEditor.from_pretrained(tiny_model_dir, device="cuda", dtype="bf16")
     base = ed.edit(picture, PROMPT, **EDIT)
@@ -124,8 +124,8 @@ def test_trainer_block_swap_gives_the_same_gradients(tiny_model_dir):
     the resident model's loss and LoRA gradients."""
     from peft import LoraConfig
 
-    from firered_core.conditioning import TextCond
     from firered_core.formats.transformer_files import load_transformer
+    from firered_core.model.conditioning import TextCond
     from firered_trainer.blockswap import enable_block_swap
     from firered_trainer.sft import predict_velocity
 

@@ -65,7 +65,7 @@ def test_auto_mask_node_and_automatic_guidance(pack, setup):
 
 
 def test_composite_keeps_source_pixels_exactly_outside_the_seam(pack):
-    from firered_core.composite import seam_width
+    from firered_core.editing.composite import seam_width
 
     src, edited = image(1, S, S), image(5, S, S)
     out = node(pack, "FireRedComposite").composite(edited, src, right_half(), 4.0, True)[0]

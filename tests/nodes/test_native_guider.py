@@ -143,7 +143,7 @@ def test_automatic_region_finds_the_changed_half(native):
     assert m.shape == (1, 64, 96)
     truth = torch.zeros(1, 64, 96)
     truth[..., :48] = 1
-    from firered_core import masks
+    from firered_core.editing import masks
 
     assert masks.iou(m, truth) > 0.8
 

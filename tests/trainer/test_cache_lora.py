@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from firered_core.conditioning import TextCond
+from firered_core.model.conditioning import TextCond
 from firered_trainer import cache as C
 from firered_trainer.config import LORA_PRESETS, SIAConfig
 from firered_trainer.data import EditSample

@@ -131,8 +131,9 @@ def _kept_error(cfg, lora_file, sigmas=(0.1, 0.3, 0.5, 0.7)) -> float:
     """Mean over the pairs and sigmas of the kept-region MSE between x0_hat and the *source* latent
     (fixed noise), for the tiny model with the trained LoRA; the kept region is the right half,
     known from how the pairs were made (not the trainer's mask)."""
-    from firered_core import flow, latents
     from firered_core.formats.transformer_files import load_transformer
+    from firered_core.model import latents
+    from firered_core.sampling import flow
     from firered_trainer import cache as cache_mod
     from firered_trainer.lora import add_lora, load_lora_weights_into
     from firered_trainer.sft import Collator, load_data, model_id, predict_velocity

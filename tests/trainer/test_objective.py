@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from firered_core import flow
+from firered_core.sampling import flow
 from firered_trainer.objective import EMA, flow_matching_loss, logit_normal_weight, stratified_uniform, training_sigmas
 
 
@@ -35,7 +35,7 @@ def test_training_sigmas_use_the_inference_shift():
 def test_training_sigmas_follow_a_linear_time_shift():
     """A scheduler config with ``time_shift_type: linear`` trains at ``mu / (mu + 1/u - 1)`` (what
     its inference schedule samples at), not the exponential shift."""
-    from firered_core.schedules import FlowMatchConfig
+    from firered_core.sampling.schedules import FlowMatchConfig
 
     cfg = FlowMatchConfig(time_shift_type="linear")
     u = torch.linspace(0.05, 1.0, 20)

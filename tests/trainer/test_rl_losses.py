@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from firered_core import consistency
+from firered_core.editing import consistency
 from firered_trainer.rl import losses as L
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def test_identity_loss_uses_the_shared_measure():
 def test_nft_train_sigmas_released_grid_mode_and_shift_mode():
     """``train_timesteps: sampler`` (DiffusionNFT's released code) trains only at the rollout grid's
     first 99% of steps, each about equally often; ``shift`` draws fresh sigmas off the grid."""
-    from firered_core import schedules
+    from firered_core.sampling import schedules
     from firered_trainer.objective import training_sigmas
     from firered_trainer.rl import common, nft
 

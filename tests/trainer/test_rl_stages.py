@@ -52,8 +52,9 @@ def test_nft_raises_the_reward_of_fresh_samples(tiny_model_dir, tmp_path):
     depend on the reward), so it is judged by NFT's own quantity: on 16 fixed samples of the base
     policy, the trained policy's flow-matching error falls more on the brighter half than on the
     darker half with the reward, and the other way round with it inverted."""
-    from firered_core import FireRedEditor, flow
-    from firered_core.denoiser import Denoiser
+    from firered_core import FireRedEditor
+    from firered_core.sampling import flow
+    from firered_core.sampling.denoiser import Denoiser
 
     prompts = _prompts(tmp_path)
     base = FireRedEditor.from_pretrained(tiny_model_dir, dtype="fp32")
@@ -111,8 +112,8 @@ def test_dpo_moves_toward_the_preferred_side(tiny_model_dir, tmp_path):
     edit cannot carry the test) on the pairs and on the same pairs with the preference swapped:
     the first lowers the policy's error on the light edit more than on the dark one (against the
     reference), the control the other way round."""
-    from firered_core import samplers
-    from firered_core.denoiser import Denoiser
+    from firered_core.sampling import samplers
+    from firered_core.sampling.denoiser import Denoiser
 
     src = make_picture(32, 32, seed=1)
     src.save(tmp_path / "src.png")

@@ -151,8 +151,8 @@ def test_lora_loss_falls_and_run_outputs(reference_run):
 
 
 def _velocity(transformer, seed=0):
-    from firered_core.conditioning import TextCond
-    from firered_core.denoiser import Denoiser, EditCondition
+    from firered_core.model.conditioning import TextCond
+    from firered_core.sampling.denoiser import Denoiser, EditCondition
 
     g = torch.Generator().manual_seed(seed)
     cond = EditCondition(torch.randn(1, 16, 64, generator=g), [(1, 4, 4), (1, 4, 4)])

@@ -60,8 +60,8 @@ def test_comfyui_vaeloader_loads_the_tiny_vae_whole(comfy_vae_run):
 
 def test_comfyui_encodes_and_decodes_the_tiny_vae_like_the_pack(comfy_vae_run):
     from firered_core import parts
-    from firered_core import vae as vae_mod
     from firered_core.formats.vae_files import load_vae
+    from firered_core.model import vae as vae_mod
 
     paths, img, got = comfy_vae_run
     vae = load_vae(paths["vae"], dtype=torch.float32)

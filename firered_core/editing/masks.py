@@ -32,7 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import latents as L
+from ..model import latents as L
 
 # ---------------------------------------------------------------------------------------------
 # Shapes and resizing

@@ -1,7 +1,7 @@
 """Sigma schedules as pure functions: ``schedule(n, **options) -> descending float32 tensor``.
 
 Every schedule returns ``n + 1`` values, starting at (or below) 1 and ending in exactly 0, the
-shape the samplers in :mod:`firered_core.samplers` expect. They are registered by name in
+shape the samplers in :mod:`firered_core.sampling.samplers` expect. They are registered by name in
 :data:`SCHEDULES` so nodes, the CLI and configs can refer to them as strings.
 
 * ``"flowmatch"`` -- what the FireRed release (diffusers ``FlowMatchEulerDiscreteScheduler`` with

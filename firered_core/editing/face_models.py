@@ -1,5 +1,5 @@
 """The user's own face-recognition model as a differentiable ``torch.nn.Module`` for the identity
-measure (:func:`firered_core.consistency.identity_consistency`, :class:`~firered_core.consistency_guidance.IdentityTerm`).
+measure (:func:`firered_core.editing.consistency.identity_consistency`, :class:`~firered_core.editing.consistency_guidance.IdentityTerm`).
 
 The returned module always takes what the identity measure feeds it: aligned faces
 ``[F, 3, 112, 112]``, **RGB in [-1, 1]**, and answers embeddings ``[F, 512]``. Each file's own
@@ -242,7 +242,7 @@ def _load_onnx(path: Path, dim: int | None, input_mean, input_std, bgr: bool) ->
 
 def load_face_embedder(path, *, dim: int | None = EMBEDDING_DIM, input_mean: float | None = None, input_std: float | None = None, bgr: bool = False) -> FaceEmbedder:
     """A face-recognition model file -> a frozen, differentiable ``nn.Module`` mapping aligned faces
-    ``[F, 3, 112, 112]`` RGB in [-1, 1] (what :func:`~firered_core.consistency.identity_consistency`
+    ``[F, 3, 112, 112]`` RGB in [-1, 1] (what :func:`~firered_core.editing.consistency.identity_consistency`
     feeds it) to embeddings ``[F, dim]`` (float32, CPU; move it with ``.to()``).
 
     path: an insightface recognition ``.onnx`` (needs ``onnx`` + ``onnx2torch``) or an iresnet

@@ -19,9 +19,9 @@ from typing import Any, Sequence
 
 import torch
 
+from ..model.conditioning import TextCond
+from ..model.modules import compute_dtype, module_device
 from . import flow
-from .conditioning import TextCond
-from .modules import compute_dtype, module_device
 
 
 @dataclass
@@ -70,7 +70,7 @@ class Denoiser:
 
     ``predict(x, sigma, texts)`` -> one velocity per text, each ``[B, N, 64]`` in the compute dtype.
     ``model_fn(text)`` -> the plain ``(x, sigma) -> v`` function for a single text.
-    ``step_cache``: an optional :class:`firered_core.step_cache.StepCache` (installed by the
+    ``step_cache``: an optional :class:`firered_core.runtime.step_cache.StepCache` (installed by the
     caller); each forward runs in its own stream, keyed by the texts and the batch size.
     """
 

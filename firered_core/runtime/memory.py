@@ -374,7 +374,7 @@ def bytes_on(module: nn.Module, device) -> int:
 
 
 def _float_dtype(module: nn.Module) -> torch.dtype:
-    from .modules import compute_dtype
+    from ..model.modules import compute_dtype
 
     return compute_dtype(module)
 

@@ -1,6 +1,6 @@
 """Consistency measures: differentiable functions of the one-step clean estimate
-``x0_hat = x_sigma - sigma v`` (see :mod:`firered_core.flow`), shared by consistency-guided
-editing at inference (:mod:`firered_core.consistency_guidance`) and by the trainer's losses.
+``x0_hat = x_sigma - sigma v`` (see :mod:`firered_core.sampling.flow`), shared by consistency-guided
+editing at inference (:mod:`firered_core.editing.consistency_guidance`) and by the trainer's losses.
 
 * :func:`region_consistency` — agreement with the source *outside* the edit region (keep mask = 1),
   in latent space (cheap) or in pixels through the VAE decoder (differentiable).
@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import latents as L
+from ..model import latents as L
 
 # ---------------------------------------------------------------------------------------------
 # Weight schedules
@@ -67,8 +67,8 @@ def get_weight_schedule(name: str) -> Callable:
 
 def decode_latents(vae, z: torch.Tensor) -> torch.Tensor:
     """Normalised latents ``[B, 16, h, w]`` -> pixels ``[B, 3, 8h, 8w]`` in about [-1, 1], **with**
-    gradients (unlike :func:`firered_core.vae.decode`, which is for inference)."""
-    from .vae import latent_stats
+    gradients (unlike :func:`firered_core.model.vae.decode`, which is for inference)."""
+    from ..model.vae import latent_stats
 
     p = next(vae.parameters())
     mean, std = latent_stats(vae)
@@ -96,7 +96,7 @@ def region_consistency(
     """Mean squared disagreement with the source where ``keep_mask`` is 1 (soft masks weight it), ``[B]``.
 
     space="latent": ``x0_hat`` and ``x_src`` are packed tokens ``[B, N, 64]`` with ``keep_mask``
-        ``[B or 1, N, 64]`` (see :func:`firered_core.masks.mask_to_tokens`), or latents
+        ``[B or 1, N, 64]`` (see :func:`firered_core.editing.masks.mask_to_tokens`), or latents
         ``[B, 16, h, w]`` with ``keep_mask`` ``[B or 1, 1, h, w]``.
     space="pixel": ``x0_hat`` is a latent ``[B, 16, h, w]`` decoded through ``vae`` with gradients;
         ``x_src`` is either the source picture ``[B, 3, 8h, 8w]`` in [-1, 1] or its latent

@@ -1,7 +1,7 @@
 """Samplers as pure functions in the k-diffusion shape.
 
 ``sample_x(model_fn, x, sigmas, *, callback=None, generator=None) -> x``, where
-``model_fn(x, sigma) -> velocity`` (see :mod:`firered_core.flow` for the convention) and
+``model_fn(x, sigma) -> velocity`` (see :mod:`firered_core.sampling.flow` for the convention) and
 ``sigmas`` is a descending schedule ending in 0. No hidden state: everything a step needs is in
 its arguments, so the RL trainer calls the same step functions on its rollouts.
 

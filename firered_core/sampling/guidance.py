@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .conditioning import TextCond
+from ..model.conditioning import TextCond
 from .denoiser import Denoiser
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from . import latents
+from ..model import latents
 
 #: the named modes; any torch device string of a CUDA device (``cuda:1``) also works
 NOISE_DEVICES = ("cpu", "cuda", "comfyui")

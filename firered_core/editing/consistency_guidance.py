@@ -1,10 +1,10 @@
 """Consistency guidance: wrap a ``model_fn(x, sigma) -> v`` so the edit keeps what it should keep.
 
 Inside a window of sigmas, the wrapper takes the inner model's velocity ``v``, forms the one-step
-clean estimate ``x0_hat = x - sigma v`` (:func:`firered_core.flow.v_to_x0`), moves ``x0_hat`` down
-the gradient of the chosen consistency measures (:mod:`firered_core.consistency`), weighted by a
+clean estimate ``x0_hat = x - sigma v`` (:func:`firered_core.sampling.flow.v_to_x0`), moves ``x0_hat`` down
+the gradient of the chosen consistency measures (:mod:`firered_core.editing.consistency`), weighted by a
 schedule over sigma, and returns the velocity of the corrected estimate
-(:func:`firered_core.flow.x0_to_v`). Like the CFG guider it returns a ``model_fn``, so every sampler
+(:func:`firered_core.sampling.flow.x0_to_v`). Like the CFG guider it returns a ``model_fn``, so every sampler
 gets it; it adds no forward pass of the MM-DiT and never backpropagates through it.
 
 Measures (``measures=``):
@@ -20,7 +20,7 @@ Measures (``measures=``):
   through the decoder and the embedder; the step is ``w * eta * L * g / max|g|`` (the largest latent
   change equals the weight times the current loss, so it fades as identity is restored).
 
-Edit region: ``keep_mask_tokens`` (1 = keep, see :mod:`firered_core.masks`) or, with
+Edit region: ``keep_mask_tokens`` (1 = keep, see :mod:`firered_core.editing.masks`) or, with
 ``auto_mask=AutoMask(...)``, estimated from the first ``estimate_steps`` distinct sigmas (where the
 model's own ``x0_hat`` departs from the source, averaged), then frozen; no region guidance is applied
 while it is being estimated. The estimated mask is available as a ComfyUI ``MASK`` through
@@ -36,9 +36,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..model import latents as L
+from ..sampling import flow
 from . import consistency as C
-from . import flow
-from . import latents as L
 from . import masks as M
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -50,7 +50,7 @@ class AutoMask:
     """Automatic edit region, estimated during sampling then frozen.
 
     estimate_steps: how many distinct sigmas (sampler steps) feed the estimate;
-    threshold: "otsu" or a quantile in (0, 1) (:func:`firered_core.masks.threshold_map`);
+    threshold: "otsu" or a quantile in (0, 1) (:func:`firered_core.editing.masks.threshold_map`);
     smooth: Gaussian sigma of the score, in latent cells; feather_px: the seam, in pixels.
     """
 
@@ -65,7 +65,7 @@ class IdentityTerm:
     """What the identity measure needs.
 
     ref_pixels: ``[1 or B, 3, H, W]`` the source picture in [-1, 1] (its landmarks define the alignment);
-    faces: per picture, a list of :class:`firered_core.consistency.Face` in ``ref_pixels`` coordinates;
+    faces: per picture, a list of :class:`firered_core.editing.consistency.Face` in ``ref_pixels`` coordinates;
     embedder: ArcFace-class ``nn.Module`` ``[F, 3, 112, 112] -> [F, D]`` (gradients must flow through it);
     vae: the VAE, to decode ``x0_hat`` with gradients; eta: the report's weight;
     schedule: weight schedule over sigma (the report's "sigma2" by default).
@@ -312,8 +312,8 @@ def consistency_guided(
 def source_tokens(vae, picture: Any, size: tuple[int, int]) -> torch.Tensor:
     """The source picture (PIL, path or tensor) VAE-encoded at the output ``size = (width, height)``
     and packed: ``[1, N, 64]``."""
-    from . import images
-    from . import vae as vae_mod
+    from ..model import images
+    from ..model import vae as vae_mod
 
     w, h = size
     pil = images.to_pil(picture)
@@ -328,7 +328,7 @@ class GuidanceHook:
     keeps the guider (``.guider``) so its edit mask can be read after sampling.
 
     source: the picture to keep (usually the first input picture); mask: a user edit mask (1 = edit,
-    any size, :mod:`firered_core.masks`) or None with ``auto_mask``; feather_px: seam of the user mask;
+    any size, :mod:`firered_core.editing.masks`) or None with ``auto_mask``; feather_px: seam of the user mask;
     options: the other keyword arguments of :func:`consistency_guided`.
     """
 

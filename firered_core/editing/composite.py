@@ -1,11 +1,11 @@
 """Exact preservation: put the source's own pixels back outside the edit region after decoding.
 
 ``composite(edited, source, edit_mask)`` works on ComfyUI ``IMAGE`` tensors (``[B, H, W, 3]`` float in
-[0, 1]) and a ``MASK`` (1 = edit, any size, :mod:`firered_core.masks` conventions):
+[0, 1]) and a ``MASK`` (1 = edit, any size, :mod:`firered_core.editing.masks` conventions):
 
 1. the result has the **source's** size: the edited picture is resized to it (bilinear, antialiased)
    when they differ, so the kept pixels are the original full-resolution ones;
-2. the edit mask is resized to that size and feathered outward (:func:`firered_core.masks.feather`,
+2. the edit mask is resized to that size and feathered outward (:func:`firered_core.editing.masks.feather`,
    ``feather_px`` = Gaussian sigma in pixels): alpha is 1 on the edit region, falls to 0 over a seam
    of about ``3 feather_px`` pixels *outside* it, and is exactly 0 beyond;
 3. colour matching (optional): on a ring of ``ring_px`` pixels just outside the seam, where both

@@ -33,7 +33,7 @@ import logging
 import torch
 from torch import nn
 
-from .formats.fp8_layers import FP8Linear
+from ..formats.fp8_layers import FP8Linear
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def enable_fp8_matmul(model: nn.Module, *, force: bool = False) -> int:
     """Switch every :class:`FP8Linear` of ``model`` to :class:`FP8MatmulLinear` when the device
     supports fp8 matmuls (``force`` skips the device check, e.g. for CPU tests). Returns how many
     layers were switched (0 when unsupported: a log line says so)."""
-    from .modules import module_device
+    from ..model.modules import module_device
 
     device = module_device(model)
     if not force and not fp8_matmul_supported(device):

@@ -1,0 +1,2 @@
+"""How the model runs: attention backends, precision and fp8 compute, memory placement and block
+swapping, speed options and the step cache."""
