@@ -17,9 +17,6 @@ float32 tensor ``[B]``, higher is better. :func:`build_reward` turns a name, or 
 
 from __future__ import annotations
 
-import base64
-import io
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -27,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from firered_core.agent import vlm
 from firered_core.editing import consistency
 
 # ---------------------------------------------------------------------------------------------
@@ -80,12 +78,6 @@ def as_unit_images(images) -> torch.Tensor:
             raise TypeError(f"images[{k}] is a {type(im).__name__}; expected a PIL image or one [B, H, W, 3] tensor")
         arrs.append(torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0))
     return torch.stack(arrs)
-
-
-def _to_pil(img: torch.Tensor):
-    from PIL import Image
-
-    return Image.fromarray((img.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
 
 
 REWARDS: dict[str, Callable[..., Reward]] = {}
@@ -440,7 +432,9 @@ class VLMJudge:
     from the top list count as probability 0); ``api_key_env`` names the environment variable that
     holds the server's key (sent as a Bearer token; never pass a key itself). Pictures in the
     request: the source(s), then the edit. The text is :func:`judge_prompt` of ``batch.rubrics[i]``
-    (e.g. a benchmark category's rubric) or of ``prompt``.
+    (e.g. a benchmark category's rubric) or of ``prompt``. Both backends are the core's VLM client
+    (:mod:`firered_core.agent.vlm`, shared with instruction rewriting): a local model without its
+    language head is refused there, naming what to load instead.
     """
 
     def __init__(
@@ -470,104 +464,57 @@ class VLMJudge:
         self.backend, self.passes, self.max_new_tokens = backend, passes, max_new_tokens
         self.temperature, self.prompt, self.image_size, self.timeout = temperature, prompt, image_size, timeout
         self.url, self.model_name, self.seed, self.api_key_env = url, model_name, seed, api_key_env
-        if backend == "http" and not url:
-            raise ValueError("the http VLM judge needs url= (an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1)")
-        if backend == "local" and model is None:
+        self.server = self.local = None
+        if backend == "http":
+            if not url:
+                raise ValueError("the http VLM judge needs url= (an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1)")
+            self.server = vlm.ChatServer(url, model=model_name, api_key_env=api_key_env, timeout=timeout, job="VLM judge")
+        elif model is None:
             if not model_path:
                 raise ValueError("the local VLM judge needs model= and processor=, or model_path= (a Qwen-VL folder)")
-            from transformers import AutoModelForImageTextToText, AutoProcessor
-
-            model = AutoModelForImageTextToText.from_pretrained(model_path).eval()
-            processor = AutoProcessor.from_pretrained(processor_path or model_path)
-        self.model, self.processor = model, processor
+            self.local = vlm.LocalVLM.load(model_path, processor=processor_path, job="the VLM judge")
+        else:
+            self.local = vlm.LocalVLM.from_model(model, processor, job="the VLM judge")
+        self.model = self.local.model if self.local else None
+        self.processor = self.local.processor if self.local else None
 
     def _pictures(self, img: torch.Tensor, batch: RewardBatch, i: int):
         pics = []
         src = batch.get("sources", i)
         if src is not None:
-            pics.append(_to_pil(torch.as_tensor(src, dtype=torch.float32)))
-        pics.append(_to_pil(img))
-        out = []
-        for p in pics:
-            s = self.image_size / max(p.size)
-            out.append(p.resize((max(28, round(p.width * s)), max(28, round(p.height * s)))) if s < 1 else p)
-        return out
+            pics.append(vlm.to_pil(torch.as_tensor(src, dtype=torch.float32)))
+        pics.append(vlm.to_pil(img))
+        return [vlm.shrink(p, self.image_size) for p in pics]
 
     # -- local ---------------------------------------------------------------------------------
 
-    def _rating_ids(self):
-        tok = getattr(self.processor, "tokenizer", self.processor)
-        ids = []
-        for r in RATINGS:
-            enc = tok.encode(r, add_special_tokens=False)
-            if len(enc) != 1:
-                raise ValueError(f"the judge's tokenizer splits the rating {r!r} into {len(enc)} tokens")
-            ids.append(enc[0])
-        return ids
-
     @torch.no_grad()
     def _local_one(self, pics, text: str, gen: torch.Generator) -> float:
-        content = [{"type": "image"} for _ in pics] + [{"type": "text", "text": text}]
-        messages = [{"role": "user", "content": content}]
-        chat = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        dev = next(self.model.parameters()).device
-        ids = self._rating_ids()
+        chat = self.local.chat_text(vlm.chat_messages(text, pics))
+        ids = [self.local.token_id(r) for r in RATINGS]
         scores = []
         for _ in range(self.passes):
-            inputs = self.processor(text=[chat], images=pics, return_tensors="pt").to(dev)
-            # generate() samples from torch's global generator: seed it for this pass inside a fork,
-            # so the caller's random state (the trainer's noise, the data order) is left as it was
-            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-                out = self.model.generate(
-                    **inputs, do_sample=True, temperature=self.temperature, max_new_tokens=self.max_new_tokens
-                )
-            reasoning = self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))  # one seed per pass
+            reasoning = self.local.generate(chat, pics, seed=seed, temperature=self.temperature,
+                                            max_new_tokens=self.max_new_tokens)  # fmt: skip
             cut = reasoning.rfind(SCORE_PREFIX)
             reasoning = (reasoning[:cut] if cut >= 0 else reasoning.rstrip() + "\n")
-            full = self.processor(text=[chat + reasoning + SCORE_PREFIX + " "], images=pics, return_tensors="pt").to(dev)
-            logits = self.model(**full).logits[0, -1]
+            logits = self.local.next_token_logits(chat + reasoning + SCORE_PREFIX + " ", pics)
             scores.append(float(expected_rating(logits[ids])))
         return sum(scores) / len(scores)
 
     # -- http ----------------------------------------------------------------------------------
 
     def _http_one(self, pics, text: str) -> float:
-        import urllib.request
-
-        def data_url(p):
-            buf = io.BytesIO()
-            p.save(buf, format="PNG")
-            return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-        content = [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in pics]
-        content.append({"type": "text", "text": text})
-        body = {
-            "model": self.model_name,
-            "messages": [{"role": "user", "content": content}],
-            "n": self.passes,
-            "temperature": self.temperature,
-            "max_tokens": self.max_new_tokens,
-            "logprobs": True,
-            "top_logprobs": 20,
-        }
-        headers = {"Content-Type": "application/json"}
-        if self.api_key_env:  # the key is read from the environment, never from a file
-            import os
-
-            key = os.environ.get(self.api_key_env)
-            if not key:
-                raise ValueError(f"the VLM judge's api_key_env names ${self.api_key_env}, which is not set")
-            headers["Authorization"] = f"Bearer {key}"
-        req = urllib.request.Request(
-            self.url.rstrip("/") + "/chat/completions", data=json.dumps(body).encode(), headers=headers
+        reply = self.server.complete(
+            vlm.chat_messages(text, pics, urls=True),
+            n=self.passes,
+            temperature=self.temperature,
+            max_tokens=self.max_new_tokens,
+            logprobs=True,
+            top_logprobs=20,
         )
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                reply = json.loads(resp.read())
-        except OSError as e:  # URLError, HTTPError, timeouts
-            raise RuntimeError(f"the VLM judge server at {self.url} could not be reached: {e}") from e
-        scores = [s for ch in reply.get("choices", []) if (s := rating_from_logprobs(ch)) is not None]
+        scores = [s for ch in reply["choices"] if (s := rating_from_logprobs(ch)) is not None]
         if not scores:
             raise RuntimeError(f"the VLM judge at {self.url} returned no 'Score: N' with logprobs in any choice")
         return sum(scores) / len(scores)
