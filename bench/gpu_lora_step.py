@@ -114,9 +114,9 @@ def main() -> int:
     t0 = time.perf_counter()
     model = build(args, device)
     if args.blocks_to_swap:
-        from firered_trainer.blockswap import enable_block_swap
+        from firered_core.runtime.blockswap import swap_last_blocks
 
-        enable_block_swap(model, args.blocks_to_swap, device)
+        swap_last_blocks(model, args.blocks_to_swap, device)
     n_all = sum(p.numel() for p in model.parameters()) + sum(
         b.numel() for n, b in model.named_buffers() if "weight_fp8" in n)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from firered_core.model.conditioning import TextCond  # noqa: E402
 from firered_core.runtime import attention, precision  # noqa: E402
-from firered_core.runtime.memory import GB, BlockSwapper, ModelSizes, module_bytes, plan_memory  # noqa: E402
+from firered_core.runtime.blockswap import BlockSwapper, module_bytes  # noqa: E402
+from firered_core.runtime.memory import GB, ModelSizes, plan_memory  # noqa: E402
 from firered_core.runtime.step_cache import StepCache  # noqa: E402
 from firered_core.sampling.denoiser import Denoiser, EditCondition  # noqa: E402
 

@@ -575,6 +575,7 @@ def placed(dit: DiT, device, offload_device="cpu", *, width: int = 1024, height:
     from torch import nn
 
     from .runtime import memory as mem
+    from .runtime.blockswap import BlockSwapper
 
     device, offload_device = torch.device(device), torch.device(offload_device)
     tr = dit.transformer
@@ -591,7 +592,7 @@ def placed(dit: DiT, device, offload_device="cpu", *, width: int = 1024, height:
         plan = "resident"
     swapper = None
     if plan in ("block_swap", "sequential"):
-        swapper = mem.BlockSwapper(
+        swapper = BlockSwapper(
             tr, resident=0 if plan == "sequential" else int(resident_blocks or 0), device=device,
             offload_device=offload_device, prefetch=opts.prefetch, pin_memory=opts.pin_memory,
         ).install()

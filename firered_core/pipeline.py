@@ -160,6 +160,7 @@ class FireRedEditor:
         The memory plan is chosen for a ``width`` x ``height`` edit with ``refs`` pictures (the
         free memory of the device, or ``memory.budget_gb``). Returns what is in effect:
         ``{"attention", "memory_plan", ...}``."""
+        from .runtime import blockswap
         from .runtime import memory as mem
         from .runtime.speed import apply_speed
 
@@ -174,7 +175,7 @@ class FireRedEditor:
             device = self.target_device
             free = int(memory.budget_gb * mem.GB) if memory.budget_gb else mem.free_device_bytes(device)
             if free is not None and not memory.budget_gb:  # our own parts already there count as free
-                free += sum(mem.bytes_on(m, device) for m in (self.c.transformer, self.c.text_encoder, self.c.vae))
+                free += sum(blockswap.bytes_on(m, device) for m in (self.c.transformer, self.c.text_encoder, self.c.vae))
             sizes = mem.ModelSizes.of(self.c.transformer, self.c.text_encoder, self.c.vae)
             if free is None and memory.plan == "auto":  # the CPU: nothing to plan
                 plan = mem.MemoryPlan("resident", vae_tiling=bool(memory.vae_tiling), reason="auto: CPU")

@@ -57,12 +57,12 @@ import torch
 
 from firered_core.model import latents
 from firered_core.model.images import fit_to_area
+from firered_core.runtime.blockswap import swap_last_blocks
 from firered_core.sampling import flow
 from firered_core.sampling.denoiser import batch_texts
 
 from . import cache as cache_mod
 from . import checkpoint as ckpt
-from .blockswap import enable_block_swap
 from .buckets import BucketBatchSampler, aspect_bucket, bucket_key, fit_to_buckets
 from .config import DatasetEntry, StageConfig, load_config
 from .data import LoadReport, load_dataset
@@ -536,7 +536,7 @@ def train(cfg: StageConfig, *, progress: Progress | None = None, should_stop: Ca
         if accelerator.num_processes > 1:
             raise ValueError("model.blocks_to_swap: block swapping is for a single GPU; with several, shard the "
                              "model instead (FSDP) or set model.blocks_to_swap=0")
-        enable_block_swap(accelerator.unwrap_model(model), cfg.model.blocks_to_swap, accelerator.device)
+        swap_last_blocks(accelerator.unwrap_model(model), cfg.model.blocks_to_swap, accelerator.device)
     state = ckpt.TrainState()
     ckpt.install_hooks(accelerator)
     accelerator.register_for_checkpointing(state, ckpt.StatefulSampler(sampler), ckpt.EMAState(ema))

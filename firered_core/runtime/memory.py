@@ -13,7 +13,7 @@ bf16) and a small VAE. Four plans, from fastest to leanest:
 ``block_swap``
     ``blocks_resident`` MM-DiT blocks stay on the device; the others live in pinned CPU memory and
     are copied in one block ahead of use on a side CUDA stream, so the copy of block i+1 overlaps
-    the compute of block i (:class:`BlockSwapper`). Encoders visit as above. On the CPU the same
+    the compute of block i (:class:`firered_core.runtime.blockswap.BlockSwapper`). Encoders visit as above. On the CPU the same
     code runs synchronously (that is what the tests exercise).
 ``sequential``
     the last resort: every MM-DiT block and every text-encoder layer is streamed (none resident);
@@ -63,10 +63,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, replace
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
+
+from .blockswap import BlockSwapper, module_bytes, stream_lists
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +134,9 @@ class ModelSizes:
     @classmethod
     def of(cls, transformer: nn.Module, text_encoder: nn.Module, vae: nn.Module) -> "ModelSizes":
         blocks = list(transformer.transformer_blocks)
-        dtype = _float_dtype(transformer)
+        from ..model.modules import compute_dtype
+
+        dtype = compute_dtype(transformer)
         te_lists = stream_lists(text_encoder)
         te_in_lists = sum(module_bytes(b) for lst in te_lists for b in lst)
         te_layer = max((module_bytes(b) for lst in te_lists for b in lst), default=0)
@@ -333,235 +337,6 @@ def free_device_bytes(device: torch.device) -> int | None:
     free, _ = torch.cuda.mem_get_info(device)
     reserved = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return int(free + reserved)
-
-
-# ---------------------------------------------------------------------------------------------
-# helpers on modules
-# ---------------------------------------------------------------------------------------------
-
-
-def _tensors(module: nn.Module) -> Iterator[tuple[nn.Module, str, str, torch.Tensor]]:
-    """(owner module, "p" / "b", name, tensor) of every parameter and buffer, each owner once."""
-    for m in module.modules():
-        for n, p in m._parameters.items():
-            if p is not None:
-                yield m, "p", n, p
-        for n, b in m._buffers.items():
-            if b is not None:
-                yield m, "b", n, b
-
-
-def module_bytes(module: nn.Module) -> int:
-    seen, total = set(), 0
-    for _, _, _, t in _tensors(module):
-        if id(t) in seen or t.device.type == "meta":
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    return total
-
-
-def bytes_on(module: nn.Module, device) -> int:
-    """Bytes of a module's tensors that sit on ``device`` (what moving it away would free)."""
-    device = torch.device(device)
-    seen, total = set(), 0
-    for _, _, _, t in _tensors(module):
-        if id(t) in seen or t.device.type != device.type or (device.index is not None and t.device.index != device.index):
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    return total
-
-
-def _float_dtype(module: nn.Module) -> torch.dtype:
-    from ..model.modules import compute_dtype
-
-    return compute_dtype(module)
-
-
-def _set(owner: nn.Module, kind: str, name: str, t: torch.Tensor) -> None:
-    (owner._parameters if kind == "p" else owner._buffers)[name] = t
-
-
-def _moved(t: torch.Tensor, device: torch.device, non_blocking: bool = False) -> torch.Tensor:
-    out = t.to(device, non_blocking=non_blocking, copy=True)
-    if type(t) is nn.Parameter:
-        out = nn.Parameter(out, requires_grad=t.requires_grad)
-    return out
-
-
-def _pinned(t: torch.Tensor) -> torch.Tensor:
-    if type(t) not in (torch.Tensor, nn.Parameter) or t.is_pinned():
-        return t
-    p = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
-    return nn.Parameter(p, requires_grad=t.requires_grad) if type(t) is nn.Parameter else p
-
-
-def stream_lists(module: nn.Module) -> list[nn.ModuleList]:
-    """The ModuleLists of repeated layers to stream in a model: the MM-DiT's ``transformer_blocks``;
-    for other models (the text encoder) every ModuleList of 4 or more modules."""
-    if hasattr(module, "transformer_blocks"):
-        return [module.transformer_blocks]
-    out, inside = [], set()
-    for _, m in module.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) >= 4 and id(m) not in inside:
-            out.append(m)
-            inside.update(id(x) for x in m.modules())
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# block swapping
-# ---------------------------------------------------------------------------------------------
-
-
-class BlockSwapper:
-    """Keep the first ``resident`` blocks of each list on ``device``; stream the others.
-
-    A streamed block's weights live on the offload device (pinned on CUDA). Its forward pre-hook
-    puts device copies in place (copied ahead on a side stream, waited on by the compute stream)
-    and starts copying the next ``prefetch`` streamed blocks; its forward post-hook puts the CPU
-    tensors back, which frees the device copies. Skipped blocks (step cache) are simply not loaded;
-    stale prefetches are dropped. On the CPU the copies are made synchronously -- same code path,
-    bit-identical results.
-    """
-
-    def __init__(self, root: nn.Module, lists: list[nn.ModuleList] | None = None, *, resident: int = 0,
-                 device="cuda", offload_device="cpu", prefetch: int = 1, pin_memory: bool = True):
-        self.root = root
-        self.lists = lists if lists is not None else stream_lists(root)
-        self.device = torch.device(device)
-        self.offload_device = torch.device(offload_device)
-        self.resident = int(resident)
-        self.prefetch = int(prefetch)
-        self.cuda = self.device.type == "cuda"
-        self.pin = pin_memory and self.cuda and self.offload_device.type == "cpu"
-        self.order: list[nn.Module] = [b for lst in self.lists for b in lst]
-        self.streamed: list[int] = [
-            i for lst_start, lst in self._starts() for i in range(lst_start + min(self.resident, len(lst)), lst_start + len(lst))
-        ]
-        self._index = {id(b): i for i, b in enumerate(self.order)}
-        self._masters: dict[int, list[tuple[nn.Module, str, str, torch.Tensor]]] = {}
-        self._loaded: dict[int, tuple[list[torch.Tensor], Any]] = {}
-        self._handles: list[Any] = []
-        self._stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.copies = 0  # block copies made (for tests / stats)
-        self.installed = False
-
-    def _starts(self):
-        s = 0
-        for lst in self.lists:
-            yield s, lst
-            s += len(lst)
-
-    def install(self) -> "BlockSwapper":
-        if self.installed:
-            return self
-        streamed_ids = {id(self.order[i]) for i in self.streamed}
-        in_streamed = {id(m) for i in self.streamed for m in self.order[i].modules()}
-        # everything outside the streamed blocks goes to the device
-        for owner, kind, name, t in list(_tensors(self.root)):
-            if id(owner) not in in_streamed and t.device != self.device:
-                _set(owner, kind, name, _moved(t, self.device))
-        for i in self.streamed:
-            masters = []
-            for owner, kind, name, t in _tensors(self.order[i]):
-                if self.pin and type(t) in (torch.Tensor, nn.Parameter):
-                    m = _pinned(t)  # straight into page-locked memory, one tensor at a time
-                else:
-                    m = t if t.device == self.offload_device else _moved(t, self.offload_device)
-                _set(owner, kind, name, m)
-                masters.append((owner, kind, name, m))
-            self._masters[i] = masters
-        for b in self.order:
-            self._handles.append(b.register_forward_pre_hook(self._pre))
-            if id(b) in streamed_ids:
-                self._handles.append(b.register_forward_hook(self._post))
-        self.installed = True
-        log.info("block swap: %d of %d blocks resident on %s, %d streamed from %s%s", len(self.order) - len(self.streamed),
-                 len(self.order), self.device, len(self.streamed), self.offload_device, " (pinned)" if self.pin else "")
-        return self
-
-    def uninstall(self, device=None) -> None:
-        """Remove the hooks; every streamed block is left on ``device`` (default: the offload device)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        for i in list(self._loaded):
-            self._restore(i)
-        target = torch.device(device) if device is not None else None
-        for i, masters in self._masters.items():
-            for owner, kind, name, m in masters:
-                _set(owner, kind, name, _moved(m, target) if target is not None and m.device != target else m)
-        self._masters.clear()
-        self.installed = False
-
-    def offload(self) -> None:
-        """Move what is resident (outside-block weights, resident blocks) to the offload device."""
-        in_streamed = {id(m) for i in self.streamed for m in self.order[i].modules()}
-        for i in list(self._loaded):
-            self._restore(i)
-        for owner, kind, name, t in list(_tensors(self.root)):
-            if id(owner) not in in_streamed and t.device != self.offload_device:
-                _set(owner, kind, name, _moved(t, self.offload_device))
-
-    def to_device(self) -> None:
-        in_streamed = {id(m) for i in self.streamed for m in self.order[i].modules()}
-        for owner, kind, name, t in list(_tensors(self.root)):
-            if id(owner) not in in_streamed and t.device != self.device:
-                _set(owner, kind, name, _moved(t, self.device))
-
-    # -- the copies ------------------------------------------------------------------------------
-
-    def _start_copy(self, i: int) -> None:
-        if i in self._loaded:
-            return
-        masters = self._masters[i]
-        if self.cuda:
-            with torch.cuda.stream(self._stream):
-                copies = [_moved(m, self.device, non_blocking=True) for _, _, _, m in masters]
-                ev = torch.cuda.Event()
-                ev.record(self._stream)
-        else:
-            copies, ev = [_moved(m, self.device) for _, _, _, m in masters], None
-        self._loaded[i] = (copies, ev)
-        self.copies += 1
-
-    def _upcoming(self, i: int) -> list[int]:
-        """The next ``prefetch`` streamed blocks after block ``i``, wrapping to the next forward."""
-        s = self.streamed
-        if not s:
-            return []
-        after = [j for j in s if j > i] + [j for j in s if j <= i]
-        return after[: self.prefetch]
-
-    def _pre(self, block: nn.Module, args) -> None:
-        i = self._index[id(block)]
-        wanted = self._upcoming(i)
-        if i in self._masters:
-            self._start_copy(i)
-            copies, ev = self._loaded[i]
-            if ev is not None:
-                cur = torch.cuda.current_stream(self.device)
-                cur.wait_event(ev)
-                for c in copies:
-                    c.record_stream(cur)
-            for (owner, kind, name, _), c in zip(self._masters[i], copies):
-                _set(owner, kind, name, c)
-            wanted = [i] + wanted
-        for j in list(self._loaded):  # drop stale prefetches (blocks the step cache skipped)
-            if j not in wanted:
-                self._restore(j)
-        for j in wanted:
-            self._start_copy(j)
-
-    def _restore(self, i: int) -> None:
-        self._loaded.pop(i, None)
-        for owner, kind, name, m in self._masters[i]:
-            _set(owner, kind, name, m)
-
-    def _post(self, block: nn.Module, args, output) -> None:
-        self._restore(self._index[id(block)])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from firered_core import FireRedEditor
-from firered_core.runtime.memory import GB, BlockSwapper, MemoryOptions, ModelSizes, plan_memory
+from firered_core.runtime.blockswap import BlockSwapper
+from firered_core.runtime.memory import GB, MemoryOptions, ModelSizes, plan_memory
 from firered_core.runtime.speed import SpeedOptions
 from firered_core.runtime.step_cache import StepCache
 from tests.conftest import make_picture

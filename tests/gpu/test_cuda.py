@@ -126,7 +126,7 @@ def test_trainer_block_swap_gives_the_same_gradients(tiny_model_dir):
 
     from firered_core.formats.transformer_files import load_transformer
     from firered_core.model.conditioning import TextCond
-    from firered_trainer.blockswap import enable_block_swap
+    from firered_core.runtime.blockswap import swap_last_blocks
     from firered_trainer.sft import predict_velocity
 
     base = load_transformer(tiny_model_dir / "transformer", dtype=torch.float32).to("cuda")
@@ -136,7 +136,7 @@ def test_trainer_block_swap_gives_the_same_gradients(tiny_model_dir):
         m = copy.deepcopy(base)
         m.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights="gaussian"))
         if swap:
-            enable_block_swap(m, swap, "cuda")
+            swap_last_blocks(m, swap, "cuda")
         models.append(m)
     models[1].load_state_dict(models[0].state_dict())
     g = torch.Generator().manual_seed(0)

@@ -59,7 +59,7 @@ def test_every_node_that_runs_the_mmdit_honours_the_memory_plan(pack, loaded, mo
     from tests.nodes.conftest import PACK_NAME
 
     dit, te, vae = loaded
-    mem = sys.modules[f"{PACK_NAME}.firered_core.runtime.memory"]
+    mem = sys.modules[f"{PACK_NAME}.firered_core.runtime.blockswap"]
     installs = []
     real_install = mem.BlockSwapper.install
 

@@ -123,11 +123,12 @@ def test_unknown_target_module_is_a_clear_error(tiny_model_dir):
 
 
 def test_block_swap_keeps_results_and_host_copies(tiny_model_dir):
-    """On the CPU the copies are CPU to CPU, so this checks the mechanics: identical outputs and
-    LoRA gradients, the adapters never move, and between uses a swapped block points at its host
-    copy (on a GPU that is what frees its memory)."""
+    """The core's block swapper in training mode (``swap_last_blocks``). On the CPU the copies are
+    CPU to CPU, so this checks the mechanics: identical outputs and LoRA gradients under gradient
+    checkpointing, the adapters never move (same objects, on the device), and between uses a
+    swapped block points at its host copy (on a GPU that is what frees its memory)."""
     from firered_core.formats.transformer_files import load_transformer
-    from firered_trainer.blockswap import disable_block_swap, enable_block_swap
+    from firered_core.runtime.blockswap import HANDLE, remove_block_swap, swap_last_blocks
     from firered_trainer.lora import add_lora, quantize_frozen_base
     from firered_trainer.sft import predict_velocity
 
@@ -142,27 +143,30 @@ def test_block_swap_keeps_results_and_host_copies(tiny_model_dir):
         quantize_frozen_base(tr)
         tr.enable_gradient_checkpointing()
         tr.train()
-        if swap:
-            assert enable_block_swap(tr, 1, "cpu") == 1
+        trainable = {n: p for n, p in tr.named_parameters() if p.requires_grad}
+        swapper = swap_last_blocks(tr, 1, "cpu") if swap else None
         g = torch.Generator().manual_seed(0)
         x, refs = torch.randn(1, 16, 64, generator=g), torch.randn(1, 16, 64, generator=g)
         text = TextCond(torch.randn(1, 6, 64, generator=g))
         v = predict_velocity(tr, x, torch.tensor([0.5]), refs, [text], [(1, 4, 4), (1, 4, 4)], torch.float32)
         v.pow(2).mean().backward()
-        return tr, v.detach(), {n: p.grad.clone() for n, p in tr.named_parameters() if p.grad is not None}
+        after = {n: p for n, p in tr.named_parameters() if p.requires_grad}
+        assert after.keys() == trainable.keys() and all(after[n] is trainable[n] for n in after)
+        return tr, swapper, v.detach(), {n: p.grad.clone() for n, p in tr.named_parameters() if p.grad is not None}
 
-    _, v0, g0 = run(False)
-    tr, v1, g1 = run(True)
+    _, _, v0, g0 = run(False)
+    tr, swapper, v1, g1 = run(True)
     assert torch.equal(v0, v1) and g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
+    assert swapper.copies >= 2  # forward and the recomputation in backward both copied the block in
     last = tr.transformer_blocks[-1]
-    host = last.__dict__["_firered_swap_handles"][2]
+    (host,) = swapper._masters.values()
     held = {id(t) for _, _, _, t in host}
     assert id(last.attn.to_q.base_layer.weight_fp8) in held  # between uses: the host copy
     assert host and not any(t.requires_grad for *_, t in host)  # only frozen tensors swap
     with pytest.raises(ValueError, match="blocks_to_swap"):
-        enable_block_swap(tr, 2, "cpu")
-    disable_block_swap(tr, "cpu")
-    assert "_firered_swap_handles" not in last.__dict__
+        swap_last_blocks(tr, 2, "cpu")
+    remove_block_swap(tr, "cpu")
+    assert HANDLE not in tr.__dict__ and not swapper.installed
 
 
 # ---------------------------------------------------------------------------------------------
