@@ -5,6 +5,8 @@ Examples::
     python -m firered_core edit --model models/FireRed-Image-Edit-1.1 --image cat.png \\
         --prompt "give the cat a red hat" --out hat.png --seed 43
     python -m firered_core edit --image a.png --image b.png --prompt "put the cup from Picture 2 on the table in Picture 1" --out out.png
+    python -m firered_core edit --model models/FireRed-Image-Edit-1.1 --image cat.png --prompt "hat" \\
+        --recaption --out hat.png      # the instruction rewritten first (add --recaption-url URL for a server)
     python -m firered_core make-tiny /tmp/tiny-firered
 
 Without ``--model`` the edit runs on a tiny random model made on the spot (a smoke test of the
@@ -77,6 +79,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="attention backend (falls back to sdpa with a log line when not installed)")
     s.add_argument("--compile", action="store_true", help="torch.compile the repeated MM-DiT block (slow first step)")
     s.add_argument("--fp8-matmul", action="store_true", help="fp8 layers as fp8 matmuls on Ada / Hopper GPUs")
+    r = e.add_argument_group("instruction rewriting (see firered_core/agent/recaption.py)")
+    r.add_argument("--recaption", action="store_true",
+                   help="rewrite --prompt into a precise, expanded instruction first (FireRed's agent recaption): on the "
+                        "edit's own Qwen2.5-VL (needs its language head: a release folder's text_encoder/, not a ComfyUI "
+                        "single file) or, with --recaption-url, an OpenAI-compatible server")
+    r.add_argument("--recaption-url", metavar="URL", help="OpenAI-compatible server for --recaption, e.g. http://127.0.0.1:8000/v1")
+    r.add_argument("--recaption-model", default="default", help="the model name the --recaption-url server serves")
+    r.add_argument("--recaption-key-env", metavar="VAR",
+                   help="environment variable holding the server's API key (the key itself is never passed)")
+    r.add_argument("--recaption-seed", type=int, help="sampling seed of the rewriting (default: --seed)")
+    r.add_argument("--recaption-tokens", type=int, default=1024, help="length limit of the rewritten instruction, in tokens")
 
     t = sub.add_parser("make-tiny", help="write a tiny random FireRed model folder (for tests and demos)")
     t.add_argument("dir", help="folder to write")
@@ -108,6 +121,13 @@ def check_edit_args(args) -> list:
     if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise ValueError(f"--out {args.out!r} must end in .png, .jpg or .webp")
     conditioning.check_instruction(args.prompt, "--prompt")
+    if not args.recaption:
+        given = [f for f, v in (("--recaption-url", args.recaption_url), ("--recaption-key-env", args.recaption_key_env),
+                                ("--recaption-seed", args.recaption_seed)) if v is not None]  # fmt: skip
+        if given:
+            raise ValueError(f"{given[0]} needs --recaption (it sets how the instruction is rewritten)")
+    if args.recaption_tokens < 1:
+        raise ValueError(f"--recaption-tokens must be at least 1, got {args.recaption_tokens}")
     if len(args.image) > images.MAX_PICTURES:
         raise ValueError(f"--image given {len(args.image)} times: FireRed-Image-Edit takes 1 to {images.MAX_PICTURES} pictures")
     return [images.to_pil(p, f"--image {p!r}") for p in args.image]
@@ -139,6 +159,9 @@ def _edit(args) -> int:
         print(f"no --model given: using a tiny random model made at {model} (output is not a real edit)", file=sys.stderr)
     out = Path(args.out)
     try:
+        prompt = args.prompt
+        if args.recaption and args.recaption_url:  # before the model load: a server problem shows at once
+            prompt = _recaption(args, pictures, None)
         t0 = time.perf_counter()
         speed, memory = _speed_memory(args)
         if files or args.lora or args.weight_dtype != "auto":
@@ -152,6 +175,8 @@ def _edit(args) -> int:
         if memory is not None:
             print(f"memory plan: {editor.memory.plan.describe()}", file=sys.stderr)
         t_load = time.perf_counter() - t0
+        if args.recaption and not args.recaption_url:
+            prompt = _recaption(args, pictures, editor)
         bar = None
 
         def progress(info) -> None:
@@ -164,7 +189,7 @@ def _edit(args) -> int:
         t1 = time.perf_counter()
         result = editor.edit(
             pictures or None,
-            args.prompt,
+            prompt,
             negative_prompt=args.negative_prompt,
             steps=steps,
             cfg=cfg,
@@ -197,6 +222,33 @@ def _edit(args) -> int:
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _recaption(args, pictures, editor) -> str:
+    """``--prompt`` rewritten by ``--recaption``: on ``--recaption-url``, else on the editor's own
+    Qwen2.5-VL; prints the new instruction. Raises ValueError naming what failed."""
+    from .agent import recaption as rc
+    from .agent import vlm
+
+    seed = args.seed if args.recaption_seed is None else args.recaption_seed
+    print("rewriting the instruction (--recaption)...", file=sys.stderr)
+    try:
+        if args.recaption_url:
+            out = rc.recaption(args.prompt, pictures, backend="http", url=args.recaption_url,
+                               server_model=args.recaption_model, api_key_env=args.recaption_key_env, seed=seed,
+                               max_new_tokens=args.recaption_tokens)  # fmt: skip
+        else:
+            source = args.text_encoder or str(Path(args.model or "tiny model") / "text_encoder")
+            local = vlm.LocalVLM.from_model(editor.c.text_encoder, editor.c.processor, source, "--recaption")
+            with editor._stage("text_encoder"):
+                out = rc.recaption(args.prompt, pictures, backend="local", model=local, seed=seed,
+                                   max_new_tokens=args.recaption_tokens)  # fmt: skip
+    except vlm.NoLanguageHeadError as e:
+        raise ValueError(f"{e} On the command line: --model RELEASE_FOLDER without --text-encoder, or --recaption-url URL.") from None
+    except (vlm.VLMServerError, vlm.MissingKeyError) as e:
+        raise ValueError(f"--recaption: {e}") from None
+    print(f"rewritten instruction: {out}", file=sys.stderr)
+    return out
 
 
 def _speed_memory(args):
