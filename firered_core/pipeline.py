@@ -13,8 +13,8 @@ Each stage is a function of its own module; this file only wires them.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
@@ -49,6 +49,11 @@ class EditRequest:
         and masked). ``None`` = automatic: batched on CUDA, where it saves most of the second
         pass; one after the other on the CPU, where a measured batched pass is no faster
         (the CPU is already saturated by one sequence) and holds twice the activations.
+    crop_boxes: per picture (in order), ``(x0, y0, x1, y1)`` pixels to keep, or None for all of it.
+    base_picture: with more than three pictures, the 1-based picture that keeps a canvas of its own
+        (the scene; the output takes its aspect unless width / height are set), 0 for none. More than
+        three pictures (up to 10) are stitched onto three canvases of ``ref_area`` and "Picture N" in
+        the prompt is rewritten to them (:func:`firered_core.agent.stitch.stitch`).
     """
 
     prompt: str
@@ -68,6 +73,8 @@ class EditRequest:
     cfg_norm_rescale: bool = True
     denoise: float = 1.0
     noise_device: str = "cpu"
+    crop_boxes: Sequence[tuple[int, int, int, int] | None] | None = None
+    base_picture: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -83,12 +90,15 @@ class EncodedEdit:
 
     positive / negative: encoded prompts (negative is None when CFG is off).
     cond: reference tokens + ``img_shapes``; size: output ``(width, height)`` in pixels.
+    stitched: the :class:`firered_core.agent.stitch.Stitched` canvases and prompt when the pictures
+    were stitched or cropped, else None.
     """
 
     positive: TextCond
     negative: TextCond | None
     cond: EditCondition
     size: tuple[int, int]
+    stitched: Any = None
 
 
 @dataclass
@@ -223,6 +233,7 @@ class FireRedEditor:
     def encode(self, pictures: Any, req: EditRequest) -> EncodedEdit:
         """Everything done once per edit, before sampling."""
         conditioning.check_instruction(req.prompt, "prompt")
+        pictures, req, stitched = self.stitch(pictures, req)
         pils = images.to_pil_list(pictures)
         (w, h), vl_sizes, ref_sizes = images.plan_sizes(
             pils, req.width, req.height, ref_mode=req.ref_mode, vl_area=req.vl_area, ref_area=req.ref_area
@@ -254,7 +265,23 @@ class FireRedEditor:
             ref_tokens=torch.cat(refs, dim=1) if refs else None,
             img_shapes=[latents.token_grid(h, w)] + [latents.token_grid(rh, rw) for rw, rh in ref_sizes],
         )
-        return EncodedEdit(positive, negative, cond, (w, h))
+        return EncodedEdit(positive, negative, cond, (w, h), stitched)
+
+    @staticmethod
+    def stitch(pictures: Any, req: EditRequest) -> tuple[Any, EditRequest, Any]:
+        """More than three pictures (up to 10), or crop boxes: the 1-3 canvases, the request with the
+        prompt renumbered to them (and the base picture's output size), and the ``Stitched`` record
+        (:mod:`firered_core.agent.stitch`). Anything else passes through with None."""
+        listed = images.picture_list(pictures)
+        if len(listed) <= images.MAX_PICTURES and not req.crop_boxes:
+            return pictures, req, None
+        from .agent import stitch
+
+        st = stitch.stitch(listed, req.prompt, boxes=req.crop_boxes, base=req.base_picture, canvas_area=req.ref_area)
+        changes: dict[str, Any] = {"prompt": st.prompt}
+        if st.output_aspect is not None and req.width is None and req.height is None:
+            changes["width"], changes["height"] = stitch.output_size(st.output_aspect)
+        return st.pictures, replace(req, **changes), st
 
     def sigmas(self, req: EditRequest, size: tuple[int, int]) -> torch.Tensor:
         w, h = size
@@ -328,7 +355,9 @@ class FireRedEditor:
         guide: Callable[..., Any] | None = None,
         **options: Any,
     ) -> EditResult:
-        """Edit 1-3 pictures (PIL, paths or tensors) following ``prompt``; no pictures = text-to-image.
+        """Edit 1-10 pictures (PIL, paths or tensors) following ``prompt``; no pictures = text-to-image.
+        More than three are stitched onto three canvases (see :meth:`stitch`; ``info["stitch"]``
+        says how).
 
         ``options`` are the fields of :class:`EditRequest` (steps, cfg, seed, width, height, sampler,
         schedule, shift, negative_prompt, ref_mode, cfg_batched, noise_device). ``seed`` seeds the
@@ -346,6 +375,8 @@ class FireRedEditor:
             z, sig = self.sample(enc, req, generator=generator, callback=callback, guide=guide)
             pixels = self.decode(z)
         info: dict[str, Any] = {"size": enc.size}
+        if enc.stitched is not None:
+            info["stitch"] = enc.stitched.describe()
         if self.memory is not None:
             info["memory_plan"] = self.memory.plan.describe()
         if self.last_cache_stats is not None:

@@ -93,19 +93,25 @@ def to_pil(picture: Any, name: str = "image") -> Image.Image:
     return img.convert("RGB")
 
 
-def to_pil_list(pictures: Any) -> list[Image.Image]:
-    """Normalise ``None`` / one picture / a list of pictures into a list of 0..3 RGB PIL images."""
+def picture_list(pictures: Any) -> list[Any]:
+    """``None`` / one picture / a list / an ``IMAGE`` batch -> the list of pictures, None entries
+    dropped (not yet checked or converted)."""
     if pictures is None:
         return []
     if isinstance(pictures, torch.Tensor) and pictures.dim() == 4 and pictures.shape[0] > 1:
         pictures = list(pictures)
     if not isinstance(pictures, (list, tuple)):
         pictures = [pictures]
-    pictures = [p for p in pictures if p is not None]
+    return [p for p in pictures if p is not None]
+
+
+def to_pil_list(pictures: Any) -> list[Image.Image]:
+    """Normalise ``None`` / one picture / a list of pictures into a list of 0..3 RGB PIL images."""
+    pictures = picture_list(pictures)
     if len(pictures) > MAX_PICTURES:
         raise ValueError(
-            f"FireRed-Image-Edit takes 1 to {MAX_PICTURES} input pictures, got {len(pictures)}; "
-            "combine pictures onto fewer canvases first"
+            f"FireRed-Image-Edit reads 1 to {MAX_PICTURES} input pictures, got {len(pictures)}; stitch them onto "
+            f"{MAX_PICTURES} canvases first (FireRedEditor.edit does it for up to 10: firered_core/agent/stitch.py)"
         )
     return [to_pil(p, f"image {i + 1}") for i, p in enumerate(pictures)]
 
