@@ -74,9 +74,10 @@ def test_size_not_a_multiple_of_16(editor, w, h):
         editor.edit(make_picture(32, 32), "make it red", **{**SMALL, "width": w, "height": h})
 
 
-def test_more_than_three_pictures(editor):
-    pics = [make_picture(32, 32, seed=i) for i in range(4)]
-    with pytest.raises(ValueError, match="1 to 3 input pictures, got 4"):
+def test_an_eleventh_picture_is_named(editor):
+    # more than three pictures are stitched onto three canvases (tests/core/test_stitch.py), up to ten
+    pics = [make_picture(32, 32, seed=i) for i in range(11)]
+    with pytest.raises(ValueError, match="picture 11 is one too many: FireRed-Image-Edit takes at most 10"):
         editor.edit(pics, "combine them", **SMALL)
 
 
