@@ -31,8 +31,16 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("edit", help="edit 1-3 pictures following an instruction")
     e.add_argument("--model", help="FireRed / Qwen-Image-Edit-2509 model folder (diffusers layout); omit for a tiny random model")
-    e.add_argument("--image", action="append", default=[], help="input picture (repeat up to 3 times; none = text-to-image)")
+    e.add_argument("--image", action="append", default=[],
+                   help="input picture (repeat up to 10 times; more than 3 are stitched onto 3 canvases and 'Picture N' in "
+                        "--prompt is rewritten to them; none = text-to-image)")
     e.add_argument("--prompt", required=True, help="the edit instruction")
+    e.add_argument("--crop", action="append", default=[], metavar="N=x0,y0,x1,y1|N=MASK",
+                   help="show only part of picture N: a box in its pixels, or the bounding box (plus a 10%% margin) of "
+                        "the white part of a mask picture of the same size (repeatable)")
+    e.add_argument("--base-picture", type=int, default=1, metavar="N",
+                   help="with more than 3 pictures: the picture that keeps a canvas of its own (the scene; the output "
+                        "takes its aspect), 0 = none (default 1)")
     e.add_argument("--negative-prompt", default=" ", help="negative prompt for true CFG (default ' ')")
     e.add_argument("--out", required=True, help="output picture path (.png, .jpg, .webp)")
     e.add_argument("--steps", type=int, default=None, help="sampling steps (default 40; 8 with --schedule lightning)")
@@ -128,9 +136,46 @@ def check_edit_args(args) -> list:
             raise ValueError(f"{given[0]} needs --recaption (it sets how the instruction is rewritten)")
     if args.recaption_tokens < 1:
         raise ValueError(f"--recaption-tokens must be at least 1, got {args.recaption_tokens}")
-    if len(args.image) > images.MAX_PICTURES:
-        raise ValueError(f"--image given {len(args.image)} times: FireRed-Image-Edit takes 1 to {images.MAX_PICTURES} pictures")
-    return [images.to_pil(p, f"--image {p!r}") for p in args.image]
+    from .agent.layout import MAX_INPUT_PICTURES
+
+    if len(args.image) > MAX_INPUT_PICTURES:
+        raise ValueError(
+            f"--image given {len(args.image)} times: picture {MAX_INPUT_PICTURES + 1} ({args.image[MAX_INPUT_PICTURES]!r}) "
+            f"is one too many; FireRed-Image-Edit takes at most {MAX_INPUT_PICTURES} (more than 3 are stitched onto 3 canvases)"
+        )
+    if not 0 <= args.base_picture <= max(len(args.image), 1):
+        raise ValueError(f"--base-picture must be 0 (none) or 1 to {len(args.image)}, got {args.base_picture}")
+    pictures = [images.to_pil(p, f"--image {p!r}") for p in args.image]
+    args.crop_boxes = crop_boxes(args.crop, pictures)
+    return pictures
+
+
+def crop_boxes(specs: list[str], pictures: list) -> list | None:
+    """``--crop N=x0,y0,x1,y1`` / ``N=MASK_FILE`` -> one crop box (or None) per picture; None without
+    ``--crop``. Raises ValueError naming the option."""
+    from .agent.layout import check_box
+    from .agent.stitch import box_from_mask
+    from .model import images
+
+    if not specs:
+        return None
+    boxes: list = [None] * len(pictures)
+    for spec in specs:
+        num, sep, what = spec.partition("=")
+        if not sep or not num.strip().isdigit() or not 1 <= int(num) <= len(pictures):
+            raise ValueError(f"--crop {spec!r}: expected N=x0,y0,x1,y1 or N=MASK_FILE, N a picture number 1 to {len(pictures)}")
+        i = int(num) - 1
+        if boxes[i] is not None:
+            raise ValueError(f"--crop given twice for picture {i + 1}")
+        parts = what.split(",")
+        if len(parts) == 4 and all(p.strip().isdigit() for p in parts):
+            boxes[i] = check_box([int(p) for p in parts], pictures[i].size, f"picture {i + 1} (--crop {spec!r})")
+        else:
+            mask = images.to_pil(what, f"--crop {spec!r}")
+            boxes[i] = box_from_mask(mask, pictures[i].size, name=f"--crop {spec!r}")
+            if boxes[i] is None:
+                raise ValueError(f"--crop {spec!r}: the mask has no white part (white marks what to keep)")
+    return boxes
 
 
 def _edit(args) -> int:
@@ -201,6 +246,8 @@ def _edit(args) -> int:
             shift=args.shift,
             ref_mode=args.ref_mode,
             noise_device=args.noise_device,
+            crop_boxes=args.crop_boxes,
+            base_picture=args.base_picture,
             callback=progress,
         )
         if bar is not None:
@@ -209,6 +256,10 @@ def _edit(args) -> int:
         tmp_out = out.with_name(out.name + ".part" + out.suffix)
         result.images[0].save(tmp_out)
         tmp_out.replace(out)
+        if "stitch" in result.info:
+            st = result.info["stitch"]
+            what = f"stitched onto canvases {st['canvases']}" if st["stitched"] else "cropped"
+            print(f"pictures {what}; the instruction read: {st['prompt']!r}", file=sys.stderr)
         w, h = result.info["size"]
         if "cache" in result.info:
             c = result.info["cache"]

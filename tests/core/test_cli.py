@@ -74,7 +74,7 @@ def test_bad_requests_are_refused_before_any_model_loads(tmp_path, tiny_model_di
         (["--width", "100"], "width must be a positive multiple of 16"),
         (["--image", str(tmp_path / "missing.png")], "no such file"),
         (["--image", str(bad)], "is not an image file"),
-        (["--image", str(src)] * 4, "--image given 4 times"),
+        (["--image", str(src)] * 11, "--image given 11 times: picture 11"),
     ]
     for extra, message in cases:
         for model in (["--model", str(tiny_model_dir)], []):  # a folder to load, or the tiny model made on the spot
