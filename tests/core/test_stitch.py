@@ -105,3 +105,55 @@ def test_a_stitched_edit_runs_on_the_tiny_model(tiny_model_dir):
     assert info["stitched"] and len(info["canvases"]) == 3 and res.images[0].size == (64, 48)
     assert info["prompt"].startswith(f"the hat of Picture {info['picture_canvas'][3]} (")  # with its place
     assert all(w * h <= 128 * 128 for w, h in info["canvases"])
+
+
+def test_cli_crop_options_and_an_eleventh_image(tmp_path, capsys, monkeypatch):
+    from firered_core import cli
+
+    src = tmp_path / "in.png"
+    _flat((60, 40), COLOURS[0]).save(src)
+    mask = np.zeros((40, 60), np.uint8)
+    mask[10:20, 30:40] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    pics = [_flat((60, 40), COLOURS[0])] * 4
+    assert cli.crop_boxes([], pics) is None
+    assert cli.crop_boxes(["2=1,2,30,40", "4=" + str(tmp_path / "m.png")], pics) == [None, (1, 2, 30, 40), None, (29, 9, 41, 21)]
+    for spec, message in [
+        (["5=1,2,3,4"], "N a picture number 1 to 4"), (["x"], "expected N=x0,y0,x1,y1"),
+        (["1=0,0,99,9"], "crop box of picture 1 (--crop '1=0,0,99,9'): (0, 0, 99, 9) is empty or outside its 60x40"),
+        (["1=1,1,5,5", "1=2,2,6,6"], "--crop given twice for picture 1"), (["1=" + str(tmp_path / "no.png")], "no such file"),
+    ]:
+        with pytest.raises((ValueError, FileNotFoundError), match=__import__("re").escape(message)):
+            cli.crop_boxes(spec, pics)
+    Image.fromarray(mask * 0).save(tmp_path / "empty.png")
+    with pytest.raises(ValueError, match="the mask has no white part"):
+        cli.crop_boxes(["1=" + str(tmp_path / "empty.png")], pics)
+    monkeypatch.setattr(FireRedEditor, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded a model")))
+    out = str(tmp_path / "o.png")
+    rc = cli.main(["edit", "--model", str(tmp_path), "--prompt", "x", "--out", out, *(["--image", str(src)] * 11)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--image given 11 times: picture 11" in err and "at most 10" in err
+    rc = cli.main(["edit", "--model", str(tmp_path), "--prompt", "x", "--out", out, "--image", str(src), "--base-picture", "2"])
+    assert rc == 2 and "--base-picture must be 0 (none) or 1 to 1, got 2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_edits_five_pictures(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    from firered_core import cli
+
+    real_edit, seen = FireRedEditor.edit, {}  # small canvases, so the tiny model's run takes seconds
+    monkeypatch.setattr(FireRedEditor, "edit",
+                        lambda self, *a, **k: seen.update(k) or real_edit(self, *a, **k, ref_area=128 * 128, vl_area=64 * 64))
+
+    paths = []
+    for i in range(5):
+        paths += ["--image", str(tmp_path / f"p{i}.png")]
+        _flat((40 + 8 * i, 32), COLOURS[i]).save(paths[-1])
+    out = tmp_path / "out.png"
+    rc = cli.main(["edit", "--model", str(tiny_model_dir), *paths, "--crop", "2=0,0,20,32", "--prompt", "Picture 5 on Picture 1",
+                   "--out", str(out), "--steps", "1", "--cfg", "1", "--width", "64", "--height", "48", "--dtype", "fp32"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "stitched onto canvases" in err and "the instruction read: 'Picture " in err
+    assert Image.open(out).size == (64, 48)
+    assert seen["crop_boxes"] == [None, (0, 0, 20, 32), None, None, None] and seen["base_picture"] == 1
