@@ -59,6 +59,10 @@ SOCKETS = {
     "FireRedCompare": ([("before", "IMAGE"), ("after", "IMAGE")], []),
     "FireRedConsistencyGuidance": ([("mask", "MASK")], [("guidance", "FIRERED_GUIDANCE")]),
     "FireRedComposite": ([("edited", "IMAGE"), ("source", "IMAGE"), ("mask", "MASK")], [("image", "IMAGE")]),
+    "FireRedRecaption": (
+        [("text_encoder", "FIRERED_TEXT_ENCODER"), ("image1", "IMAGE"), ("image2", "IMAGE"), ("image3", "IMAGE")],
+        [("instruction", "STRING")],
+    ),
     "LoadImage": ([], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
     "SaveImage": ([("images", "IMAGE")], []),
     "PreviewImage": ([("images", "IMAGE")], []),
@@ -266,11 +270,43 @@ def consistency() -> None:
     g.save("firered_consistency_guidance")
 
 
+def recaption() -> None:
+    g = Graph("FireRed: rewrite the instruction first")
+    note(g, "**Recaption.** FireRed Recaption expands a short instruction into a precise one (FireRed's agent does this "
+            "with Gemini; here the loaded Qwen2.5-VL or any OpenAI-compatible server writes it) and feeds FireRed Edit "
+            "Encode's prompt. Read the rewritten text in the node's output, or connect it to a text display. "
+            "**backend local needs the text encoder's language head**: load the release folder with FireRed Diffusers "
+            "Loader and connect its text_encoder (ComfyUI's qwen_2.5_vl_7b*.safetensors files have no lm_head), or set "
+            "backend to http with the url of your server (the key comes from the environment variable named in "
+            "api_key_env). Same seed, same text.")
+    dit, te, vae = loaders(g)
+    img = g.add("LoadImage", ["firered_example.png", "image"], (0, 520), size=(320, 320))
+    rc = g.add("FireRedRecaption", ["give the house a red door", "local", "http://127.0.0.1:8000/v1", "default", "", 0, "fixed",
+                                   400, 150], (400, 200), size=(400, 330))  # fmt: skip
+    enc = g.add("FireRedEditEncode", ["give the house a red door", " ", *ENC_REF], (400, 580), size=(400, 260))
+    g.nodes[enc - 1]["inputs"].append({"name": "prompt", "type": "STRING", "widget": {"name": "prompt"}, "link": None})
+    smp = g.add("FireRedSampler", sampler_widgets(), (860, 0), size=(320, 330))
+    dec = g.add("FireRedDecode", [], (1240, 0))
+    save = g.add("SaveImage", ["FireRed/recaption"], (1240, 120), size=(400, 400))
+    g.link(te, "text_encoder", rc, "text_encoder")
+    g.link(img, "IMAGE", rc, "image1")
+    g.link(rc, "instruction", enc, "prompt")
+    g.link(te, "text_encoder", enc, "text_encoder")
+    g.link(vae, "vae", enc, "vae")
+    g.link(img, "IMAGE", enc, "image1")
+    g.link(dit, "dit", smp, "dit")
+    g.link(enc, "cond", smp, "cond")
+    g.link(vae, "vae", dec, "vae")
+    g.link(smp, "latent", dec, "latent")
+    g.link(dec, "image", save, "images")
+    g.save("firered_recaption")
+
+
 def build_all(out_dir: Path = HERE) -> list[str]:
     """Write every workflow into ``out_dir``; returns the file names."""
     global OUT_DIR
     OUT_DIR = Path(out_dir)
-    for fn in (single, three, lightning, native, consistency):
+    for fn in (single, three, lightning, native, consistency, recaption):
         fn()
     return sorted(p.name for p in OUT_DIR.glob("firered_*.json"))
 
