@@ -64,12 +64,18 @@ class MissingKeyError(ValueError):
 
 
 def to_pil(img, what: str = "picture"):
-    """A PIL picture, or a ``[H, W, 3]`` / ``[1, H, W, 3]`` float tensor in [0, 1] (ComfyUI's IMAGE
-    layout) -> RGB PIL."""
+    """A PIL picture, a picture file, or a ``[H, W, 3]`` / ``[1, H, W, 3]`` float tensor in [0, 1]
+    (ComfyUI's IMAGE layout) -> RGB PIL."""
     from PIL import Image
 
     if isinstance(img, Image.Image):
         return img.convert("RGB")
+    if isinstance(img, (str, os.PathLike)):
+        try:
+            with Image.open(img) as im:
+                return im.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(f"{what} {str(img)!r} could not be read as a picture: {e}") from e
     if isinstance(img, torch.Tensor):
         t = img.detach().float().cpu()
         if t.dim() == 4 and t.shape[0] == 1:
@@ -77,7 +83,7 @@ def to_pil(img, what: str = "picture"):
         if t.dim() != 3 or t.shape[-1] != 3:
             raise ValueError(f"{what} must be [H, W, 3] or [1, H, W, 3] in [0, 1], got shape {tuple(img.shape)}")
         return Image.fromarray((t.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
-    raise TypeError(f"{what} is a {type(img).__name__}; expected a PIL picture or an image tensor")
+    raise TypeError(f"{what} is a {type(img).__name__}; expected a PIL picture, a picture file or an image tensor")
 
 
 def shrink(picture, max_side: int):

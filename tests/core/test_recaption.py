@@ -75,7 +75,7 @@ def test_clean_reply():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_local_recaption_is_seeded_and_the_system_prompt_reaches_the_model(local, monkeypatch):
+def test_local_recaption_is_seeded_and_the_system_prompt_reaches_the_model(local, monkeypatch, tmp_path):
     seen = []
     generate = local.model.generate
 
@@ -99,6 +99,9 @@ def test_local_recaption_is_seeded_and_the_system_prompt_reaches_the_model(local
     # a tensor picture (ComfyUI IMAGE) gives what the PIL picture gives
     t = torch.from_numpy(__import__("numpy").asarray(PIC, dtype="float32") / 255)[None]
     assert R.recaption("make the door blue", [t], seed=0, **kw) == a
+    # a picture file, too
+    PIC.save(tmp_path / "pic.png")
+    assert R.recaption("make the door blue", [str(tmp_path / "pic.png")], seed=0, **kw) == a
     # another system prompt reaches the model instead
     R.recaption("make the door blue", None, seed=0, system="Answer in one word.", **kw)
     assert "Answer in one word." in local.tokenizer.decode(seen[-1]) and R.system_prompt() not in local.tokenizer.decode(seen[-1])
@@ -187,6 +190,8 @@ def test_bad_input_is_named():
         R.recaption("door", backend="local")
     with pytest.raises(ValueError, match="picture 1 must be"):
         R.recaption("door", [torch.rand(3, 8, 8)], backend="http", url="http://127.0.0.1:9")
+    with pytest.raises(FileNotFoundError, match="picture 1 'nowhere.png' could not be read"):
+        R.recaption("door", ["nowhere.png"], backend="http", url="http://127.0.0.1:9")
 
 
 # ---------------------------------------------------------------------------------------------
