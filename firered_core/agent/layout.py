@@ -15,9 +15,9 @@ to the canvases. :func:`plan_layout` is the layout half of that, done locally an
   shows the *worst-placed* picture largest wins (ties: least padding). Ten pictures take about
   0.2 s (0.5 s without a base picture) on one CPU core.
 * A stitched canvas is padded (centred, ``fill`` colour when rendered) to an aspect within
-  ``[1 / max_aspect, max_aspect]``; each canvas has sides that are multiples of ``multiple`` and
-  at most ``canvas_area`` pixels (the VAE reference area), so the reference encoder does not shrink
-  it again.
+  ``[1 / max_aspect, max_aspect]`` and has sides that are multiples of ``multiple``; a picture
+  alone is its canvas, at its own aspect. Every canvas holds at most ``canvas_area`` pixels (the
+  VAE reference area), so the reference encoder does not shrink it again.
 
 **The stated fraction.** A tile's *fraction* is its side relative to the same region given to the
 model on its own (fitted to ``canvas_area`` at its aspect): ``sqrt(tile area / canvas_area)``.
@@ -263,20 +263,41 @@ def _arrange(aspects: tuple[float, ...], max_aspect: float) -> _Plan:
     return best
 
 
-def _canvas_size(aspect: float, area: int, multiple: int) -> tuple[int, int]:
-    """Sides that are multiples of ``multiple`` near ``aspect``, with ``width * height <= area``."""
-    w = max(multiple, int(math.sqrt(area * aspect) // multiple) * multiple)
-    h = max(multiple, int(math.sqrt(area / aspect) // multiple) * multiple)
-    while w * h > area and w > multiple:
-        w -= multiple
-    while w * h > area and h > multiple:
-        h -= multiple
-    return w, h
+def _canvas_size(content: tuple[float, float], area: int, multiple: int, max_aspect: float | None) -> tuple[int, int]:
+    """The canvas (sides multiples of ``multiple``, ``width * height <= area``, aspect within
+    ``max_aspect`` when given) that shows ``content`` (width, height) largest; the smaller canvas
+    on a tie (less padding)."""
+    cw, ch = content
+    best, best_key = (multiple, multiple), None
+    for h in range(multiple, area // multiple + 1, multiple):
+        w = area // h // multiple * multiple
+        if w < multiple:
+            break
+        if max_aspect is not None:
+            w = min(w, int(h * max_aspect) // multiple * multiple)
+            if w < multiple or h > w * max_aspect:
+                continue
+        scale = min(w / cw, h / ch)
+        # the narrowest width that still shows the content at this scale (less padding)
+        w = min(w, max(multiple, math.ceil(cw * scale / multiple - 1e-9) * multiple))
+        if max_aspect is not None and h > w * max_aspect:
+            w = min(area // h // multiple * multiple, math.ceil(h / max_aspect / multiple) * multiple)
+        key = (scale, -w * h)
+        if best_key is None or key > best_key:
+            best, best_key = (w, h), key
+    return best
 
 
-def _render_plan(plan: _Plan, pictures: Sequence[int], boxes: Sequence[Box], area: int, multiple: int) -> Canvas:
+def _render_plan(plan: _Plan, pictures: Sequence[int], boxes: Sequence[Box], area: int, multiple: int, max_aspect: float) -> Canvas:
     """Integer canvas and tile rectangles for a plan (tiles abut: shared edges are rounded once)."""
-    W, H = _canvas_size(plan.aspect, area, multiple)
+    if len(pictures) == 1:  # a picture alone: its own aspect at the area, no padding (the VAE resize rounds it)
+        bw, bh = boxes[0][2] - boxes[0][0], boxes[0][3] - boxes[0][1]
+        k = math.sqrt(area / (bw * bh))
+        W, H = max(1, math.floor(bw * k)), max(1, math.floor(bh * k))
+        while W * H > area:
+            W, H = max(1, W - 1), max(1, H - 1)
+        return Canvas(W, H, (Tile(pictures[0], boxes[0], (0, 0, W, H), math.sqrt(W * H / area)),))
+    W, H = _canvas_size(plan.content, area, multiple, max_aspect)
     real_w, real_h = plan.content
     s = min(W / real_w, H / real_h)
     ox, oy = (W - real_w * s) / 2, (H - real_h * s) / 2
@@ -380,7 +401,7 @@ def plan_layout(
             if best is None or score > best:
                 best, groups = score, list(cand)
         groups = ([(alone,)] if alone is not None else []) + groups
-    canvases = tuple(_render_plan(arrange(g), g, [regions[i] for i in g], canvas_area, multiple) for g in groups)
+    canvases = tuple(_render_plan(arrange(g), g, [regions[i] for i in g], canvas_area, multiple, max_aspect) for g in groups)
     layout = Layout(canvases)
     worst = min(layout.tiles, key=lambda t: t.fraction)
     if worst.fraction < min_fraction:
