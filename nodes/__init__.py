@@ -14,7 +14,7 @@ import logging
 log = logging.getLogger("FireRed")
 
 #: node modules, in menu order; each exports NODE_CLASS_MAPPINGS / NODE_DISPLAY_NAME_MAPPINGS
-MODULES = ("loaders", "edit", "recaption", "consistency", "native", "speed", "train")
+MODULES = ("loaders", "edit", "stitch", "recaption", "consistency", "native", "speed", "train")
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
