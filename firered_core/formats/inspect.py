@@ -112,23 +112,24 @@ def _st_precision(tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: dic
 
 def _lora_keys(tensors) -> list[tuple[str, str, str]]:
     """(key, base name, role) of every LoRA / LyCORIS tensor."""
-    from .lora import _split_suffix
+    from .lora_keys import split_suffix
 
     out = []
     for k in tensors:
-        split = _split_suffix(k)
+        split = split_suffix(k)
         if split is not None:
             out.append((k, *split))
     return out
 
 
 def _lora_info(header: SafetensorsHeader, path: Path | None) -> dict[str, Any]:
-    from .lora import _FORMAT_NAMES, _PREFIXES, _alpha_config
+    from .lora import alpha_config
+    from .lora_keys import FORMAT_NAMES, PREFIXES
 
     found = _lora_keys(header.tensors)
     prefixes: Counter[str] = Counter()
     for _, base, _ in found:
-        prefixes[next((p for p in _PREFIXES if base.startswith(p)), "")] += 1
+        prefixes[next((p for p in PREFIXES if base.startswith(p)), "")] += 1
     prefix = prefixes.most_common(1)[0][0] if prefixes else ""
     roles = {role for _, _, role in found}
     ranks: Counter[int] = Counter()
@@ -161,7 +162,7 @@ def _lora_info(header: SafetensorsHeader, path: Path | None) -> dict[str, Any]:
         except (FileFormatError, OSError, IndexError, RuntimeError):
             alpha = None
     if alpha is None:
-        conf = _alpha_config(header.metadata, str(path) if path is not None else None)
+        conf = alpha_config(header.metadata, str(path) if path is not None else None)
         if conf.get("lora_alpha") is not None:
             try:
                 alpha = float(conf["lora_alpha"])
@@ -170,7 +171,7 @@ def _lora_info(header: SafetensorsHeader, path: Path | None) -> dict[str, Any]:
     rank = ranks.most_common(1)[0][0] if ranks else None
     return {
         "format": fmt,
-        "layout": _FORMAT_NAMES.get(prefix, repr(prefix)),
+        "layout": FORMAT_NAMES.get(prefix, repr(prefix)),
         "rank": rank,
         "ranks": sorted(ranks) if len(ranks) > 1 else None,
         "alpha": alpha,

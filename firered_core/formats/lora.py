@@ -70,6 +70,8 @@ from torch import nn
 from ._common import LoraFormatError, read_safetensors_header
 from .comfy_quant import QuantLinear
 from .fp8_layers import FP8Linear
+from .lora_keys import FORMAT_NAMES, resolve, split_suffix, target_guess, unsupported_kind
+from .lora_layers import DeltaLayer, LoraLayer, dense_weight, dora_delta, lycoris_layer
 
 log = logging.getLogger(__name__)
 
@@ -85,244 +87,6 @@ __all__ = [
     "remove_loras",
     "set_lora_strength",
 ]
-
-
-# suffix -> role; the longest suffix that matches wins
-_SUFFIXES = {
-    ".lora_A.weight": "down",
-    ".lora_A.default.weight": "down",
-    ".lora_down.weight": "down",
-    ".lora.down.weight": "down",
-    "_lora.down.weight": "down",
-    ".lora_B.weight": "up",
-    ".lora_B.default.weight": "up",
-    ".lora_up.weight": "up",
-    ".lora.up.weight": "up",
-    "_lora.up.weight": "up",
-    ".lora_A": "down",
-    ".lora_B": "up",
-    ".lora_linear_layer.down.weight": "down",
-    ".lora_linear_layer.up.weight": "up",
-    ".lora_mid.weight": "mid",
-    ".lora_B.bias": "up_bias",
-    ".lora_up.bias": "up_bias",
-    ".alpha": "alpha",
-    ".dora_scale": "dora_scale",
-    ".diff": "diff",
-    ".diff_b": "diff_b",
-}
-# LyCORIS LoHa / LoKr factors (the role is the suffix without its dot)
-for _k in (
-    "hada_w1_a",
-    "hada_w1_b",
-    "hada_w2_a",
-    "hada_w2_b",
-    "lokr_w1",
-    "lokr_w1_a",
-    "lokr_w1_b",
-    "lokr_w2",
-    "lokr_w2_a",
-    "lokr_w2_b",
-):
-    _SUFFIXES["." + _k] = _k
-# recognised adapter kinds this loader does not apply, by the last component of a key
-_UNSUPPORTED_NAMES: dict[str, str] = {}
-_UNSUPPORTED_STARTS = {
-    "hada_t": "LyCORIS LoHa with CP tensors (hada_t1/t2)",
-    "lokr_t": "LyCORIS LoKr with a CP tensor (lokr_t2)",
-    "oft_": "OFT",
-    "boft_": "BOFT",
-}
-
-
-def _unsupported_kind(key: str) -> str | None:
-    last = key.rpartition(".")[2]
-    return _UNSUPPORTED_NAMES.get(last) or next((v for k, v in _UNSUPPORTED_STARTS.items() if last.startswith(k)), None)
-
-
-_PREFIXES = (
-    "base_model.model.",
-    "transformer.",
-    "model.diffusion_model.",
-    "diffusion_model.",
-    "lora_unet_",
-    "lora_transformer_",
-    "lycoris_",
-    "unet.",
-)
-_FORMAT_NAMES = {
-    "transformer.": "diffusers/PEFT ('transformer.' prefix)",
-    "base_model.model.": "PEFT ('base_model.model.' prefix)",
-    "": "bare PEFT / diffusers names",
-    "model.diffusion_model.": "ComfyUI ('model.diffusion_model.' prefix)",
-    "diffusion_model.": "ComfyUI ('diffusion_model.' prefix)",
-    "lora_unet_": "kohya ('lora_unet_' underscored names)",
-    "lora_transformer_": "kohya ('lora_transformer_' underscored names)",
-    "lycoris_": "SimpleTuner LyCORIS ('lycoris_' underscored names)",
-    "unet.": "'unet.' prefix",
-}
-
-
-@dataclass
-class LoraLayer:
-    """One adapted linear: ``down`` [rank, in], ``up`` [out, rank], ``scale`` = alpha / rank and an
-    optional ``bias`` [out] of the up projection (PEFT's ``lora_bias``). ``layer(x)`` is the output
-    a strength of 1 adds: ``scale * (up(down(x)) + bias)``, in ``x.dtype``."""
-
-    down: torch.Tensor
-    up: torch.Tensor
-    scale: float
-    bias: torch.Tensor | None = None
-    kind = "LoRA"
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.up.shape[0], self.down.shape[1]
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        t = {"down": self.down, "up": self.up}
-        return t if self.bias is None else {**t, "bias": self.bias}
-
-    def to(self, device, dtype):
-        return type(self)(**{k: v.to(device, dtype) for k, v in self.tensors().items()}, scale=self.scale)
-
-    def delta_weight(self) -> torch.Tensor:
-        """``scale * up @ down`` ([out, in], float32): the update a strength of 1 adds to W."""
-        return self.scale * (self.up.float() @ self.down.float())
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        d, u = _cast(x, self.down, self.up)
-        b = None if self.bias is None else _cast(x, self.bias)[0]
-        return nn.functional.linear(nn.functional.linear(x, d), u, b) * self.scale
-
-
-@dataclass
-class DeltaLayer(LoraLayer):
-    """A full update of a layer: ``delta`` [out, in] added to its weight and / or ``delta_b``
-    [out] to its bias -- a ``diff`` / ``diff_b`` patch, or a DoRA layer's ``W' - W`` (built from
-    the base weight at load). ``layer(x) = x @ delta^T + delta_b``."""
-
-    down: torch.Tensor = None  # unused
-    up: torch.Tensor = None
-    scale: float = 1.0
-    delta: torch.Tensor | None = None
-    delta_b: torch.Tensor | None = None
-    kind = "diff"
-
-    @property
-    def shape(self) -> tuple[int, int] | None:
-        return tuple(self.delta.shape) if self.delta is not None else None
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in (("delta", self.delta), ("delta_b", self.delta_b)) if v is not None}
-
-    def to(self, device, dtype):
-        new = super().to(device, dtype)
-        new.kind = self.kind
-        return new
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.delta.float()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.delta is None:
-            return _cast(x, self.delta_b)[0].expand(*x.shape[:-1], -1)
-        d = _cast(x, self.delta)[0]
-        b = None if self.delta_b is None else _cast(x, self.delta_b)[0]
-        return nn.functional.linear(x, d, b)
-
-
-def _dense_weight(m: nn.Module) -> torch.Tensor:
-    """A layer's weight as a float32 [out, in] tensor (fp8 and GGUF weights dequantized)."""
-    if isinstance(m, (FP8Linear, QuantLinear)):
-        return m.dequantized_weight(torch.float32)
-    w = m.weight
-    if type(w).__name__ == "GGUFParameter":
-        from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
-
-        return dequantize_gguf_tensor(w).float().reshape(m.out_features, m.in_features)
-    return w.detach().float()
-
-
-def dora_delta(weight: torch.Tensor, lora_delta: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
-    """``W' - W`` of a DoRA layer (float32): ``W' = dora_scale * V / (||V|| + eps)``, ``V = W +
-    lora_delta``, the norm along the axis ``dora_scale`` does not span (module docstring)."""
-    v = weight.float() + lora_delta.float()
-    m = dora_scale.float()
-    if m.dim() == 1:
-        m = m[:, None]
-    if m.shape == (v.shape[0], 1):  # a magnitude per output row (PEFT's layout)
-        norm = v.norm(dim=1, keepdim=True)
-    elif m.shape == (1, v.shape[1]):  # a magnitude per input column (LyCORIS / kohya)
-        norm = v.norm(dim=0, keepdim=True)
-    else:
-        raise ValueError(f"dora_scale of shape {tuple(dora_scale.shape)} fits neither [out, 1] nor [1, in] "
-                         f"of a {v.shape[1]} -> {v.shape[0]} layer")
-    return v * (m / (norm + torch.finfo(torch.float32).eps)) - weight.float()
-
-
-def _cast(x: torch.Tensor, *ts: torch.Tensor):
-    return [t if t.dtype == x.dtype and t.device == x.device else t.to(x.device, x.dtype) for t in ts]
-
-
-@dataclass
-class LoHaLayer(LoraLayer):
-    """LyCORIS LoHa: ``scale * (w1_a @ w1_b) * (w2_a @ w2_b)`` (Hadamard product), scale = alpha / rank.
-    Its full update is rebuilt in every forward (one extra matmul of the layer's size)."""
-
-    down: torch.Tensor = None  # unused
-    up: torch.Tensor = None
-    scale: float = 1.0
-    w1_a: torch.Tensor = None
-    w1_b: torch.Tensor = None
-    w2_a: torch.Tensor = None
-    w2_b: torch.Tensor = None
-    kind = "LoHa"
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.w1_a.shape[0], self.w1_b.shape[1]
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"w1_a": self.w1_a, "w1_b": self.w1_b, "w2_a": self.w2_a, "w2_b": self.w2_b}
-
-    def delta_weight(self) -> torch.Tensor:
-        f = [t.float() for t in self.tensors().values()]
-        return self.scale * (f[0] @ f[1]) * (f[2] @ f[3])
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        a1, b1, a2, b2 = _cast(x, *self.tensors().values())
-        return nn.functional.linear(x, (a1 @ b1) * (a2 @ b2)) * self.scale
-
-
-@dataclass
-class LoKrLayer(LoraLayer):
-    """LyCORIS LoKr: ``scale * kron(w1, w2)``, each factor full or a low-rank product; scale = alpha /
-    rank of the decomposed factor (1 when both are full). Applied without forming the Kronecker
-    product: ``kron(A, B) x = vec(A X B^T)``."""
-
-    down: torch.Tensor = None  # unused
-    up: torch.Tensor = None
-    scale: float = 1.0
-    w1: torch.Tensor = None
-    w2: torch.Tensor = None
-    kind = "LoKr"
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.w1.shape[0] * self.w2.shape[0], self.w1.shape[1] * self.w2.shape[1]
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"w1": self.w1, "w2": self.w2}
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.scale * torch.kron(self.w1.float(), self.w2.float())
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = _cast(x, self.w1, self.w2)
-        xs = x.reshape(*x.shape[:-1], a.shape[1], b.shape[1])
-        y = torch.einsum("ij,...jl,kl->...ik", a, xs, b)
-        return y.reshape(*x.shape[:-1], a.shape[0] * b.shape[0]) * self.scale
 
 
 @dataclass
@@ -348,73 +112,8 @@ class LoraEntry:
     unmatched: list[str]
 
 
-def _lycoris_layer(g: dict[str, torch.Tensor]) -> LoraLayer:
-    """A LoHa or LoKr layer from its factors (``g``: role -> tensor), scaled as LyCORIS does."""
-    alpha = float(g["alpha"].float().item()) if "alpha" in g else None
-    if "hada_w1_a" in g:
-        rank = g["hada_w1_b"].shape[0]
-        return LoHaLayer(
-            scale=alpha / rank if alpha else 1.0,
-            w1_a=g["hada_w1_a"], w1_b=g["hada_w1_b"], w2_a=g["hada_w2_a"], w2_b=g["hada_w2_b"],
-        )  # fmt: skip
-    w1 = g["lokr_w1"] if "lokr_w1" in g else g["lokr_w1_a"] @ g["lokr_w1_b"]
-    w2 = g["lokr_w2"] if "lokr_w2" in g else g["lokr_w2_a"] @ g["lokr_w2_b"]
-    rank = g["lokr_w2_b"].shape[0] if "lokr_w2_b" in g else g["lokr_w1_b"].shape[0] if "lokr_w1_b" in g else None
-    return LoKrLayer(scale=alpha / rank if alpha and rank else 1.0, w1=w1, w2=w2)
-
-
-_OTHER_MODELS = (  # patterns in a LoRA's layer names (separators ignored) -> the model it was made for
-    (("double.blocks", "single.blocks", "single.transformer.blocks"), "a Flux-style model"),
-    (("joint.blocks",), "SD3 / SD3.5"),
-    (("input.blocks", "output.blocks", "down.blocks", "up.blocks", "mid.block"), "a Stable Diffusion / SDXL UNet"),
-    (("te1.", "te2.", "text.model.encoder", "text.encoder"), "a text encoder"),
-    (("blocks.0.self.attn", "blocks.0.cross.attn"), "a Wan-style video model"),
-)
-
-
-def _lora_target_guess(keys) -> str:
-    """What model a LoRA that matched nothing was made for, in words."""
-    keys = list(keys)
-    if not keys:
-        return "no tensors"
-    flat = " ".join(keys).replace("_", ".")
-    for patterns, name in _OTHER_MODELS:
-        if any(p in flat for p in patterns):
-            return f"a LoRA for {name}"
-    if any(_split_suffix(k) for k in keys):
-        return "LoRA tensors whose layer names are not this model's"
-    return "no LoRA tensors (lora_A/lora_B, lora_down/lora_up, hada_*, lokr_*)"
-
-
 def _adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, FP8Linear, QuantLinear))}
-
-
-def _split_suffix(key: str) -> tuple[str, str] | None:
-    best = None
-    for suf, role in _SUFFIXES.items():
-        if key.endswith(suf) and (best is None or len(suf) > len(best[0])):
-            best = (suf, role)
-    if best is None:
-        return None
-    return key[: -len(best[0])], best[1]
-
-
-def _resolve(base: str, lookup: Mapping[str, str]) -> tuple[str, str] | None:
-    """(module name, prefix stripped) for a LoRA base name, trying every prefix combination."""
-    todo = [(base, "")]
-    seen = set()
-    while todo:
-        name, pre = todo.pop(0)
-        if name in seen:
-            continue
-        seen.add(name)
-        if name in lookup:
-            return lookup[name], pre
-        for p in _PREFIXES:
-            if name.startswith(p):
-                todo.append((name[len(p) :], pre or p))
-    return None
 
 
 def _read_state_dict(path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
@@ -425,7 +124,7 @@ def _read_state_dict(path) -> tuple[dict[str, torch.Tensor], dict[str, str], str
     return sd, header.metadata, path
 
 
-def _alpha_config(metadata: Mapping[str, str], path: str | None) -> dict[str, Any]:
+def alpha_config(metadata: Mapping[str, str], path: str | None) -> dict[str, Any]:
     """PEFT-style rank / alpha from diffusers' ``lora_adapter_metadata`` or an adapter_config.json."""
     conf: dict[str, Any] = {}
     raw = metadata.get("lora_adapter_metadata")
@@ -508,7 +207,7 @@ def _with_full_patches(src: str, module: str, m: nn.Module, layer: LoraLayer | N
         if delta is None:
             raise LoraFormatError(f"{src}: layer {module!r} has a dora_scale but no LoRA update to decompose")
         try:
-            delta = dora_delta(_dense_weight(m), delta, dora)
+            delta = dora_delta(dense_weight(m), delta, dora)
         except ValueError as e:
             raise LoraFormatError(f"{src}: layer {module!r}: {e}") from None
         kind = "DoRA"
@@ -541,15 +240,15 @@ def read_lora(lora, model: nn.Module, *, source: str | None = None) -> ParsedLor
     prefixes: dict[str, int] = {}
     styles: set[str] = set()
     for key, t in sd.items():
-        kind = _unsupported_kind(key)
-        split = None if kind else _split_suffix(key)
+        kind = unsupported_kind(key)
+        split = None if kind else split_suffix(key)
         if split is None:
             if kind:
                 unsupported[kind] = unsupported.get(kind, 0) + 1
             unmatched.append(key)
             continue
         base, role = split
-        hit = _resolve(base, lookup)
+        hit = resolve(base, lookup)
         if hit is None:
             unmatched.append(key)
             continue
@@ -561,14 +260,14 @@ def read_lora(lora, model: nn.Module, *, source: str | None = None) -> ParsedLor
         g[role] = t
         g.setdefault("_keys", []).append(key)  # type: ignore[union-attr]
 
-    conf = _alpha_config(metadata, path)
+    conf = alpha_config(metadata, path)
     layers: dict[str, LoraLayer] = {}
     for module, g in groups.items():
         keys = g.pop("_keys")  # type: ignore[arg-type]
         m = modules[module]
         extra = {k: g.pop(k) for k in ("dora_scale", "diff", "diff_b", "mid", "up_bias") if k in g}
         try:
-            layer = _lycoris_layer(g) if any(k.startswith(("hada_", "lokr_")) for k in g) else None
+            layer = lycoris_layer(g) if any(k.startswith(("hada_", "lokr_")) for k in g) else None
         except (KeyError, RuntimeError, IndexError) as e:
             raise LoraFormatError(
                 f"{src}: incomplete or inconsistent LyCORIS factors for layer {module!r}: {e!r}"
@@ -595,7 +294,7 @@ def read_lora(lora, model: nn.Module, *, source: str | None = None) -> ParsedLor
     if not layers:
         raise LoraFormatError(
             f"{src}: none of its {len(sd)} tensors adapts a layer of this MM-DiT "
-            f"(found {_lora_target_guess(sd.keys())}; first keys {sorted(sd)[:3]}"
+            f"(found {target_guess(sd.keys())}; first keys {sorted(sd)[:3]}"
             + (f"; unsupported kinds: {unsupported}" if unsupported else "")
             + "); expected a Qwen-Image / FireRed LoRA with keys such as "
             "'transformer_blocks.0.attn.to_q.lora_A.weight' (optionally under 'transformer.' or "
@@ -604,7 +303,7 @@ def read_lora(lora, model: nn.Module, *, source: str | None = None) -> ParsedLor
     pre = max(prefixes, key=prefixes.get) if prefixes else ""
     styles |= {f"LyCORIS {la.kind}" if la.kind in ("LoHa", "LoKr") else la.kind
                for la in layers.values() if la.kind != "LoRA"}
-    fmt = f"{_FORMAT_NAMES.get(pre, repr(pre))}, {'+'.join(sorted(styles))}"
+    fmt = f"{FORMAT_NAMES.get(pre, repr(pre))}, {'+'.join(sorted(styles))}"
     if unmatched:
         detail = f" ({', '.join(f'{v} {k}' for k, v in unsupported.items())} not supported)" if unsupported else ""
         msg = (
