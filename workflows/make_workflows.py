@@ -63,6 +63,11 @@ SOCKETS = {
         [("text_encoder", "FIRERED_TEXT_ENCODER"), ("image1", "IMAGE"), ("image2", "IMAGE"), ("image3", "IMAGE")],
         [("instruction", "STRING")],
     ),
+    "FireRedStitchPictures": (
+        [("images", "IMAGE")] + [(f"images_{i}", "IMAGE") for i in range(2, 11)] + [("masks", "MASK")],
+        [("image1", "IMAGE"), ("image2", "IMAGE"), ("image3", "IMAGE"), ("prompt", "STRING"), ("preview", "IMAGE")],
+    ),
+    "FireRedCropToMask": ([("image", "IMAGE"), ("mask", "MASK")], [("image", "IMAGE")]),
     "LoadImage": ([], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
     "SaveImage": ([("images", "IMAGE")], []),
     "PreviewImage": ([("images", "IMAGE")], []),
@@ -302,11 +307,50 @@ def recaption() -> None:
     g.save("firered_recaption")
 
 
+def stitched() -> None:
+    g = Graph("FireRed: more than three pictures")
+    note(g, "**Up to ten pictures.** FireRed Stitch Pictures crops and stitches them onto the model's three canvases, as "
+            "FireRed's agent does: Picture 1 (base_picture) keeps a canvas of its own and the output takes its aspect; the "
+            "rest share two canvases. It rewrites 'Picture N' in the instruction to the canvases (e.g. 'Picture 2 (top "
+            "left)'). Each socket takes one picture, a batch or a list. To crop a picture to what the instruction needs, "
+            "paint a mask on it (right click > Open in MaskEditor) and pass it through FireRed Crop To Mask.")
+    dit, te, vae = loaders(g)
+    imgs = [g.add("LoadImage", [f"firered_picture_{i}.png", "image"], (0, 520 + 340 * (i - 1)), size=(320, 320)) for i in range(1, 6)]
+    crop = g.add("FireRedCropToMask", [0.1], (400, 900), size=(300, 100))
+    st = g.add("FireRedStitchPictures",
+               ["Put the hat of Picture 2 and the scarf of Picture 3 on the dog of Picture 4, next to the vase of Picture 5, "
+                "in the garden of Picture 1", 1, 1024, 0.1], (400, 520), size=(400, 340))  # fmt: skip
+    prev = g.add("PreviewImage", [], (860, 520), size=(400, 300))
+    enc = g.add("FireRedEditEncode", ["", " ", *ENC_REF], (860, 860), size=(400, 260))
+    g.nodes[enc - 1]["inputs"].append({"name": "prompt", "type": "STRING", "widget": {"name": "prompt"}, "link": None})
+    smp = g.add("FireRedSampler", sampler_widgets(), (1320, 0), size=(320, 330))
+    dec = g.add("FireRedDecode", [], (1700, 0))
+    save = g.add("SaveImage", ["FireRed/stitched"], (1700, 120), size=(400, 400))
+    g.link(imgs[0], "IMAGE", st, "images")
+    g.link(imgs[1], "IMAGE", crop, "image")
+    g.link(imgs[1], "MASK", crop, "mask")
+    g.link(crop, "image", st, "images_2")
+    for i, img in enumerate(imgs[2:], 3):
+        g.link(img, "IMAGE", st, f"images_{i}")
+    g.link(st, "preview", prev, "images")
+    g.link(te, "text_encoder", enc, "text_encoder")
+    g.link(vae, "vae", enc, "vae")
+    for i in (1, 2, 3):
+        g.link(st, f"image{i}", enc, f"image{i}")
+    g.link(st, "prompt", enc, "prompt")
+    g.link(dit, "dit", smp, "dit")
+    g.link(enc, "cond", smp, "cond")
+    g.link(vae, "vae", dec, "vae")
+    g.link(smp, "latent", dec, "latent")
+    g.link(dec, "image", save, "images")
+    g.save("firered_stitch_pictures")
+
+
 def build_all(out_dir: Path = HERE) -> list[str]:
     """Write every workflow into ``out_dir``; returns the file names."""
     global OUT_DIR
     OUT_DIR = Path(out_dir)
-    for fn in (single, three, lightning, native, consistency, recaption):
+    for fn in (single, three, lightning, native, consistency, recaption, stitched):
         fn()
     return sorted(p.name for p in OUT_DIR.glob("firered_*.json"))
 
