@@ -9,8 +9,10 @@ read in socket order. Its three canvases go to FireRed Edit Encode's ``image1``-
 
 from __future__ import annotations
 
+from ..firered_core.agent import grounding as ground
 from ..firered_core.agent import layout, stitch
 from ..firered_core.model import images as imgs
+from . import host
 
 CATEGORY = "FireRed"
 EXTRA = 9  # picture sockets after the first
@@ -18,6 +20,11 @@ EXTRA = 9  # picture sockets after the first
 _PROMPT_TIP = (
     "The edit instruction, naming the pictures in socket order as Picture 1, Picture 2, ... (also 'the second image', "
     "'图2'). It comes out rewritten to the canvases, e.g. 'Picture 5' -> 'Picture 2 (top right)'."
+)
+_GROUND_TIP = (
+    "Optional: a Qwen2.5-VL with its language head (FireRed Diffusers Loader's text_encoder; ComfyUI's single "
+    "text-encoder files have none) finds what the instruction needs in each picture without a mask, and those are "
+    "cropped to it. Used with more than three pictures; the base picture stays whole."
 )
 _MASK_TIP = (
     "Optional crop masks, one per picture in order (a batch or a list): each picture is cropped to its mask's region plus "
@@ -95,19 +102,33 @@ class FireRedStitchPictures:
                 "margin": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1.0, "step": 0.01,
                                      "tooltip": "Context kept around a mask's region, as a fraction of its width and height."}),
             },
-            "optional": {**pics, "masks": ("MASK", {"tooltip": _MASK_TIP})},
+            "optional": {
+                **pics,
+                "masks": ("MASK", {"tooltip": _MASK_TIP}),
+                "grounding": ("FIRERED_TEXT_ENCODER", {"tooltip": _GROUND_TIP}),
+            },
         }
 
-    def stitch(self, images, prompt, base_picture, ref_size, margin, masks=None, **more):
+    def stitch(self, images, prompt, base_picture, ref_size, margin, masks=None, grounding=None, **more):
         groups = [images] + [more.get(f"images_{i}") for i in range(2, EXTRA + 2)]
         pics = _pictures(groups)
         if not pics:
             raise ValueError("FireRed Stitch Pictures: no pictures connected")
-        size = int(_first(ref_size, 1024))
-        st = stitch.stitch(
-            pics, _first(prompt, ""), masks=_masks(masks), base=int(_first(base_picture, 1)),
-            canvas_area=size * size, margin=float(_first(margin, 0.1)),
-        )
+        size, base, text = int(_first(ref_size, 1024)), int(_first(base_picture, 1)), _first(prompt, "")
+        layout.check_count(len(pics))
+        crop_masks = _masks(masks)
+        boxes = None
+        te = _first(grounding)
+        if te is not None and len(pics) > layout.MAX_CANVASES:
+            # ask the model only for pictures without a mask of their own, never for the base picture
+            masked = [m is not None and bool((m >= 0.5).any()) for m in (crop_masks or [])]
+            skip = [i + 1 == base or (i < len(masked) and masked[i]) for i in range(len(pics))]
+            with host.on_device(te):
+                found = ground.ground_boxes(pics, text, te.model, te.processor, skip=skip, source=te.source)
+            boxes = [b if not (i < len(masked) and masked[i]) else None for i, b in enumerate(found)]
+            crop_masks = [m if i < len(masked) and masked[i] else None for i, m in enumerate(crop_masks or [])] or None
+        st = stitch.stitch(pics, text, boxes=boxes, masks=crop_masks, base=base, canvas_area=size * size,
+                           margin=float(_first(margin, 0.1)))
         canvases = [_unit(p) for p in st.pictures] + [None] * (3 - len(st.pictures))
         return (*canvases, st.prompt, _unit(stitch.preview(st.pictures)))
 

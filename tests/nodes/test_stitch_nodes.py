@@ -72,3 +72,28 @@ def test_stitched_canvases_edit_through_the_encode_node(pack, loaded):
     latent, _ = m["FireRedSampler"]().sample(dit, cond, 1, 1, 1.0, "euler", "flowmatch", 0.0, 48, 32)
     (image,) = m["FireRedDecode"]().decode(vae, latent)
     assert image.shape == (1, 32, 48, 3)
+
+
+def test_grounding_input_crops_unmasked_pictures(pack, monkeypatch):
+    """With a text encoder connected, pictures without a mask (never the base) get the model's boxes."""
+    import importlib
+
+    from firered_core.parts import TextEncoder
+
+    mod = importlib.import_module(pack.__name__ + ".nodes.stitch")
+    calls = {}
+
+    def fake(pics, text, model, processor, *, skip, source):
+        calls.update(n=len(pics), skip=skip, text=text)
+        return [None if s else (0, 0, 20, 20) for s in skip]
+
+    monkeypatch.setattr(mod.ground, "ground_boxes", fake)
+    pics = [_image(40, 30, 0.1)] + [_image(40, 40, 0.2 * i) for i in range(1, 4)]
+    mask = torch.zeros(40, 40)
+    mask[0:10, 0:10] = 1
+    masks = [torch.zeros(1, 64, 64), torch.stack([mask])]  # picture 1 (empty: whole), picture 2 masked
+    te = TextEncoder(model=None, processor=None, source="te")
+    node = pack.NODE_CLASS_MAPPINGS["FireRedStitchPictures"]()
+    node.stitch([torch.cat(pics[:1])], ["Picture 3 on Picture 1"], [1], [512], [0.0], masks=masks, grounding=[te],
+                images_2=[torch.cat(pics[1:])])
+    assert calls == {"n": 4, "skip": [True, True, False, False], "text": "Picture 3 on Picture 1"}
