@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--crop", action="append", default=[], metavar="N=x0,y0,x1,y1|N=MASK",
                    help="show only part of picture N: a box in its pixels, or the bounding box (plus a 10%% margin) of "
                         "the white part of a mask picture of the same size (repeatable)")
+    e.add_argument("--ground", action="store_true",
+                   help="with more than 3 pictures: crop each picture without --crop (except the base) to what the "
+                        "instruction needs, found by the edit's own Qwen2.5-VL (needs its language head: a release "
+                        "folder's text_encoder/, not a ComfyUI single file)")
     e.add_argument("--base-picture", type=int, default=1, metavar="N",
                    help="with more than 3 pictures: the picture that keeps a canvas of its own (the scene; the output "
                         "takes its aspect), 0 = none (default 1)")
@@ -222,6 +226,8 @@ def _edit(args) -> int:
         t_load = time.perf_counter() - t0
         if args.recaption and not args.recaption_url:
             prompt = _recaption(args, pictures, editor)
+        if args.ground and len(pictures) > 3:
+            args.crop_boxes = _ground(args, pictures, prompt, editor)
         bar = None
 
         def progress(info) -> None:
@@ -300,6 +306,25 @@ def _recaption(args, pictures, editor) -> str:
         raise ValueError(f"--recaption: {e}") from None
     print(f"rewritten instruction: {out}", file=sys.stderr)
     return out
+
+
+def _ground(args, pictures, prompt, editor) -> list:
+    """``--ground``: crop boxes from the editor's own Qwen2.5-VL for the pictures without ``--crop``
+    (never the base picture). Raises ValueError naming what failed."""
+    from .agent import grounding, vlm
+
+    given = args.crop_boxes or [None] * len(pictures)
+    skip = [i + 1 == args.base_picture or given[i] is not None for i in range(len(pictures))]
+    print("finding what the instruction needs in each picture (--ground)...", file=sys.stderr)
+    source = args.text_encoder or str(Path(args.model or "tiny model") / "text_encoder")
+    try:
+        with editor._stage("text_encoder"):
+            found = grounding.ground_boxes(pictures, prompt, editor.c.text_encoder, editor.c.processor, skip=skip, source=source)
+    except vlm.NoLanguageHeadError as e:
+        raise ValueError(f"--ground: {e} On the command line: --model RELEASE_FOLDER without --text-encoder.") from None
+    boxes = [g if g is not None else f for g, f in zip(given, found)]
+    print(f"crop boxes: {boxes}", file=sys.stderr)
+    return boxes
 
 
 def _speed_memory(args):
