@@ -90,3 +90,27 @@ def test_the_tiny_qwen_runs_and_a_headless_file_is_refused(tiny_model_dir, tmp_p
     with pytest.raises(vlm.NoLanguageHeadError, match=r"no language head \(lm_head\), which finding crop boxes") as e:
         G.ground_boxes(pics, "x", te, local.processor, source=str(headless))
     assert "ComfyUI's single text-encoder files" in str(e.value) and headless.name in str(e.value)
+
+
+@pytest.mark.slow
+def test_cli_ground_on_the_tiny_model(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    from firered_core import cli
+    from firered_core.pipeline import FireRedEditor
+
+    real_edit, seen = FireRedEditor.edit, {}  # small canvases, so the tiny model's run takes seconds
+    monkeypatch.setattr(FireRedEditor, "edit",
+                        lambda self, *a, **k: seen.update(k) or real_edit(self, *a, **k, ref_area=128 * 128, vl_area=64 * 64))
+    asked = []
+    real_ground = G.ground_boxes
+    monkeypatch.setattr(G, "ground_boxes", lambda *a, **k: asked.append(k["skip"]) or real_ground(*a, **k, max_new_tokens=4))
+    paths = []
+    for i in range(4):
+        paths += ["--image", str(tmp_path / f"p{i}.png")]
+        Image.new("RGB", (48 + 8 * i, 32), (40 * i, 90, 30)).save(paths[-1])
+    rc = cli.main(["edit", "--model", str(tiny_model_dir), *paths, "--crop", "2=0,0,20,30", "--ground", "--prompt",
+                   "Picture 4 on Picture 1", "--out", str(tmp_path / "o.png"), "--steps", "1", "--cfg", "1",
+                   "--width", "64", "--height", "48", "--dtype", "fp32"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert asked == [[True, True, False, False]] and "crop boxes:" in err
+    assert seen["crop_boxes"][1] == (0, 0, 20, 30) and seen["crop_boxes"][0] is None
