@@ -143,7 +143,7 @@ def test_the_readme_single_file_edit_finds_the_tokenizer_make_tiny_wrote(tmp_pat
                         "--transformer", str(m / "diffusion_models" / "FireRed-Image-Edit-1.1-transformer.safetensors"),
                         "--text-encoder", str(m / "text_encoders" / "qwen_2.5_vl_7b_fp8_scaled.safetensors"),
                         "--vae", str(m / "vae" / "qwen_image_vae.safetensors"),
-                        "--image", str(ROOT / "examples" / "house.png"), "--prompt", "paint the house blue",
+                        "--image", str(ROOT / "assets" / "house.png"), "--prompt", "paint the house blue",
                         "--out", str(tmp_path / "out.png"), "--steps", "2", "--width", "64", "--height", "48"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
