@@ -136,6 +136,8 @@ def make_tiny(
     from diffusers import __version__ as diffusers_version
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    from .formats.text_encoder_config import QWEN25_VL_7B, VISION_TOKENS
+
     text = text or TinyTextConfig()
 
     if attention_head_dim is None:
@@ -203,25 +205,16 @@ def make_tiny(
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
         },
-        vision_config={
+        vision_config={  # Qwen2.5-VL's vision tower (patches, merge, window), smaller
+            **QWEN25_VL_7B["vision_config"],
             "depth": text.vision_depth,
             "hidden_size": text.vision_hidden_size,
             "intermediate_size": text.vision_intermediate_size,
             "num_heads": text.vision_num_heads,
-            "hidden_act": "silu",
-            "in_channels": 3,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "tokens_per_second": 2,
-            "window_size": 112,
             "out_hidden_size": text.hidden_size,
             "fullatt_block_indexes": [text.vision_depth - 1],
         },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **{field: ids[token] for field, token in VISION_TOKENS.items()},
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)

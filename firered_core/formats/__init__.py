@@ -30,7 +30,8 @@ naming the file, what was found and what was expected.
   ``qwen_image_vae.safetensors`` (the Wan-2.1 layout), the same weights in diffusers names, or the
   ``vae/`` folder; a ``vae.`` / ``first_stage_model.`` prefix is stripped.
 - Text encoder, :mod:`.text_encoder_files` -- :func:`load_text_encoder`,
-  :func:`inspect_text_encoder`, :func:`find_processor`: Qwen2.5-VL-7B from ComfyUI's files (bf16,
+  :func:`inspect_text_encoder` (:mod:`.text_encoder_keys`), :func:`find_processor`
+  (:mod:`.text_encoder_processor`): Qwen2.5-VL-7B from ComfyUI's files (bf16,
   scaled fp8, comfy_quant int8 / mxfp8 / nvfp4; classic or transformers-5 key names, under a prefix
   or not), a GGUF with its mmproj vision tower (:mod:`.gguf_text_encoder`) or the
   ``text_encoder/`` folder; the tokenizer and image settings are looked for beside the file, in
@@ -75,7 +76,9 @@ _EXPORTS = {
         "set_lora_strength",
     ),
     "vae_files": ("inspect_vae", "load_vae"),
-    "text_encoder_files": ("find_processor", "inspect_text_encoder", "load_text_encoder"),
+    "text_encoder_files": ("load_text_encoder",),
+    "text_encoder_keys": ("inspect_text_encoder",),
+    "text_encoder_processor": ("find_processor",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

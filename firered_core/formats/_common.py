@@ -7,7 +7,8 @@
   tensor (a truncated file fails here, naming what is missing) and reads single tensors later;
 - :func:`describe_keys` says in words what a state dict is, for error messages
   ("a Flux-style MM-DiT", "a Qwen-Image VAE (diffusers layout)", ...);
-- :func:`common_prefix` finds the prefix checkpoint merges put on the keys.
+- :func:`common_prefix` finds the prefix checkpoint merges put on the keys;
+- :func:`load_model_folder` loads a diffusers / transformers model folder (or a release's sub-folder).
 
 Only the standard library and torch are imported here.
 """
@@ -33,6 +34,7 @@ __all__ = [
     "VAEFileError",
     "common_prefix",
     "describe_keys",
+    "load_model_folder",
     "read_safetensors_header",
     "sniff",
 ]
@@ -318,6 +320,22 @@ def describe_keys(keys: Iterable[str]) -> str:
         return "a VAE of an unknown kind"
     sample = ", ".join(sorted(keys)[:4])
     return f"an unrecognised state dict ({len(keys)} tensors, e.g. {sample})"
+
+
+def load_model_folder(folder: Path, sub: str, load, device, *, error: type[FileFormatError], expected: str, what: str):
+    """``load(folder)`` for a model folder holding ``config.json``, or for its ``sub/`` folder (a release
+    folder), moved to ``device`` in eval mode without gradients. A folder without config.json, or one
+    ``load`` fails on, raises ``error`` naming the folder (``expected``: what was expected there;
+    ``what``: the kind of folder, for the message)."""
+    if (folder / sub).is_dir() and not (folder / "config.json").is_file():
+        folder = folder / sub
+    if not (folder / "config.json").is_file():
+        raise error(f"{str(folder)!r} is a folder without config.json, but {expected} was expected")
+    try:
+        model = load(folder)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise error(f"could not load the {what} folder {str(folder)!r}: {e}") from e
+    return model.to(device).eval().requires_grad_(False)
 
 
 # -- GGUF headers (the MM-DiT and the text-encoder readers share them) -------------------------

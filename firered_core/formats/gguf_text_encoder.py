@@ -20,7 +20,7 @@ the GGUF files in the same folder are checked by content, and one whose name sha
 encoder's stem wins when several fit). Every tensor is dequantized to the compute dtype at load
 (F32 / F16 / BF16 as stored, quantized blocks in float32 with diffusers' GGUF kernels, gguf-py's for
 types diffusers lacks), like the fp8 text encoder: it runs once per prompt. The architecture comes
-from the shapes (:func:`.text_encoder_files.config_from_shapes`), with the head counts, RoPE base,
+from the shapes (:func:`.text_encoder_config.config_from_shapes`), with the head counts, RoPE base,
 norm epsilon and full-attention pattern taken from the GGUF metadata where present.
 """
 
@@ -33,6 +33,9 @@ from pathlib import Path
 import torch
 
 from ._common import TextEncoderFileError, gguf_field, gguf_module, open_gguf, sniff
+from .text_encoder_config import shape_config
+from .text_encoder_keys import EXPECTED, module_name
+from .text_encoder_model import check_keys, empty_model, finish
 
 __all__ = ["find_mmproj", "gguf_to_classic", "load_gguf_text_encoder"]
 
@@ -64,7 +67,7 @@ _QUANT_SUFFIX = re.compile(r"[-_.]?(?:ud-)?(?:i?q\d_[a-z0-9_]{1,8}|f16|bf16|f32)
 
 def gguf_to_classic(name: str) -> str | None:
     """A llama.cpp tensor name -> the classic Hugging Face name (``model.layers.N...`` / ``visual.*``)
-    that :mod:`.text_encoder_files` reads; ``None`` for names that are not Qwen2.5-VL's. The
+    that :mod:`.text_encoder_keys` reads; ``None`` for names that are not Qwen2.5-VL's. The
     split vision tensors map to their parts (``visual.blocks.N.attn.q.weight``,
     ``visual.patch_embed.proj.weight.1``), joined by the loader."""
     stem, dot, leaf = name.rpartition(".")
@@ -223,8 +226,6 @@ def load_gguf_text_encoder(path, *, mmproj=None, dtype=torch.bfloat16, device="c
         TextEncoderFileError: not a Qwen2.5-VL GGUF, no mmproj found, tensors missing, unknown or of
             the wrong shapes; the message names the file, what was found and what was expected.
     """
-    from . import text_encoder_files as te
-
     p = Path(path)
     where = repr(str(p))
     reader = open_gguf(p, TextEncoderFileError)
@@ -233,7 +234,7 @@ def load_gguf_text_encoder(path, *, mmproj=None, dtype=torch.bfloat16, device="c
         raise TextEncoderFileError(f"{where} is the vision tower (mmproj) of a Qwen2.5-VL GGUF, not the text encoder; "
                                    "load the qwen2vl GGUF beside it (this file is read with it)")  # fmt: skip
     if arch != "qwen2vl":
-        raise TextEncoderFileError(f"{where} is a GGUF {arch!r} model, but {te.EXPECTED} or a Qwen2.5-VL GGUF "
+        raise TextEncoderFileError(f"{where} is a GGUF {arch!r} model, but {EXPECTED} or a Qwen2.5-VL GGUF "
                                    "(general.architecture 'qwen2vl') was expected")  # fmt: skip
     mm = Path(mmproj) if mmproj is not None else find_mmproj(p)
     if mm is None:
@@ -263,14 +264,14 @@ def load_gguf_text_encoder(path, *, mmproj=None, dtype=torch.bfloat16, device="c
             vshapes[fused] = (3 * vshapes[k][0], *vshapes[k][1:])
         del vshapes[k]
     vshapes.pop("visual.patch_embed.proj.weight.1", None)
-    cfg = config or _metadata_config(te._shape_config(p, {**shapes, **vshapes}, processor), reader, vreader)
-    model, cfg = te._empty_model(p, {}, processor, cfg)
+    cfg = config or _metadata_config(shape_config(p, {**shapes, **vshapes}, processor), reader, vreader)
+    model, cfg = empty_model(p, {}, processor, cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    te._check_keys(p, cfg, expected, {te._module_name(k): k for k in {**shapes, **vshapes}})
+    check_keys(p, cfg, expected, {module_name(k): k for k in {**shapes, **vshapes}})
     vision = _join_vision(_read(vreader, device, dtype, repr(str(mm))), repr(str(mm)))
     state = {}
     for k, t in {**_read(reader, device, dtype, where), **vision}.items():
-        name = te._module_name(k)
+        name = module_name(k)
         if tuple(t.shape) != expected[name]:
             raise TextEncoderFileError(f"{where}: {k} has shape {tuple(t.shape)}, expected {expected[name]}")
         state[name] = t
@@ -280,4 +281,4 @@ def load_gguf_text_encoder(path, *, mmproj=None, dtype=torch.bfloat16, device="c
         counts[qn] = counts.get(qn, 0) + 1
     log.info("loaded the Qwen2.5-VL text encoder from %s + %s (GGUF %s), dequantized to %s", p.name, mm.name,
              ", ".join(f"{k} x {v}" for k, v in sorted(counts.items())), str(dtype).replace("torch.", ""))  # fmt: skip
-    return te._finish(p, model, state, device)
+    return finish(p, model, state, device)

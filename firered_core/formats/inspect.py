@@ -29,7 +29,7 @@ Format problems (a truncated download, a pickle, another model) are reported in 
 ``summary`` rather than raised: the caller shows them. A path that does not exist raises
 ``FileNotFoundError``. The recognising is done by the loaders' own inspectors
 (:func:`~.transformer_files.inspect_transformer`, :func:`~.gguf_files.inspect_gguf`,
-:func:`~.vae_files.inspect_vae`, :func:`~.text_encoder_files.inspect_text_encoder`) and the LoRA
+:func:`~.vae_files.inspect_vae`, :func:`~.text_encoder_keys.inspect_text_encoder`) and the LoRA
 key table of :mod:`.lora`, so what this says is what the loaders will find.
 """
 
@@ -230,7 +230,7 @@ def _classify_safetensors(path: Path, header: SafetensorsHeader, info: dict[str,
             info["error"] = str(e)
         return
     if "embed_tokens" in keys:
-        from .text_encoder_files import inspect_text_encoder
+        from .text_encoder_keys import inspect_text_encoder
 
         try:
             inspect_text_encoder(path)

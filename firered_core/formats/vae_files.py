@@ -31,7 +31,15 @@ from pathlib import Path
 
 import torch
 
-from ._common import FORMAT_WORDS, VAEFileError, common_prefix, describe_keys, read_safetensors_header, sniff
+from ._common import (
+    FORMAT_WORDS,
+    VAEFileError,
+    common_prefix,
+    describe_keys,
+    load_model_folder,
+    read_safetensors_header,
+    sniff,
+)
 
 __all__ = ["VAEFileError", "VAELayout", "comfy_to_diffusers_keys", "inspect_vae", "load_vae"]
 
@@ -208,15 +216,10 @@ def inspect_vae(path) -> VAELayout:
 def _load_folder(folder: Path, dtype, device):
     from diffusers import AutoencoderKLQwenImage
 
-    if (folder / "vae").is_dir() and not (folder / "config.json").is_file():
-        folder = folder / "vae"
-    if not (folder / "config.json").is_file():
-        raise VAEFileError(f"{str(folder)!r} is a folder without config.json, but {EXPECTED} was expected")
-    try:
-        vae = AutoencoderKLQwenImage.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise VAEFileError(f"could not load the VAE folder {str(folder)!r}: {e}") from e
-    return vae.to(device).eval().requires_grad_(False)
+    def load(f: Path):
+        return AutoencoderKLQwenImage.from_pretrained(f, torch_dtype=dtype, local_files_only=True)
+
+    return load_model_folder(folder, "vae", load, device, error=VAEFileError, expected=EXPECTED, what="VAE")
 
 
 def load_vae(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu"):
