@@ -14,7 +14,10 @@ the loaded module:
 
 Latents leave and enter as *raw* VAE latents ``[B, 16, 1, h, w]`` (ComfyUI's ``LATENT`` layout for
 Qwen-Image, so ComfyUI's own ``VAEDecode`` / ``VAEEncode`` interoperate); inside, the sampler works
-on normalised latents as everywhere else in the core.
+on normalised latents as everywhere else in the core (the conversions, :func:`to_raw_latent` /
+:func:`from_raw_latent`, are :mod:`firered_core.model.latents`'; the MM-DiT's placement by its memory
+options is :mod:`firered_core.runtime.placement`; attaching a LoRA stack is
+:func:`firered_core.formats.lora.sync_loras`).
 
 Parts are never modified by the functions that take them: adding a LoRA returns a new :class:`DiT`
 sharing the same module, and the module's attached LoRAs are brought in line with the part that is
@@ -24,24 +27,21 @@ loaded MM-DiT may feed a branch with a LoRA and a branch without.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from .loading import FireRedComponents, ModelFolderError, check_model_folder, load_scheduler_config, resolve_dtype
 from .model import images, latents
 from .model import vae as vae_mod
+from .model.latents import from_raw_latent, to_raw_latent
 from .model.modules import module_device
 from .pipeline import EditRequest, EncodedEdit, FireRedEditor
 from .sampling import noise as noise_mod
 from .sampling import samplers
 from .sampling.schedules import FlowMatchConfig
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -236,54 +236,9 @@ def _release_tokenizer(root: Path) -> Path:
 def sync_loras(dit: DiT) -> None:
     """Attach to ``dit.transformer`` exactly the LoRAs of ``dit.loras`` (re-reading files only when
     the stack changed; a strength change alone is applied in place)."""
-    from .formats import lora as lora_mod
+    from .formats.lora import sync_loras as sync
 
-    tr = dit.transformer
-    want = [(str(p), float(s)) for p, s in dit.loras]
-    have = [(e.source, e.strength) for e in lora_mod.list_loras(tr)]
-    if [p for p, _ in want] == [p for p, _ in have]:
-        for entry, (_, s) in zip(lora_mod.list_loras(tr), want):
-            entry.strength = s
-        return
-    if have:
-        lora_mod.remove_loras(tr)
-    for p, s in want:
-        lora_mod.load_lora(tr, p, s)
-
-
-# -- latents in ComfyUI's layout --------------------------------------------------------------------
-
-
-def to_raw_latent(z: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Normalised ``[B, 16, h, w]`` -> raw VAE latent ``[B, 16, 1, h, w]`` float32 on the CPU."""
-    return latents.denormalize(z.float().cpu(), mean, std).unsqueeze(2)
-
-
-def from_raw_latent(
-    samples: torch.Tensor, mean: Sequence[float], std: Sequence[float], *, name: str = "latent", crop_odd: bool = False
-) -> torch.Tensor:
-    """A raw Qwen-Image latent ``[B, 16, 1, h, w]`` or ``[B, 16, h, w]`` -> normalised ``[B, 16, h, w]``.
-
-    crop_odd: the MM-DiT works on 2x2 latent patches (pictures a multiple of 16 px), while ComfyUI's
-    VAEEncode only crops pictures to a multiple of 8; an odd last row / column is dropped (with a
-    log line) instead of refusing the latent."""
-    if not isinstance(samples, torch.Tensor):
-        raise TypeError(f"{name}: expected a LATENT tensor, got {type(samples).__name__}")
-    x = samples
-    if x.dim() == 5:
-        if x.shape[2] != 1:
-            raise ValueError(f"{name}: a video latent with {x.shape[2]} frames was given; FireRed edits single pictures [B, 16, 1, h, w]")
-        x = x[:, :, 0]
-    if x.dim() != 4 or x.shape[1] != latents.LATENT_CHANNELS:
-        raise ValueError(
-            f"{name}: expected a 16-channel Qwen-Image latent [B, 16, 1, h, w], got shape {tuple(samples.shape)} "
-            "(a latent from another model's VAE?)"
-        )
-    if crop_odd and (x.shape[-1] % 2 or x.shape[-2] % 2):
-        h2, w2 = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
-        log.info("FireRed: %s of %dx%d px cropped to %dx%d px (a multiple of 16)", name, x.shape[-1] * 8, x.shape[-2] * 8, w2 * 8, h2 * 8)
-        x = x[..., :h2, :w2]
-    return latents.normalize(x.float(), mean, std)
+    sync(dit.transformer, dit.loras)
 
 
 # -- encode, sample, decode -------------------------------------------------------------------------
@@ -345,7 +300,7 @@ def sample_edit(
     denoise: float = 1.0,
     batch_size: int = 1,
     callback: Callable[[Progress], None] | None = None,
-    guidance: GuidanceSettings | None = None,
+    guidance: Any = None,
     noise_device: str = "cpu",
 ) -> Sampled:
     """Sample ``batch_size`` edits (or one per picture of ``latent``).
@@ -359,38 +314,10 @@ def sample_edit(
         KSampler (``comfyui``: the whole batch in one float32 draw); see :mod:`firered_core.sampling.noise`.
         Picture 0 of a batch equals the single edit with that seed.
     callback(Progress) after every step; raise in it to cancel.
-    guidance: consistency guidance toward the input picture ``guidance.source`` (needs pictures).
+    guidance: consistency guidance toward the input picture ``guidance.source`` (needs pictures), as
+        :class:`GuidanceSettings`, or a ready hook from :func:`guidance_hook` (to read its mask after).
     """
-    hook = guidance_hook(guidance, cond) if guidance is not None else None
-    z = _sample_with_hook(
-        dit, cond, hook, seed=seed, steps=steps, cfg=cfg, sampler=sampler, schedule=schedule, shift=shift,
-        size=size, latent=latent, denoise=denoise, batch_size=batch_size, callback=callback, noise_device=noise_device,
-    )
-    mask = None
-    if hook is not None and hook.guider is not None:
-        mask = hook.guider.edit_mask(tuple(d * latents.VAE_SCALE for d in z.shape[-2:])).float().cpu()
-    return Sampled(to_raw_latent(z, cond.latent_mean, cond.latent_std), mask)
-
-
-def _sample_with_hook(
-    dit: DiT,
-    cond: EditCond,
-    hook,
-    *,
-    seed: int = 0,
-    steps: int = 40,
-    cfg: float = 4.0,
-    sampler: str = "euler",
-    schedule: str = "flowmatch",
-    shift: float | None = None,
-    size: tuple[int, int] | None = None,
-    latent: torch.Tensor | None = None,
-    denoise: float = 1.0,
-    batch_size: int = 1,
-    callback: Callable[[Progress], None] | None = None,
-    noise_device: str = "cpu",
-) -> torch.Tensor:
-    """:func:`sample_edit` with a ready model-function wrapper; returns normalised ``[B, 16, h, w]``."""
+    hook = guidance if guidance is None or hasattr(guidance, "guider") else guidance_hook(guidance, cond)
     if not 0.0 < denoise <= 1.0:
         raise ValueError(f"denoise must be in (0, 1], got {denoise}")
     if cfg > 1.0 and cond.enc.negative is None:
@@ -450,7 +377,11 @@ def _sample_with_hook(
 
             z, _ = editor.sample(enc, req, generator=gen, noise=noise, callback=step_cb, guide=hook)
             outs.append(z)
-    return torch.cat(outs)
+    z = torch.cat(outs)
+    mask = None
+    if hook is not None and hook.guider is not None:
+        mask = hook.guider.edit_mask(tuple(d * latents.VAE_SCALE for d in z.shape[-2:])).float().cpu()
+    return Sampled(to_raw_latent(z, cond.latent_mean, cond.latent_std), mask)
 
 
 def guidance_hook(settings: GuidanceSettings, cond: EditCond):
@@ -513,8 +444,8 @@ def estimate_edit_mask(
             raise _Stop
 
     try:
-        _sample_with_hook(dit, cond, hook, seed=seed, steps=steps, cfg=cfg, schedule=schedule, size=size, callback=cb,
-                          noise_device=noise_device)
+        sample_edit(dit, cond, seed=seed, steps=steps, cfg=cfg, schedule=schedule, size=size, callback=cb, guidance=hook,
+                    noise_device=noise_device)
     except _Stop:
         pass
     if hook.guider is None:
@@ -561,47 +492,12 @@ def edit(
     return decode(vae, samples), samples
 
 
-@contextlib.contextmanager
-def placed(dit: DiT, device, offload_device="cpu", *, width: int = 1024, height: int = 1024) -> Iterator[str]:
-    """Run a block with ``dit``'s MM-DiT placed on ``device`` as its memory options say; afterwards
-    it goes to ``offload_device`` unless ``dit.keep_loaded``. Yields the plan used.
+def placed(dit: DiT, device, offload_device="cpu", *, width: int = 1024, height: int = 1024):
+    """A context manager: run a block with ``dit``'s MM-DiT placed on ``device`` as its memory options
+    say; afterwards it goes to ``offload_device`` unless ``dit.keep_loaded``. Yields the plan used
+    (resident, block swap or sequential; see
+    :func:`firered_core.runtime.placement.placed_transformer`)."""
+    from .runtime.placement import placed_transformer
 
-    The plan is :func:`firered_core.runtime.memory.plan_memory`'s for the MM-DiT alone (the text encoder
-    and the VAE visit the device on their own, before and after) at ``width`` x ``height``, from the
-    free memory of ``device`` or ``budget_gb``: resident, block swap (``blocks_resident`` blocks
-    stay, the others stream from the offload device ahead of use) or sequential. No memory options,
-    or ``auto`` on the CPU: resident. Every plan computes the same numbers (tested bit for bit).
-    """
-    from torch import nn
-
-    from .runtime import memory as mem
-    from .runtime.blockswap import BlockSwapper
-
-    device, offload_device = torch.device(device), torch.device(offload_device)
-    tr = dit.transformer
-    opts = dit.memory
-    plan, resident_blocks = "resident", None
-    if opts is not None:
-        free = int(opts.budget_gb * mem.GB) if opts.budget_gb else mem.free_device_bytes(device)
-        if free is not None or opts.plan != "auto":
-            sizes = mem.ModelSizes.of(tr, nn.Module(), nn.Module())
-            chosen = mem.plan_memory(free or 1 << 62, sizes, width=width, height=height, plan=opts.plan,
-                                     blocks_resident=opts.blocks_resident, prefetch=opts.prefetch)
-            plan, resident_blocks = chosen.name, chosen.blocks_resident
-    if plan == "offload_encoders":  # nothing else to offload here: the MM-DiT stays whole
-        plan = "resident"
-    swapper = None
-    if plan in ("block_swap", "sequential"):
-        swapper = BlockSwapper(
-            tr, resident=0 if plan == "sequential" else int(resident_blocks or 0), device=device,
-            offload_device=offload_device, prefetch=opts.prefetch, pin_memory=opts.pin_memory,
-        ).install()
-    else:
-        tr.to(device)
-    try:
-        yield plan
-    finally:
-        if swapper is not None:  # streamed weights never stay on the device (keep_loaded or not)
-            swapper.uninstall(offload_device)
-        if swapper is not None or not dit.keep_loaded:
-            tr.to(offload_device)
+    return placed_transformer(dit.transformer, dit.memory, device, offload_device, keep_loaded=dit.keep_loaded,
+                              width=width, height=height)  # fmt: skip

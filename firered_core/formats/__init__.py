@@ -20,7 +20,8 @@ naming the file, what was found and what was expected.
   their keys): F32 / F16 / BF16, Q8_0, Q4_0 / Q4_1 / Q5_0 / Q5_1, the K-quants, kept quantized and
   dequantized layer by layer in ``forward``.
 - LoRA, :mod:`.lora` -- :func:`load_lora`, :func:`apply_loras`, :func:`read_lora`,
-  :func:`list_loras`, :func:`set_lora_strength`, :func:`remove_loras`, :func:`parse_lora_spec`:
+  :func:`list_loras`, :func:`set_lora_strength`, :func:`remove_loras`, :func:`sync_loras`,
+  :func:`parse_lora_spec`:
   diffusers / PEFT (``lora_A`` / ``lora_B``, ``adapter_config.json`` or
   ``lora_adapter_metadata``), kohya (``lora_unet_..._lora_down``), ComfyUI (``diffusion_model.``),
   Lightning (``lora_down`` / ``lora_up`` / ``alpha``), LyCORIS LoHa / LoKr; attached to a loaded
@@ -74,6 +75,7 @@ _EXPORTS = {
         "read_lora",
         "remove_loras",
         "set_lora_strength",
+        "sync_loras",
     ),
     "vae_files": ("inspect_vae", "load_vae"),
     "text_encoder_files": ("load_text_encoder",),

@@ -86,6 +86,7 @@ __all__ = [
     "read_lora",
     "remove_loras",
     "set_lora_strength",
+    "sync_loras",
 ]
 
 
@@ -438,3 +439,18 @@ def remove_loras(model: nn.Module, names: Iterable[str] | None = None) -> None:
             del m.__dict__[_ATTR]
     for n in names:
         registry.pop(n)
+
+
+def sync_loras(model: nn.Module, stack: Iterable[tuple[str, float]]) -> None:
+    """Attach to ``model`` exactly the LoRAs of ``stack`` (``(path, strength)`` in stacking order),
+    re-reading files only when the files changed; a strength change alone is applied in place."""
+    want = [(str(p), float(s)) for p, s in stack]
+    have = [(e.source, e.strength) for e in list_loras(model)]
+    if [p for p, _ in want] == [p for p, _ in have]:
+        for entry, (_, s) in zip(list_loras(model), want):
+            entry.strength = s
+        return
+    if have:
+        remove_loras(model)
+    for p, s in want:
+        load_lora(model, p, s)

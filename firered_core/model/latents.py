@@ -6,12 +6,19 @@ Shapes used throughout the pack:
   the frame axis is added and removed at the VAE boundary only), ``h = H / 8``;
 * *normalised* latent: ``(raw - mean) / std`` per channel -- what the MM-DiT sees;
 * *packed* tokens: ``[B, (h/2)(w/2), 64]``, channel-major inside each 2x2 patch (the diffusers
-  ``_pack_latents`` order).
+  ``_pack_latents`` order);
+* ComfyUI's ``LATENT`` for Qwen-Image: the raw latent with its frame axis, ``[B, 16, 1, h, w]``, float32
+  on the CPU (:func:`to_raw_latent` / :func:`from_raw_latent`, what the node graphs pass around).
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Sequence
+
 import torch
+
+log = logging.getLogger(__name__)
 
 LATENT_CHANNELS = 16
 VAE_SCALE = 8
@@ -71,3 +78,35 @@ def normalize(raw: torch.Tensor, mean, std) -> torch.Tensor:
 def denormalize(z: torch.Tensor, mean, std) -> torch.Tensor:
     """Inverse of :func:`normalize`, in the release pipeline's order of operations (``z / (1/std) + mean``)."""
     return z / (1.0 / _stats(std, z)) + _stats(mean, z)
+
+
+def to_raw_latent(z: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalised ``[B, 16, h, w]`` -> raw VAE latent ``[B, 16, 1, h, w]`` float32 on the CPU."""
+    return denormalize(z.float().cpu(), mean, std).unsqueeze(2)
+
+
+def from_raw_latent(
+    samples: torch.Tensor, mean: Sequence[float], std: Sequence[float], *, name: str = "latent", crop_odd: bool = False
+) -> torch.Tensor:
+    """A raw Qwen-Image latent ``[B, 16, 1, h, w]`` or ``[B, 16, h, w]`` -> normalised ``[B, 16, h, w]``.
+
+    crop_odd: the MM-DiT works on 2x2 latent patches (pictures a multiple of 16 px), while ComfyUI's
+    VAEEncode only crops pictures to a multiple of 8; an odd last row / column is dropped (with a
+    log line) instead of refusing the latent."""
+    if not isinstance(samples, torch.Tensor):
+        raise TypeError(f"{name}: expected a LATENT tensor, got {type(samples).__name__}")
+    x = samples
+    if x.dim() == 5:
+        if x.shape[2] != 1:
+            raise ValueError(f"{name}: a video latent with {x.shape[2]} frames was given; FireRed edits single pictures [B, 16, 1, h, w]")
+        x = x[:, :, 0]
+    if x.dim() != 4 or x.shape[1] != LATENT_CHANNELS:
+        raise ValueError(
+            f"{name}: expected a 16-channel Qwen-Image latent [B, 16, 1, h, w], got shape {tuple(samples.shape)} "
+            "(a latent from another model's VAE?)"
+        )
+    if crop_odd and (x.shape[-1] % 2 or x.shape[-2] % 2):
+        h2, w2 = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+        log.info("FireRed: %s of %dx%d px cropped to %dx%d px (a multiple of 16)", name, x.shape[-1] * 8, x.shape[-2] * 8, w2 * 8, h2 * 8)
+        x = x[..., :h2, :w2]
+    return normalize(x.float(), mean, std)
