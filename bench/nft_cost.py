@@ -34,7 +34,8 @@ def main() -> int:
     from PIL import Image
 
     from firered_core.tiny import make_tiny
-    from firered_trainer.rl import common, nft
+    from firered_trainer.config import load_config
+    from firered_trainer.rl import nft
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -42,12 +43,13 @@ def main() -> int:
         Image.new("RGB", (args.size, args.size), (90, 120, 150)).save(tmp / "src.png")
         rec = {"instruction": 'write "SALE" on the sign', "source_image": "src.png"}
         (tmp / "p.jsonl").write_text(json.dumps(rec) + "\n")
-        cfg = common.load_config(nft.NFTConfig, None, dict(
-            model=str(model), prompts=str(tmp / "p.jsonl"), output_dir=str(tmp / "out"), reward=args.reward,
-            group_size=args.group, sample_steps=args.sample_steps, width=args.size, height=args.size,
-            ref_area=args.size**2, vl_area=56 * 56, lora_rank=4, lora_alpha=8, dtype="fp32", device="cpu",
-            micro_batch=args.group, lr=1e-3,
-        ))  # fmt: skip
+        cfg = load_config({
+            "model.path": str(model), "data.jsonl": str(tmp / "p.jsonl"), "output_dir": str(tmp / "out"),
+            "nft.reward": args.reward, "nft.group_size": args.group, "nft.sample_steps": args.sample_steps,
+            "nft.width": args.size, "nft.height": args.size, "data.ref_resolution": args.size, "data.vl_resolution": 56,
+            "lora.rank": 4, "lora.alpha": 8, "model.dtype": "fp32", "device": "cpu", "nft.micro_batch": args.group,
+            "optim.lr": 1e-3,
+        }, stage="nft")  # fmt: skip
         run = nft.NFTRun(cfg)
         for _ in range(args.warmup):
             run.iteration()

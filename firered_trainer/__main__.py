@@ -51,6 +51,13 @@ def _stage(name: str):
 def _run_stage(name: str, cfg) -> int:
     from . import pretrain, sft
 
+    if name in ("dpo", "nft"):
+        from .rl import dpo, nft
+
+        stage = {"dpo": dpo, "nft": nft}[name]
+        out = stage.run(cfg, progress=stage.show_progress)
+        print(f"done: {out['steps']} steps; LoRA {out['lora']}; curve {out['curve']}")
+        return 0
     res = (sft.run if name == "sft" else pretrain.run)(cfg)
     print(f"done: step {res.step}/{res.total}, final loss {res.losses[-1] if res.losses else float('nan'):.5f}, "
               f"{res.data_loaded} samples ({res.data_skipped} skipped)")
@@ -84,24 +91,13 @@ def make_tiny_data(argv: list[str]) -> int:
     return 0
 
 
-def _rl_stage(name: str):
-    """The RL stages (``firered_trainer/rl/``) parse their own options: ``--config FILE key=value ...``."""
-
-    def main(argv: list[str]) -> int:
-        from .rl import dpo, nft
-
-        return {"dpo": dpo, "nft": nft}[name].main(argv)
-
-    return main
-
-
 #: command -> main(argv) -> exit code
 COMMANDS = {
     "sft": _stage("sft"),
     "pretrain": _stage("pretrain"),
     "make-tiny-data": make_tiny_data,
-    "dpo": _rl_stage("dpo"),
-    "nft": _rl_stage("nft"),
+    "dpo": _stage("dpo"),
+    "nft": _stage("nft"),
 }
 
 

@@ -1,26 +1,29 @@
-"""Atomic, exactly resumable checkpoints through accelerate's ``save_state`` / ``load_state``.
+"""Every stage's checkpoints: atomic folders with a manifest, exactly resumable, and a damaged
+newest one passed over with one log line.
 
 A checkpoint is a folder ``<output_dir>/checkpoints/step-00001000/`` holding
 
 * ``trainable.safetensors`` -- only the trained weights (the LoRA adapters, or the whole MM-DiT
   for a full fine-tune; under FSDP accelerate writes its own sharded model files instead),
-* accelerate's files: the optimizer (``optimizer.bin``, 8-bit states included), the LR scheduler,
-  every process's RNG states (python, numpy, torch, CUDA: ``random_states_<rank>.pkl``) and the
-  registered objects (the bucket sampler's position, the EMA, the step),
+* the stage's state: for SFT / pretrain accelerate's files (``save_state``: the optimizer,
+  ``optimizer.bin`` with 8-bit states, the LR scheduler, every process's RNG states
+  ``random_states_<rank>.pkl`` and the registered objects: the bucket sampler's position, the EMA,
+  the step); for DPO / NFT ``state.pt`` (the optimizer, scheduler, RNG states and the old-policy
+  EMA, see :mod:`firered_trainer.rl.common`),
 * ``config.yaml`` (the run's config) and, written last, ``meta.json`` (step, loss, time and the
   size of every other file: the checkpoint's manifest).
 
-It is written into a hidden ``.tmp-step-...`` folder and renamed into place with ``os.replace``
-only when every process has finished writing, so a crash at any moment leaves either the whole
-checkpoint or none: a ``step-*`` folder is always complete. Leftover temporary folders are removed
-at the next start. Only the last ``keep_last`` checkpoints are kept.
+:func:`write_checkpoint` writes it into a hidden ``.tmp-step-...`` folder and renames it into place
+with ``os.replace`` only when every process has finished writing, so a crash at any moment leaves
+either the whole checkpoint or none: a ``step-*`` folder is always complete. Leftover temporary
+folders are removed at the next start. Only the last ``keep_last`` checkpoints are kept.
 
 A checkpoint damaged later (a disk filled up, a copy cut short) is found before anything is loaded
 from it: :func:`verify_checkpoint` checks each file against the manifest and its own format.
-:func:`choose_resume` -- shared with the RL stages' one-file checkpoints -- then resumes from the
-newest usable checkpoint, moves each unusable newer one aside as ``step-N.corrupt`` (never deleted:
-the user decides) and says so in one log line; when none is usable it raises a
-:class:`CheckpointError` naming every file at fault, and moves nothing.
+:func:`find_resume` (``checkpoint.resume``: ``auto``, ``none`` or a folder) then resumes from the
+newest usable checkpoint (:func:`choose_resume`), moves each unusable newer one aside as
+``step-N.corrupt`` (never deleted: the user decides) and says so in one log line; when none is
+usable it raises a :class:`CheckpointError` naming every file at fault, and moves nothing.
 """
 
 from __future__ import annotations
@@ -187,27 +190,29 @@ def install_hooks(accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator, output_dir, step: int, *, config_yaml: str, meta: dict | None = None,
-                    keep_last: int = 3, extra=None) -> Path:
-    """Write the checkpoint of ``step`` atomically (every process calls this); returns its folder.
-    ``extra(tmp_dir)``, if given, writes more files (e.g. the LoRA in ComfyUI format) on the main
-    process before the rename."""
+def write_checkpoint(output_dir, step: int, write: Callable[[Path], None], *, config_yaml: str,
+                     meta: dict | None = None, keep_last: int = 3, is_main: bool = True,
+                     barrier: Callable[[], None] = lambda: None) -> Path:
+    """Every stage's checkpoint writer: ``write(tmp_dir)`` puts the stage's files into a hidden
+    temporary folder (on every process that calls this), then the main process adds ``config.yaml``
+    and, last, the manifest ``meta.json`` (step, time, ``meta``, the size of every file), syncs them
+    to disk and renames the folder to ``checkpoints/step-NNNNNNNN`` -- a checkpoint is complete or
+    absent, never half there -- and keeps the last ``keep_last``. ``barrier``: waits for every
+    process (the training processes' ``wait_for_everyone``). Returns the checkpoint's folder."""
     root = checkpoints_dir(output_dir)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
-    if accelerator.is_main_process:
+    if is_main:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
+    barrier()
+    write(tmp)
+    if is_main:
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-        if extra is not None:
-            extra(tmp)
-    accelerator.wait_for_everyone()  # every process's files are written: the manifest sees them all
-    if accelerator.is_main_process:
+    barrier()  # every process's files are written: the manifest sees them all
+    if is_main:
         written = sorted(f for f in tmp.rglob("*") if f.is_file())
         files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in written}
         (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time(), **(meta or {}), "files": files},
@@ -225,8 +230,23 @@ def save_checkpoint(accelerator, output_dir, step: int, *, config_yaml: str, met
         _fsync_dir(root)
         for old in list_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    barrier()
     return final
+
+
+def save_checkpoint(accelerator, output_dir, step: int, *, config_yaml: str, meta: dict | None = None,
+                    keep_last: int = 3, extra=None) -> Path:
+    """SFT / pretrain: :func:`write_checkpoint` with accelerate's ``save_state`` writing the files
+    (every process calls this). ``extra(tmp_dir)``, if given, writes more files (e.g. the LoRA in
+    ComfyUI format) on the main process before the rename."""
+
+    def write(tmp: Path) -> None:
+        accelerator.save_state(str(tmp))
+        if extra is not None and accelerator.is_main_process:
+            extra(tmp)
+
+    return write_checkpoint(output_dir, step, write, config_yaml=config_yaml, meta=meta, keep_last=keep_last,
+                            is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,22 +398,30 @@ def load_checkpoint(accelerator, path) -> int:
     return checkpoint_step(path)
 
 
-def resume(accelerator, output_dir, setting: str) -> Path | None:
-    """Restore the run's state per ``checkpoint.resume``: ``none``; ``auto`` -- the newest usable
-    checkpoint of ``output_dir`` (falling back past damaged ones, :func:`choose_resume`); or a
-    folder -- that one, verified, with no fallback. Returns the folder resumed from, or None."""
+def find_resume(output_dir, setting: str, *, check: Callable[[Path], Any] = verify_checkpoint,
+                is_main: bool = True) -> Resume | None:
+    """The checkpoint to resume from per ``checkpoint.resume`` (every stage): ``none``; ``auto`` --
+    the newest one of ``output_dir`` that ``check`` accepts (falling back past damaged ones,
+    :func:`choose_resume`); or a folder -- that one, checked, with no fallback. None: start afresh.
+    ``check(path)`` raises :class:`CorruptCheckpoint` for an unusable checkpoint; what it returns
+    is the :class:`Resume`'s ``value`` (the RL stages load the state there)."""
     if setting == "none":
         return None
     if setting == "auto":
-        found = choose_resume(list_checkpoints(output_dir), verify_checkpoint, is_main=accelerator.is_main_process)
-        accelerator.wait_for_everyone()  # the damaged ones are moved aside before anyone loads
-        if found is None:
-            return None
-        path = found.path
-    else:
-        path = Path(setting)
-        verify_checkpoint(path)
-        if accelerator.is_main_process:
-            log.info("resuming from %s", path)
-    accelerator.load_state(str(path))
-    return path
+        return choose_resume(list_checkpoints(output_dir), check, is_main=is_main)
+    path = Path(setting)
+    value = check(path)
+    if is_main:
+        log.info("resuming from %s", path)
+    return Resume(path, value)
+
+
+def resume(accelerator, output_dir, setting: str) -> Path | None:
+    """SFT / pretrain: restore the run's state from :func:`find_resume`'s checkpoint through
+    accelerate's ``load_state``. Returns the folder resumed from, or None."""
+    found = find_resume(output_dir, setting, is_main=accelerator.is_main_process)
+    accelerator.wait_for_everyone()  # the damaged ones are moved aside before anyone loads
+    if found is None:
+        return None
+    accelerator.load_state(str(found.path))
+    return found.path

@@ -1,4 +1,4 @@
-"""One typed config per training stage: dataclasses, read from a commented YAML file plus
+"""One typed config for every training stage: dataclasses, read from a commented YAML file plus
 ``key=value`` dotted overrides, checked with errors that name the key, and written into every
 checkpoint.
 
@@ -6,9 +6,11 @@ checkpoint.
 >>> cfg.optim.lr
 0.0001
 
-``pretrain`` and ``sft`` share :class:`StageConfig` (one loop, two configs); they differ in their
-defaults (:func:`default_config`): pretrain is a full fine-tune on a text-to-image + edit mixture,
-SFT a LoRA on edit pairs.
+All four stages (``sft``, ``pretrain``, ``dpo``, ``nft``) read :class:`StageConfig`. They share its
+sections (``model``, ``lora``, ``data``, ``optim``, ``checkpoint``, ``validation``, ...) and differ in
+their defaults (:func:`default_config`): pretrain is a full fine-tune on a text-to-image + edit
+mixture, SFT a LoRA on edit pairs, DPO a LoRA on preference pairs (``data.jsonl``), NFT a LoRA on
+prompts (``data.jsonl``). What only one RL stage has lives in its section, ``dpo:`` or ``nft:``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STAGES = ("sft", "pretrain")
+STAGES = ("sft", "pretrain", "dpo", "nft")
+RL_STAGES = ("dpo", "nft")
 LORA_PRESETS = {
     # FireRed's own training code (and DiffSynth's FireRed scripts): the eight attention
     # projections, the second MLP linears and the modulation linears
@@ -33,6 +36,9 @@ LORA_PRESETS = {
     # musubi-tuner: every linear of a block except the modulation
     "musubi": ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
                "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"],
+    # FireRed's set without the modulation linears (DiffSynth / FireRed train/): the RL stages' default
+    "firered_nomod": ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
+                      "img_mlp.net.2", "txt_mlp.net.2"],
 }  # fmt: skip
 
 
@@ -147,8 +153,44 @@ class ValidationConfig:
 
 
 @dataclass
+class DPOSection:
+    """The DPO stage's own settings (report eq. 2, asymmetric gradient optimization)."""
+
+    width: int = 512  # the pairs are trained at this output size (multiples of 16)
+    height: int = 512
+    # eq. 2: -log sigmoid(beta [(L^l - L^l_ref) - omega (L^w - L^w_ref)]) + lam L^w
+    beta: float = 100.0  # flow-matching scale
+    omega: float = 1.5  # > 1: the preferred term's gradient is omega times the rejected one's
+    lam: float = 1.0  # SFT anchor on the preferred edit
+
+
+@dataclass
+class NFTSection:
+    """The NFT stage's own settings (DiffusionNFT with the report's rewards)."""
+
+    reward: Any = "brightness"  # a name or {name: weight | {weight, **options}}, see firered_trainer.rl.rewards
+    prompts_per_step: int = 1  # prompt groups per step and process
+    group_size: int = 8  # rollouts per prompt; rewards are normalised within each group
+    sample_steps: int = 10
+    sampler: str = "euler"
+    schedule: str = "flowmatch"
+    width: int = 512
+    height: int = 512
+    beta: float = 1.0  # DiffusionNFT's beta (implicit positive / negative policy step)
+    adv_clip_max: float = 5.0
+    kl_weight: float = 1e-4  # to the LoRA-off reference; 0 = off
+    weighting: str = "adaptive"
+    old_decay: str = "ramp"  # the old policy's EMA schedule
+    timesteps_per_sample: int = 1
+    train_timesteps: str = "shift"  # shift (fresh sigma, SFT's training shift) | sampler (DiffusionNFT: the rollout grid)
+    timestep_fraction: float = 0.99  # with train_timesteps=sampler: the share of the grid's steps trained on
+    micro_batch: int = 4
+    validation_seeds: int = 4  # with validation.every: fixed-seed samples of the first prompt
+
+
+@dataclass
 class StageConfig:
-    stage: str = "sft"  # sft | pretrain
+    stage: str = "sft"  # sft | pretrain | dpo | nft
     train_mode: str = "lora"  # lora | full
     output_dir: str = "runs/firered"
     name: str = "firered_lora"  # file name of the saved LoRA (<output_dir>/<name>.safetensors)
@@ -157,6 +199,7 @@ class StageConfig:
     mixed_precision: str = "bf16"  # bf16 | fp16 | no (autocast around the forward)
     grad_accum: int = 1
     log_every: int = 10
+    device: str = "auto"  # dpo / nft: auto | cpu | cuda[:N] (sft / pretrain: accelerate's placement)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -165,6 +208,8 @@ class StageConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    dpo: DPOSection = field(default_factory=DPOSection)
+    nft: NFTSection = field(default_factory=NFTSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -177,6 +222,10 @@ class StageConfig:
     def lora_modules(self) -> list[str]:
         return list(self.lora.modules) or list(LORA_PRESETS[self.lora.targets])
 
+    def model_name(self) -> str:
+        """The base model's name for LoRA metadata: ``model.id``, else the folder's or file's name."""
+        return self.model.id or Path(self.model.path or self.model.transformer or "FireRed-Image-Edit").name
+
 
 def default_config(stage: str = "sft") -> StageConfig:
     """The stage's defaults: SFT = LoRA; pretrain = full fine-tune (AdamW, lr 1e-5, T2I + edit)."""
@@ -188,7 +237,47 @@ def default_config(stage: str = "sft") -> StageConfig:
         cfg.optim = OptimConfig(name="adamw", lr=1e-5)
         cfg.objective.ema_decay = 0.9999
         cfg.sia = SIAConfig(text_dropout=0.1)
+    if stage in RL_STAGES:  # one source picture, at a fixed output size (the stage's section)
+        cfg.name = f"{stage}_lora"
+        cfg.model.gradient_checkpointing = False
+        cfg.lora = LoraConfig(rank=32, alpha=64.0, targets="firered_nomod")
+        cfg.data.ref_resolution, cfg.data.vl_resolution = 512, 384
+        cfg.checkpoint.resume = "auto"
+    if stage == "dpo":
+        cfg.max_steps = 1000
+        cfg.optim = OptimConfig(name="adamw", lr=5e-5, weight_decay=0.01, warmup_steps=500)
+        cfg.checkpoint.every = 250
+    if stage == "nft":
+        cfg.max_steps = 500
+        cfg.optim = OptimConfig(name="adamw", lr=3e-4, weight_decay=1e-4)
+        cfg.checkpoint.every = 50
     return cfg
+
+
+#: the RL stages' flat keys of before they became sections of this config -> where each lives now
+_RL_MOVED = {
+    "data": "data.jsonl", "prompts": "data.jsonl", "steps": "max_steps", "max_bad": "data.max_bad",
+    "batch_size": "data.batch_size", "ref_area": "data.ref_resolution (the side in pixels, e.g. 512)",
+    "vl_area": "data.vl_resolution (the side in pixels, e.g. 384)", "optimizer": "optim.name", "lr": "optim.lr",
+    "weight_decay": "optim.weight_decay", "warmup_steps": "optim.warmup_steps", "grad_clip": "optim.grad_clip",
+    "lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "dtype": "model.dtype",
+    "gradient_checkpointing": "model.gradient_checkpointing", "save_every": "checkpoint.every",
+    "resume": "checkpoint.resume (auto | none | a checkpoint folder)", "validate_every": "validation.every", "nft_beta": "nft.beta",
+    **{k: f"dpo.{k}" for k in ("beta", "omega", "lam")},
+    **{f.name: f"nft.{f.name}" for f in dataclasses.fields(NFTSection) if f.name not in ("beta",)},
+}  # fmt: skip
+
+
+def _moved_key_error(values: dict, stage: str) -> None:
+    for k, v in values.items():
+        if k == "model" and isinstance(v, str):
+            raise ConfigError(f"model: a mapping now; the release folder is model.path={v}")
+        if k in _RL_MOVED and k not in {f.name for f in dataclasses.fields(StageConfig)}:
+            where = _RL_MOVED[k]
+            if stage == "dpo" and k in ("width", "height"):
+                where = f"dpo.{k}"
+            raise ConfigError(f"{k}: unknown setting; the {stage} stage's settings are sections of the one stage "
+                              f"config now: use {where}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +346,11 @@ def _fill(obj, values: dict, prefix: str):
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
             raise ConfigError(f"{key}: unknown setting; {('the settings of ' + prefix) if prefix else 'top-level keys'} are {', '.join(names)}")
-        setattr(obj, k, _coerce(v, hints[k], key))
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current) and isinstance(v, dict):  # a section: over the stage's defaults
+            setattr(obj, k, _fill(dataclasses.replace(current), v, key))
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key))
     return obj
 
 
@@ -296,19 +389,27 @@ def from_dict(values: dict, stage: str | None = None) -> StageConfig:
     if not isinstance(values, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(values).__name__}")
     stage = stage or values.get("stage") or "sft"
+    if stage in RL_STAGES:
+        _moved_key_error(values, str(stage))
     cfg = _fill(default_config(str(stage)), {k: v for k, v in values.items() if k != "stage"}, "")
     cfg.stage = str(stage)
     validate(cfg)
     return cfg
 
 
-def load_config(path=None, overrides: list[str] = (), stage: str | None = None) -> StageConfig:
-    """Read a YAML config (optional) and apply ``key=value`` overrides (dotted keys); the result is
-    validated. ``stage`` (from the command line) wins over the file's ``stage:``."""
+def load_config(path=None, overrides: list[str] | dict = (), stage: str | None = None) -> StageConfig:
+    """Read a YAML config (optional; or a mapping of settings) and apply overrides: ``key=value``
+    strings or a mapping, with dotted keys for sections (``optim.lr=1e-4``); the result is validated.
+    ``stage`` (from the command line) wins over the file's ``stage:``."""
+    import copy
+
     import yaml
 
     values: dict = {}
-    if path:
+    if isinstance(path, dict):  # settings given directly: nested sections or dotted keys
+        for k, v in path.items():
+            values = _merge(values, _nest(str(k).split("."), copy.deepcopy(v)))
+    elif path:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
@@ -318,8 +419,8 @@ def load_config(path=None, overrides: list[str] = (), stage: str | None = None) 
             raise ConfigError(f"{p}: not valid YAML ({e})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{p}: expected a mapping of settings at the top level")
-    for item in overrides:
-        keys, value = _parse_override(item)
+    items = [(k.split("."), v) for k, v in overrides.items()] if isinstance(overrides, dict) else map(_parse_override, overrides)
+    for keys, value in items:
         values = _merge(values, _nest(keys, value))
     if stage is not None:
         file_stage = values.get("stage")
@@ -385,13 +486,17 @@ def validate(cfg: StageConfig) -> StageConfig:
         _check(bool(d.path), f"data.mix[{i}].path", "empty path")
         _check(d.weight >= 0, f"data.mix[{i}].weight", f"must be >= 0, got {d.weight}")
     _check(cfg.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {cfg.data.batch_size}")
-    for k in ("resolution", "ref_resolution", "vl_resolution"):
+    for k in ("resolution", "ref_resolution"):
         v = getattr(cfg.data, k)
         _check(v >= 16 and v % 16 == 0, f"data.{k}", f"must be a positive multiple of 16 pixels, got {v}")
+    _check(cfg.data.vl_resolution >= 28, "data.vl_resolution",
+           f"must be at least 28 pixels (one Qwen2.5-VL patch of 14 x 2), got {cfg.data.vl_resolution}")
     _check(cfg.data.max_bad >= 0, "data.max_bad", f"must be >= 0, got {cfg.data.max_bad}")
     for k in ("drop_prob", "chinese_prob", "inverse_prob", "text_dropout"):
         v = getattr(cfg.sia, k)
         _check(0 <= v <= 1, f"sia.{k}", f"must be a probability in [0, 1], got {v}")
+    if cfg.stage in RL_STAGES:
+        _validate_rl(cfg)
     _check(cfg.checkpoint.every >= 1, "checkpoint.every", f"must be >= 1, got {cfg.checkpoint.every}")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {cfg.checkpoint.keep_last}")
     _check(cfg.validation.every >= 0, "validation.every", f"must be >= 0, got {cfg.validation.every}")
@@ -399,6 +504,33 @@ def validate(cfg: StageConfig) -> StageConfig:
         _check(bool(p.prompt.strip()), f"validation.prompts[{i}].prompt", "empty prompt")
         _check(len(p.pictures) <= 3, f"validation.prompts[{i}].pictures", f"0 to 3 pictures, got {len(p.pictures)}")
     return cfg
+
+
+def _validate_rl(cfg: StageConfig) -> None:
+    st = cfg.stage
+    _check(not cfg.data.mix, "data.mix", f"the {st} stage reads one file (data.jsonl), not a mix")
+    _check(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
+           f"expected auto, cpu or cuda[:N], got {cfg.device!r}")
+    sec = cfg.dpo if st == "dpo" else cfg.nft
+    for k in ("width", "height"):
+        v = getattr(sec, k)
+        _check(v >= 16 and v % 16 == 0, f"{st}.{k}", f"must be a positive multiple of 16 pixels, got {v}")
+    if st == "dpo":
+        _check(cfg.dpo.beta > 0, "dpo.beta", f"must be > 0, got {cfg.dpo.beta}")
+        _check(cfg.dpo.omega > 0, "dpo.omega", f"must be > 0, got {cfg.dpo.omega}")
+        _check(cfg.dpo.lam >= 0, "dpo.lam", f"must be >= 0, got {cfg.dpo.lam}")
+        return
+    n = cfg.nft
+    for k in ("prompts_per_step", "sample_steps", "timesteps_per_sample", "micro_batch", "validation_seeds"):
+        _check(getattr(n, k) >= 1, f"nft.{k}", f"must be >= 1, got {getattr(n, k)}")
+    _check(n.group_size >= 2, "nft.group_size",
+           f"must be >= 2 (rewards are normalised within each prompt's group), got {n.group_size}")
+    _check(n.beta > 0, "nft.beta", f"must be > 0, got {n.beta}")
+    _check(n.train_timesteps in ("shift", "sampler"), "nft.train_timesteps",
+           f"expected shift or sampler, got {n.train_timesteps!r}")
+    _check(0 < n.timestep_fraction <= 1, "nft.timestep_fraction", f"must be in (0, 1], got {n.timestep_fraction}")
+    _check(isinstance(n.reward, (str, dict)) and bool(n.reward), "nft.reward",
+           f"expected a reward name or a mapping of names to weights, got {n.reward!r}")
 
 
 def config_hash(cfg: StageConfig) -> str:

@@ -1,7 +1,7 @@
 """One LoRA training job over the files users hold, whatever the stage: what the ComfyUI node runs.
 
-A job names the three model files, a dataset, a preset from ``firered_trainer/configs`` (SFT, or the RL
-stages' ``dpo_*`` / ``nft_*``) and a few common knobs; :func:`run_lora_job` turns them into that
+A job names the three model files, a dataset, a preset from ``firered_trainer/configs`` (any stage's,
+by its ``stage:`` key) and a few common knobs; :func:`run_lora_job` turns them into that
 stage's overrides, runs it, and :func:`install_lora` puts the result where ComfyUI's loaders look.
 """
 
@@ -26,10 +26,7 @@ def lora_presets() -> list[str]:
 
 
 def preset_stage(preset: str) -> str:
-    """``sft`` / ``pretrain`` (the ``stage:`` key), or ``dpo`` / ``nft`` (the RL presets' prefix)."""
-    for rl in ("dpo", "nft"):
-        if preset.startswith(rl + "_"):
-            return rl
+    """The preset's stage: its ``stage:`` key (``sft`` when it has none)."""
     path = CONFIG_DIR / f"{preset}.yaml"
     if not path.is_file():
         raise ValueError(f"preset {preset!r}: no {path.name} in {CONFIG_DIR}")
@@ -118,9 +115,10 @@ def run_lora_job(job: LoraJob, *, progress: Progress | None = None, should_stop:
         editor = FireRedEditor.from_files(None, transformer=job.transformer, text_encoder=job.text_encoder, vae=job.vae,
                                           tokenizer=job.tokenizer, device=device or "cpu", dtype=dtype or "fp32")
         settings = [
-            f"model={job.transformer}", f"output_dir={job.output_dir}", f"seed={job.seed}", f"steps={job.steps}",
-            f"lr={job.learning_rate}", f"lora_rank={job.rank}", f"lora_alpha={2 * job.rank}", f"width={job.resolution}",
-            f"height={job.resolution}", f"device={device or 'cpu'}", f"{'data' if stage == 'dpo' else 'prompts'}={job.dataset}",
+            f"model.transformer={job.transformer}", f"output_dir={job.output_dir}", f"name={job.name}",
+            f"seed={job.seed}", f"max_steps={job.steps}", f"optim.lr={job.learning_rate}", f"lora.rank={job.rank}",
+            f"lora.alpha={2 * job.rank}", f"{stage}.width={job.resolution}", f"{stage}.height={job.resolution}",
+            f"device={device or 'cpu'}", f"data.jsonl={job.dataset}",
         ]
         mod = importlib.import_module(f".rl.{stage}", __package__)
         res = mod.run(preset_file, overrides=settings + job.overrides, progress=report, should_stop=should_stop, editor=editor)

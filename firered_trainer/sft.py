@@ -64,7 +64,7 @@ from firered_core.sampling.denoiser import batch_texts
 from . import cache as cache_mod
 from . import checkpoint as ckpt
 from .buckets import BucketBatchSampler, aspect_bucket, bucket_key, fit_to_buckets
-from .config import DatasetEntry, StageConfig, load_config
+from .config import ConfigError, DatasetEntry, StageConfig, load_config
 from .data import LoadReport, load_dataset
 from .lora import add_lora, load_lora_weights_into, quantize_frozen_base, quantize_frozen_base_nf4, save_lora
 from .objective import EMA, flow_matching_loss, seed_of, stratified_uniform, training_sigmas
@@ -479,6 +479,9 @@ def eval_loss(model, examples: list[Example], *, sched_cfg, dtype, device, sigma
 
 
 def train(cfg: StageConfig, *, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    if cfg.stage not in ("sft", "pretrain"):
+        raise ConfigError(f"stage: this loop trains sft and pretrain; a {cfg.stage} config runs with "
+                          f"python -m firered_trainer {cfg.stage} (firered_trainer.rl.{cfg.stage}.run)")
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import set_seed
 

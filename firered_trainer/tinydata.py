@@ -91,8 +91,8 @@ def demo_commands(root) -> dict[str, str]:
     return {
         "sft": f"{head} sft --config {_shown(configs / 'tiny_cpu.yaml')} model.path={model} "
                f"data.jsonl={data / 'pairs.jsonl'} output_dir={root / 'sft'}",
-        "dpo": f"{head} dpo --config {_shown(configs / 'dpo_tiny_cpu.yaml')} model={model} "
-               f"data={data / 'prefs.jsonl'} output_dir={root / 'dpo'}",
-        "nft": f"{head} nft --config {_shown(configs / 'nft_tiny_cpu.yaml')} model={model} "
-               f"prompts={data / 'prompts.jsonl'} output_dir={root / 'nft'}",
+        "dpo": f"{head} dpo --config {_shown(configs / 'dpo_tiny_cpu.yaml')} model.path={model} "
+               f"data.jsonl={data / 'prefs.jsonl'} output_dir={root / 'dpo'}",
+        "nft": f"{head} nft --config {_shown(configs / 'nft_tiny_cpu.yaml')} model.path={model} "
+               f"data.jsonl={data / 'prompts.jsonl'} output_dir={root / 'nft'}",
     }  # fmt: skip

@@ -1,6 +1,7 @@
-"""Parts the DPO and NFT stages share: typed configs from YAML with ``key=value`` overrides, the
-trained policy (LoRA adapters or full weights) with its reference and old-policy views, atomic
-checkpoints with exact resume (past a damaged newest one: :func:`firered_trainer.checkpoint.choose_resume`),
+"""Parts the DPO and NFT stages share: their config (the one :class:`firered_trainer.config.StageConfig`)
+and editor, the trained policy (LoRA adapters or full weights) with its reference and old-policy views, their
+state in every stage's checkpoint folders (:mod:`firered_trainer.checkpoint`: atomic, exact resume,
+past a damaged newest one),
 the metrics curve, and the prompt / preference JSONL readers.
 """
 
@@ -17,77 +18,45 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..config import ConfigError  # every stage's one config error (it names the key), re-exported
+from ..config import LORA_PRESETS, ConfigError  # every stage's one config error (it names the key), re-exported
 
 # ---------------------------------------------------------------------------------------------
-# Configs
+# Config and model
 # ---------------------------------------------------------------------------------------------
 
 
-def _coerce(cls_field: dataclasses.Field, value: Any, where: str):
-    t = cls_field.type if isinstance(cls_field.type, str) else getattr(cls_field.type, "__name__", str(cls_field.type))
-    if value is None:
-        return None
-    try:
-        if t.startswith("bool"):
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if t.startswith("int"):
-            return int(value)
-        if t.startswith("float"):
-            return float(value)
-        if t.startswith("str"):
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: {cls_field.name} expects {t}, got {value!r}") from None
-    return value
+def stage_config(stage: str, config, overrides=None):
+    """The stage's :class:`firered_trainer.config.StageConfig` from a config, a YAML path or a
+    mapping of settings, plus overrides (``key=value`` strings or a mapping; dotted keys)."""
+    from ..config import StageConfig, load_config
+
+    if isinstance(config, StageConfig):
+        if config.stage != stage:
+            raise ConfigError(f"stage: the {stage} stage was given a config for {config.stage!r}")
+        if overrides:
+            raise ConfigError("overrides: apply them when loading the config (load_config(path, overrides))")
+        return config
+    return load_config(config, overrides or (), stage=stage)
 
 
-def load_config(cls, path=None, overrides: Any = None):
-    """Build the dataclass ``cls`` from a YAML file (optional) and ``key=value`` overrides (a list
-    of strings, whose values are parsed as YAML, or a dict). Unknown keys are errors."""
-    import yaml
+def lora_rank(cfg) -> int:
+    """The policy's LoRA rank: ``lora.rank``, or 0 (full weights) with ``train_mode: full``."""
+    return cfg.lora.rank if cfg.train_mode == "lora" else 0
 
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping of options, got {type(loaded).__name__}")
-        data.update(loaded)
-    if isinstance(overrides, dict):
-        data.update(overrides)
-    else:
-        for item in overrides or []:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} must be key=value")
-            k, v = item.split("=", 1)
-            try:
-                data[k.strip()] = yaml.safe_load(v)
-            except yaml.YAMLError:
-                raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown {cls.__name__} option(s) {unknown}; known: {sorted(fields)}")
-    kw = {k: _coerce(fields[k], v, str(path or "override")) for k, v in data.items()}
-    missing = [n for n, f in fields.items() if n not in kw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"{cls.__name__} needs {missing}" + (f" (in {path})" if path else ""))
-    cfg = cls(**kw)
-    if hasattr(cfg, "check"):
-        cfg.check()
-    return cfg
+
+def load_editor(cfg, device: str):
+    """The editor a stage trains: ``model.path`` (a release folder), or the single files
+    ``model.transformer`` / ``text_encoder`` / ``vae`` (over the folder, when both are given)."""
+    from firered_core import FireRedEditor
+
+    m = cfg.model
+    if m.transformer or m.text_encoder or m.vae:
+        return FireRedEditor.from_files(m.path or None, transformer=m.transformer or None, text_encoder=m.text_encoder or None,
+                                        vae=m.vae or None, tokenizer=m.tokenizer or None, device=device, dtype=m.dtype)
+    if not m.path:
+        raise ConfigError("model.path: no model: set model.path=<release folder> (or model.transformer / "
+                          "model.text_encoder / model.vae files)")
+    return FireRedEditor.from_pretrained(m.path, device=device, dtype=m.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,10 +64,7 @@ def load_config(cls, path=None, overrides: Any = None):
 # ---------------------------------------------------------------------------------------------
 
 #: FireRed's own LoRA target set without the modulation layers (DiffSynth / FireRed ``train/``).
-LORA_TARGETS = (
-    "to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
-    "img_mlp.net.2", "txt_mlp.net.2",
-)  # fmt: skip
+LORA_TARGETS = tuple(LORA_PRESETS["firered_nomod"])
 
 
 class Policy:
@@ -309,44 +275,53 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(path: Path, **state) -> None:
-    """One file holding everything to resume (weights, EMA, optimizer, step, RNG, config)."""
-    atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+def save_checkpoint(run, cfg, meta: dict | None = None) -> Path:
+    """The run's state as every stage's checkpoint folder (:func:`firered_trainer.checkpoint.write_checkpoint`):
+    ``trainable.safetensors`` (the trained weights) and ``state.pt`` (step, optimizer, scheduler,
+    RNG states, the old-policy EMA) beside ``config.yaml`` and the manifest. Main process only."""
+    from safetensors.torch import save_file
+
+    from ..checkpoint import write_checkpoint
+
+    state = run.state()
+    policy = state.pop("policy")
+    state.pop("config", None)  # config.yaml holds it
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in policy["weights"].items()}, str(tmp / "trainable.safetensors"))
+        torch.save({**state, "old_policy": policy["old"]}, tmp / "state.pt")
+
+    return write_checkpoint(cfg.output_dir, run.step, write, config_yaml=cfg.to_yaml(), meta=meta,
+                            keep_last=cfg.checkpoint.keep_last)
 
 
-def list_checkpoints(folder: Path) -> list[Path]:
-    """The ``step_N.pt`` checkpoints of ``folder``, oldest first (``*.corrupt`` ones set aside are not listed)."""
-    found = [p for p in Path(folder).glob("step_*.pt") if p.stem.split("_")[1].isdigit()]
-    return sorted(found, key=lambda p: int(p.stem.split("_")[1]))
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    found = list_checkpoints(folder)
-    return found[-1] if found else None
-
-
-#: what every stage's :meth:`state` holds
-_STATE_KEYS = ("step", "policy", "optimizer", "rng")
+#: what every RL stage's ``state.pt`` holds
+_STATE_KEYS = ("step", "optimizer", "rng")
 
 
 def load_checkpoint(path: Path) -> dict:
-    """The state saved by :func:`save_checkpoint`; a truncated or foreign file raises
-    :class:`firered_trainer.checkpoint.CorruptCheckpoint` naming it."""
-    from ..checkpoint import CorruptCheckpoint
+    """The state :func:`save_checkpoint` wrote, in the form the runs' ``load`` takes; the folder is
+    verified first (:func:`firered_trainer.checkpoint.verify_checkpoint`), and a damaged or foreign
+    file raises :class:`firered_trainer.checkpoint.CorruptCheckpoint` naming it."""
+    from safetensors.torch import load_file
+
+    from ..checkpoint import CorruptCheckpoint, verify_checkpoint
 
     path = Path(path)
+    verify_checkpoint(path)
+    f = path / "state.pt"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(f, map_location="cpu", weights_only=False)
     except FileNotFoundError:
-        raise CorruptCheckpoint(path, "missing") from None
+        raise CorruptCheckpoint(f, "missing (a DPO / NFT checkpoint has one)") from None
     except Exception as e:  # noqa: BLE001 -- a file torch cannot read back is unusable, whatever the reason
         why = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__  # torch's first sentence
-        raise CorruptCheckpoint(path, f"{path.stat().st_size if path.exists() else 0} bytes, not a readable "
-                                      f"torch.save checkpoint ({why}; truncated?)") from None
+        raise CorruptCheckpoint(f, f"not a readable torch.save file ({why})") from None
     lacking = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
     if lacking:
-        raise CorruptCheckpoint(path, f"expected a stage checkpoint with {list(_STATE_KEYS)}, it lacks {lacking}")
-    return state
+        raise CorruptCheckpoint(f, f"expected a DPO / NFT state with {list(_STATE_KEYS)}, it lacks {lacking}")
+    old = state.pop("old_policy", None)
+    return {**state, "policy": {"weights": load_file(str(path / "trainable.safetensors")), "old": old}}
 
 
 class Curve:
@@ -463,33 +438,24 @@ def read_preferences(path, *, max_bad: int = 10, report=None) -> list[Preference
 # ---------------------------------------------------------------------------------------------
 
 
-def stage_config(cls, config, overrides=None):
-    """A stage's config from an instance of ``cls``, a YAML path (+ ``key=value`` overrides) or a dict."""
-    if isinstance(config, cls):
-        return config
-    if isinstance(config, dict):
-        return load_config(cls, None, {**config, **(overrides or {})})
-    return load_config(cls, config, overrides)
-
-
 def run_stage(cfg, make_run: Callable[[], Any], *, stage: str, curve_keys, progress=None, should_stop=None,
               after_step: Callable[[Any, dict, bool], None] | None = None) -> dict:
-    """Resume from the last checkpoint, iterate ``make_run()``'s ``iteration()`` up to ``cfg.steps``
-    (``after_step(run, row, is_main)`` may add to a row), log the curve, checkpoint every
-    ``save_every`` steps and on a stop (keeping the last two), then save the LoRA and plot the curves.
+    """Resume from the last checkpoint (``checkpoint.resume: auto``), iterate ``make_run()``'s
+    ``iteration()`` up to ``max_steps`` (``after_step(run, row, is_main)`` may add to a row), log the
+    curve, checkpoint every ``checkpoint.every`` steps and on a stop (keeping the last
+    ``checkpoint.keep_last``), then save the LoRA (``<output_dir>/<name>.safetensors``) and plot the curves.
     Returns ``{"lora", "steps", "stopped", "curve", "run"}``."""
-    out = Path(cfg.output_dir)
-    ckpt_dir = out / "checkpoints"
-    torch.manual_seed(cfg.seed)
-    state = None
-    if cfg.resume:
-        # the newest readable checkpoint; damaged newer ones are moved aside (step_N.pt.corrupt) with one log line
-        from ..checkpoint import choose_resume
-        from .nft import _dist
+    from ..checkpoint import clean_partial, find_resume
+    from .nft import _dist
 
-        found = choose_resume(list_checkpoints(ckpt_dir), load_checkpoint, is_main=_dist()[0] == 0,
-                              start_afresh="resume=false")
-        state = found.value if found is not None else None
+    out = Path(cfg.output_dir)
+    torch.manual_seed(cfg.seed)
+    main = _dist()[0] == 0
+    if main:
+        clean_partial(out)
+    # the newest usable checkpoint (every stage's rule); damaged newer ones are moved aside with one log line
+    found = find_resume(out, cfg.checkpoint.resume, check=load_checkpoint, is_main=main)
+    state = found.value if found is not None else None
     r = make_run()
     if state is not None:
         r.load(state)
@@ -498,12 +464,10 @@ def run_stage(cfg, make_run: Callable[[], Any], *, stage: str, curve_keys, progr
 
     def save():
         if is_main:
-            save_checkpoint(ckpt_dir / f"step_{r.step}.pt", **r.state())
-            for old in sorted(ckpt_dir.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-2]:
-                old.unlink()
+            save_checkpoint(r, cfg)
 
     stopped = False
-    while r.step < cfg.steps:
+    while r.step < cfg.max_steps:
         if should_stop is not None and should_stop():
             stopped = True
             break
@@ -513,33 +477,15 @@ def run_stage(cfg, make_run: Callable[[], Any], *, stage: str, curve_keys, progr
         if is_main:
             curve.log(row)
         if progress is not None:
-            progress(r.step, cfg.steps, row)
-        if cfg.save_every and r.step % cfg.save_every == 0:
+            progress(r.step, cfg.max_steps, row)
+        if r.step % cfg.checkpoint.every == 0:
             save()
-    if r.step and (stopped or r.step % max(cfg.save_every, 1)):
+    if r.step and (stopped or r.step % cfg.checkpoint.every):
         save()
     lora = None
     if is_main and r.policy.lora:
-        lora = save_lora(r.policy, out / f"{stage}_lora.safetensors", stage=stage, steps=r.step,
-                         config=dataclasses.asdict(cfg), base_model=cfg.model)
+        lora = save_lora(r.policy, out / f"{cfg.name}.safetensors", stage=stage, steps=r.step,
+                         config=cfg.to_dict(), base_model=cfg.model_name())
     if is_main:
         plot_curve(curve, out / "curves.png", keys=curve_keys)
     return {"lora": lora, "steps": r.step, "stopped": stopped, "curve": out / "metrics.jsonl", "run": r}
-
-
-def cli_main(argv, run, *, prog: str, description: str, example: str, show) -> int:
-    """``python -m firered_trainer <stage> --config FILE key=value ...``: run with ``show(step, total, row)``."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog=prog, description=description)
-    ap.add_argument("--config", required=True, help=f"YAML file (see {example})")
-    ap.add_argument("overrides", nargs="*", help="key=value options overriding the file")
-    a = ap.parse_args(argv)
-    from ..__main__ import _reported
-
-    def go() -> int:
-        res = run(a.config, overrides=a.overrides, progress=show)
-        print(f"done: {res['steps']} steps; LoRA {res['lora']}; curve {res['curve']}")
-        return 0
-
-    return _reported(go)  # a bad config, data file or checkpoint: one line naming it, as every stage

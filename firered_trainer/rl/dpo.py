@@ -2,7 +2,7 @@
 
 Launch::
 
-    python -m firered_trainer dpo --config firered_trainer/configs/dpo_lora.yaml data=prefs.jsonl output_dir=runs/dpo
+    python -m firered_trainer dpo --config firered_trainer/configs/dpo_lora.yaml data.jsonl=prefs.jsonl output_dir=runs/dpo
 
 Data: JSONL, one preference pair a line (paths relative to the file)::
 
@@ -32,54 +32,14 @@ from typing import Callable
 
 import torch
 
+from ..config import StageConfig
 from . import common, losses
-
-
-@dataclasses.dataclass
-class DPOConfig:
-    """Every option of the DPO stage (YAML keys; ``key=value`` overrides)."""
-
-    model: str
-    data: str  # preference JSONL
-    output_dir: str
-    max_bad: int = 10  # bad lines skipped (and counted, with file and line) before the run stops, as in SFT
-    steps: int = 1000
-    batch_size: int = 1  # pairs per step and process (the global batch: x the number of processes)
-    width: int = 512
-    height: int = 512
-    ref_area: int = 512 * 512
-    vl_area: int = 384 * 384
-    beta: float = 100.0
-    omega: float = 1.5
-    lam: float = 1.0
-    optimizer: str = "adamw"
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_steps: int = 500
-    grad_clip: float = 1.0
-    lora_rank: int = 32
-    lora_alpha: float = 64.0
-    dtype: str = "bf16"
-    device: str = "auto"
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    save_every: int = 250
-    resume: bool = True
-
-    def check(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise common.ConfigError("steps and batch_size must be >= 1")
-        if self.width % 16 or self.height % 16:
-            raise common.ConfigError(f"width / height must be multiples of 16, got {self.width}x{self.height}")
-        if self.beta <= 0 or self.omega <= 0 or self.lam < 0:
-            raise common.ConfigError(f"need beta > 0, omega > 0, lam >= 0; got {self.beta}, {self.omega}, {self.lam}")
 
 
 class DPORun:
     """One DPO run's state (editor, policy, cached encodings, optimizer)."""
 
-    def __init__(self, cfg: DPOConfig, *, editor=None):
-        from firered_core import FireRedEditor
+    def __init__(self, cfg: StageConfig, *, editor=None):
         from firered_core.pipeline import EditRequest
 
         from ..optim import build_optimizer
@@ -87,18 +47,18 @@ class DPORun:
 
         self.cfg = cfg
         self.rank, self.world = _dist()
-        self.pairs = common.read_preferences(cfg.data, max_bad=cfg.max_bad)  # before the model: bad data is reported at once
-        self.editor = editor or FireRedEditor.from_pretrained(cfg.model, device=_device(cfg.device), dtype=cfg.dtype)
+        self.pairs = common.read_preferences(cfg.data.jsonl, max_bad=cfg.data.max_bad)  # before the model: bad data is reported at once
+        self.editor = editor or common.load_editor(cfg, _device(cfg.device))
         tr = self.editor.c.transformer
-        self.policy = common.Policy(tr, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, need_reference=True, seed=cfg.seed)
+        self.policy = common.Policy(tr, lora_rank=common.lora_rank(cfg), lora_alpha=cfg.lora.alpha, targets=cfg.lora_modules(), need_reference=True, seed=cfg.seed)
         for p in self.policy.parameters():
             p.data = p.data.float()
-        if cfg.gradient_checkpointing and hasattr(tr, "enable_gradient_checkpointing"):
+        if cfg.model.gradient_checkpointing and hasattr(tr, "enable_gradient_checkpointing"):
             tr.enable_gradient_checkpointing()
-        self.opt = build_optimizer(cfg.optimizer, self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
-        self.req = EditRequest(prompt="-", cfg=1.0, width=cfg.width, height=cfg.height, ref_area=cfg.ref_area,
-                               vl_area=cfg.vl_area, negative_prompt=None)
+        self.opt = build_optimizer(cfg.optim.name, self.policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(cfg.optim.warmup_steps, 1)))
+        self.req = EditRequest(prompt="-", cfg=1.0, width=cfg.dpo.width, height=cfg.dpo.height, ref_area=cfg.data.ref_resolution ** 2,
+                               vl_area=cfg.data.vl_resolution ** 2, negative_prompt=None)
         self._cache: dict[int, tuple] = {}
         self.step = 0
 
@@ -155,28 +115,28 @@ class DPORun:
         from ..objective import seed_of
 
         gen = torch.Generator().manual_seed(seed_of(cfg.seed, "pairs", self.step))
-        everyone = torch.randint(0, len(self.pairs), (cfg.batch_size * self.world,), generator=gen).tolist()
-        first = self.rank * cfg.batch_size
+        everyone = torch.randint(0, len(self.pairs), (cfg.data.batch_size * self.world,), generator=gen).tolist()
+        first = self.rank * cfg.data.batch_size
         t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         agg: dict[str, float] = {}
-        for pos in range(first, first + cfg.batch_size):
+        for pos in range(first, first + cfg.data.batch_size):
             i = everyone[pos]
             sigma, eps = self.draw(i, torch.Generator().manual_seed(seed_of(cfg.seed, "noise", self.step, pos)))
             ref = self.errors(i, sigma, eps, reference=True)
             pol = self.errors(i, sigma, eps)
-            loss, st = losses.dpo_loss(pol[:1], pol[1:], ref[:1], ref[1:], beta=cfg.beta, omega=cfg.omega, lam=cfg.lam)
-            (loss / cfg.batch_size).backward()  # averaged over the processes below: the global batch's mean
+            loss, st = losses.dpo_loss(pol[:1], pol[1:], ref[:1], ref[1:], beta=cfg.dpo.beta, omega=cfg.dpo.omega, lam=cfg.dpo.lam)
+            (loss / cfg.data.batch_size).backward()  # averaged over the processes below: the global batch's mean
             for k, v in dataclasses.asdict(st).items():
-                agg[k] = agg.get(k, 0.0) + v / cfg.batch_size
+                agg[k] = agg.get(k, 0.0) + v / cfg.data.batch_size
         params = self.policy.parameters()
         if self.world > 1:
             for p in params:
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
                     p.grad.div_(self.world)
-        if cfg.grad_clip and cfg.grad_clip > 0:
-            agg["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        if cfg.optim.grad_clip and cfg.optim.grad_clip > 0:
+            agg["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
         agg["lr"] = self.sched.get_last_lr()[0]
         self.opt.step()
         self.sched.step()
@@ -185,7 +145,7 @@ class DPORun:
 
     def state(self) -> dict:
         return {"step": self.step, "policy": self.policy.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "rng": common.rng_state(), "config": dataclasses.asdict(self.cfg)}
+                "scheduler": self.sched.state_dict(), "rng": common.rng_state(), "config": self.cfg.to_dict()}
 
     def load(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -196,7 +156,7 @@ class DPORun:
 
 
 def run(
-    config: DPOConfig | str | dict,
+    config: StageConfig | str | dict,
     *,
     overrides=None,
     progress: Callable[[int, int, dict], None] | None = None,
@@ -207,19 +167,12 @@ def run(
 
     ``progress(step, total, metrics)`` after every step; ``should_stop()`` polled before each step
     (a stop saves a checkpoint first)."""
-    cfg = common.stage_config(DPOConfig, config, overrides)
+    cfg = common.stage_config("dpo", config, overrides)
     return common.run_stage(cfg, lambda: DPORun(cfg, editor=editor), stage="dpo", curve_keys=("loss", "win_diff", "lose_diff"),
                             progress=progress, should_stop=should_stop)
 
 
-def main(argv=None) -> int:
-    def show(step, total, row):
-        print(f"step {step}/{total} loss {row['loss']:.4f} acc {row['accuracy']:.2f} "
-              f"win {row['win_diff']:+.2e} lose {row['lose_diff']:+.2e}", flush=True)
-
-    return common.cli_main(argv, run, prog="python -m firered_trainer dpo", description="DPO with Asymmetric Gradient Optimization",
-                           example="firered_trainer/configs/dpo_lora.yaml", show=show)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def show_progress(step: int, total: int, row: dict) -> None:
+    """One line per step on the command line (``python -m firered_trainer dpo``)."""
+    print(f"step {step}/{total} loss {row['loss']:.4f} acc {row['accuracy']:.2f} "
+          f"win {row['win_diff']:+.2e} lose {row['lose_diff']:+.2e}", flush=True)

@@ -2,7 +2,7 @@
 
 Launch::
 
-    python -m firered_trainer nft --config firered_trainer/configs/nft_ocr_lora.yaml output_dir=runs/nft lr=1e-4
+    python -m firered_trainer nft --config firered_trainer/configs/nft_ocr_lora.yaml output_dir=runs/nft optim.lr=1e-4
     accelerate launch -m firered_trainer nft --config ...          # see "Scale-out" below
 
 Each iteration (one optimizer step):
@@ -55,72 +55,16 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
+from ..config import StageConfig
 from . import common, losses, rewards
 
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class NFTConfig:
-    """Every option of the NFT stage (YAML keys; ``key=value`` overrides on the command line)."""
-
-    model: str  # a FireRed / Qwen-Image-Edit release folder
-    prompts: str  # JSONL: {"instruction", "source_image"?, "target_text"?, "target_box"?}
-    output_dir: str
-    max_bad: int = 10  # bad lines skipped (and counted, with file and line) before the run stops, as in SFT
-    reward: Any = "brightness"  # a name or {name: weight | {weight, **options}}, see firered_trainer.rl.rewards
-    steps: int = 500
-    prompts_per_step: int = 1
-    group_size: int = 8
-    sample_steps: int = 10
-    sampler: str = "euler"
-    schedule: str = "flowmatch"
-    width: int = 512
-    height: int = 512
-    ref_area: int = 512 * 512
-    vl_area: int = 384 * 384
-    nft_beta: float = 1.0
-    adv_clip_max: float = 5.0
-    kl_weight: float = 1e-4
-    weighting: str = "adaptive"
-    old_decay: str = "ramp"
-    timesteps_per_sample: int = 1
-    train_timesteps: str = "shift"  # shift (fresh sigma, SFT's training shift) | sampler (DiffusionNFT: the rollout grid)
-    timestep_fraction: float = 0.99  # with train_timesteps=sampler: the share of the grid's steps trained on
-    micro_batch: int = 4
-    optimizer: str = "adamw"
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0
-    lora_rank: int = 32
-    lora_alpha: float = 64.0
-    dtype: str = "bf16"
-    device: str = "auto"
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    save_every: int = 50
-    validate_every: int = 0
-    validation_seeds: int = 4
-    resume: bool = True
-
-    def check(self) -> None:
-        for k in ("steps", "prompts_per_step", "group_size", "sample_steps", "timesteps_per_sample", "micro_batch"):
-            if getattr(self, k) < 1:
-                raise common.ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
-        if self.group_size < 2:
-            raise common.ConfigError("group_size must be >= 2: rewards are normalised within each prompt's group")
-        if self.nft_beta <= 0:
-            raise common.ConfigError(f"nft_beta must be > 0, got {self.nft_beta}")
-        if self.train_timesteps not in ("shift", "sampler"):
-            raise common.ConfigError(f"train_timesteps: expected shift or sampler, got {self.train_timesteps!r}")
-        if not 0 < self.timestep_fraction <= 1:
-            raise common.ConfigError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
 
 
 def train_sigmas(n: int, gen: torch.Generator, *, mode: str, grid: torch.Tensor, image_seq_len: int,
@@ -183,8 +127,7 @@ class NFTRun:
     Split so the benchmark (``bench/nft_cost.py``) and the ComfyUI node time and drive the same
     iteration as :func:`run`."""
 
-    def __init__(self, cfg: NFTConfig, *, editor=None, encoded=None):
-        from firered_core import FireRedEditor
+    def __init__(self, cfg: StageConfig, *, editor=None, encoded=None):
         from firered_core.pipeline import EditRequest
 
         from ..optim import build_optimizer
@@ -192,23 +135,23 @@ class NFTRun:
         self.cfg = cfg
         self.rank, self.world = _dist()
         dev = _device(cfg.device)
-        self.prompts = common.read_prompts(cfg.prompts, max_bad=cfg.max_bad)  # before the model: bad data is reported at once
-        self.editor = editor or FireRedEditor.from_pretrained(cfg.model, device=dev, dtype=cfg.dtype)
-        self.reward_fn = rewards.build_reward(cfg.reward)
+        self.prompts = common.read_prompts(cfg.data.jsonl, max_bad=cfg.data.max_bad)  # before the model: bad data is reported at once
+        self.editor = editor or common.load_editor(cfg, dev)
+        self.reward_fn = rewards.build_reward(cfg.nft.reward)
         tr = self.editor.c.transformer
         self.policy = common.Policy(
-            tr, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, need_reference=cfg.kl_weight > 0, keep_old=True, seed=cfg.seed
+            tr, lora_rank=common.lora_rank(cfg), lora_alpha=cfg.lora.alpha, targets=cfg.lora_modules(), need_reference=cfg.nft.kl_weight > 0, keep_old=True, seed=cfg.seed
         )
         for p in self.policy.parameters():  # float32 master weights for the trained part
             p.data = p.data.float()
         self.policy.old = {n: p.detach().float().clone() for n, p in self.policy.trainable()}
-        if cfg.gradient_checkpointing and hasattr(tr, "enable_gradient_checkpointing"):
+        if cfg.model.gradient_checkpointing and hasattr(tr, "enable_gradient_checkpointing"):
             tr.enable_gradient_checkpointing()
-        self.opt = build_optimizer(cfg.optimizer, self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = build_optimizer(cfg.optim.name, self.policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         # the frozen text encoder runs once per prompt; the encodings are kept
         self.req = EditRequest(
-            prompt="-", cfg=1.0, steps=cfg.sample_steps, width=cfg.width, height=cfg.height, sampler=cfg.sampler,
-            schedule=cfg.schedule, ref_area=cfg.ref_area, vl_area=cfg.vl_area, negative_prompt=None,
+            prompt="-", cfg=1.0, steps=cfg.nft.sample_steps, width=cfg.nft.width, height=cfg.nft.height, sampler=cfg.nft.sampler,
+            schedule=cfg.nft.schedule, ref_area=cfg.data.ref_resolution ** 2, vl_area=cfg.data.vl_resolution ** 2, negative_prompt=None,
         )  # fmt: skip
         self.encoded = list(encoded) if encoded is not None else []
         with torch.no_grad():
@@ -244,7 +187,7 @@ class NFTRun:
         ctx = self.policy.old_policy() if old else contextlib.nullcontext()
         with ctx:
             den = Denoiser(self.editor.c.transformer, enc.cond)
-            return samplers.get_sampler(self.cfg.sampler)(den.model_fn(enc.positive), x, sig, generator=gen).float()
+            return samplers.get_sampler(self.cfg.nft.sampler)(den.model_fn(enc.positive), x, sig, generator=gen).float()
 
     @torch.no_grad()
     def score(self, idx: int, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,35 +215,35 @@ class NFTRun:
 
         cfg = self.cfg
         self.opt.zero_grad(set_to_none=True)
-        total = sum(len(x) for _, x, _, _ in items) * cfg.timesteps_per_sample
+        total = sum(len(x) for _, x, _, _ in items) * cfg.nft.timesteps_per_sample
         agg: dict[str, float] = {}
         tr = self.editor.c.transformer
         for idx, x0_all, r_all, gen in items:
             enc = self.encoded[idx]
             den = Denoiser(tr, enc.cond)
-            grid = self.editor.sigmas(self.req, enc.size) if cfg.train_timesteps == "sampler" else None
-            for _ in range(cfg.timesteps_per_sample):
-                for a in range(0, len(x0_all), cfg.micro_batch):
-                    x0 = x0_all[a : a + cfg.micro_batch].to(self.editor.device)
-                    r = r_all[a : a + cfg.micro_batch]
+            grid = self.editor.sigmas(self.req, enc.size) if cfg.nft.train_timesteps == "sampler" else None
+            for _ in range(cfg.nft.timesteps_per_sample):
+                for a in range(0, len(x0_all), cfg.nft.micro_batch):
+                    x0 = x0_all[a : a + cfg.nft.micro_batch].to(self.editor.device)
+                    r = r_all[a : a + cfg.nft.micro_batch]
                     b = len(x0)
-                    sigma = train_sigmas(b, gen, mode=cfg.train_timesteps, grid=grid, image_seq_len=x0.shape[1],
+                    sigma = train_sigmas(b, gen, mode=cfg.nft.train_timesteps, grid=grid, image_seq_len=x0.shape[1],
                                          scheduler_config=self.editor.c.scheduler_config,
-                                         timestep_fraction=cfg.timestep_fraction).to(x0.device)
+                                         timestep_fraction=cfg.nft.timestep_fraction).to(x0.device)
                     eps = torch.randn(x0.shape, generator=gen).to(x0.device)
                     xt = flow.add_noise(x0, eps, flow.broadcast_sigma(sigma, x0)).to(self.editor.dtype)
                     with torch.no_grad():
                         with self.policy.old_policy():
                             v_old = den.predict(xt, sigma, [enc.positive])[0]
                         v_ref = None
-                        if cfg.kl_weight > 0:
+                        if cfg.nft.kl_weight > 0:
                             with self.policy.reference() as ref_tr:
                                 ref_den = den if ref_tr is tr else Denoiser(ref_tr, enc.cond)
                                 v_ref = ref_den.predict(xt, sigma, [enc.positive])[0]
                     v = den.predict(xt, sigma, [enc.positive])[0]
                     loss, st = losses.nft_loss(
-                        v, v_old, x0, eps, sigma, r, beta=cfg.nft_beta, adv_clip_max=cfg.adv_clip_max,
-                        weighting=cfg.weighting, v_ref=v_ref, kl_weight=cfg.kl_weight,
+                        v, v_old, x0, eps, sigma, r, beta=cfg.nft.beta, adv_clip_max=cfg.nft.adv_clip_max,
+                        weighting=cfg.nft.weighting, v_ref=v_ref, kl_weight=cfg.nft.kl_weight,
                     )  # fmt: skip
                     (loss * (b / total)).backward()
                     for k, val in dataclasses.asdict(st).items():
@@ -311,10 +254,10 @@ class NFTRun:
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
                     p.grad.div_(self.world)
-        if cfg.grad_clip and cfg.grad_clip > 0:
-            agg["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        if cfg.optim.grad_clip and cfg.optim.grad_clip > 0:
+            agg["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
         self.opt.step()
-        self.policy.update_old(losses.old_policy_decay(self.step + 1, cfg.old_decay))
+        self.policy.update_old(losses.old_policy_decay(self.step + 1, cfg.nft.old_decay))
         return agg
 
     def iteration(self) -> dict:
@@ -324,20 +267,20 @@ class NFTRun:
         # takes its slice, and each group's rollout and update draws are keyed by its place in the
         # global set (not the rank): N processes compute what one process with N times the prompts
         # computes (the optimality probabilities are per group, so they do not cross processes)
-        everyone = torch.randint(0, len(self.prompts), (cfg.prompts_per_step * self.world,),
+        everyone = torch.randint(0, len(self.prompts), (cfg.nft.prompts_per_step * self.world,),
                                  generator=self._generator("prompts", self.step)).tolist()
-        mine = range(self.rank * cfg.prompts_per_step, (self.rank + 1) * cfg.prompts_per_step)
+        mine = range(self.rank * cfg.nft.prompts_per_step, (self.rank + 1) * cfg.nft.prompts_per_step)
         idxs = [everyone[p] for p in mine]
         gens = [self._generator("group", self.step, p) for p in mine]
         t0 = time.perf_counter()
-        x0s = [self.rollout(i, cfg.group_size, g) for i, g in zip(idxs, gens)]
+        x0s = [self.rollout(i, cfg.nft.group_size, g) for i, g in zip(idxs, gens)]
         t1 = time.perf_counter()
         scores = [self.score(i, x)[1] for i, x in zip(idxs, x0s)]
         t2 = time.perf_counter()
         allr = torch.cat(scores)
-        groups = torch.arange(len(idxs)).repeat_interleave(cfg.group_size)
-        r = losses.optimality_probability(allr, groups, adv_clip_max=cfg.adv_clip_max)
-        items = [(i, x, r[k * cfg.group_size : (k + 1) * cfg.group_size], g)
+        groups = torch.arange(len(idxs)).repeat_interleave(cfg.nft.group_size)
+        r = losses.optimality_probability(allr, groups, adv_clip_max=cfg.nft.adv_clip_max)
+        items = [(i, x, r[k * cfg.nft.group_size : (k + 1) * cfg.nft.group_size], g)
                  for k, (i, x, g) in enumerate(zip(idxs, x0s, gens))]
         st = self.update(items)
         t3 = time.perf_counter()
@@ -350,7 +293,7 @@ class NFTRun:
     @torch.no_grad()
     def validate(self, seeds: int | None = None) -> tuple[float, torch.Tensor]:
         """Mean reward of fresh samples of the *trained* policy over every prompt at fixed seeds."""
-        n = seeds or self.cfg.validation_seeds
+        n = seeds or self.cfg.nft.validation_seeds
         vals, pics = [], []
         for i in range(len(self.prompts)):
             gen = torch.Generator().manual_seed(10_000 + i)
@@ -367,7 +310,7 @@ class NFTRun:
             "policy": self.policy.state_dict(),
             "optimizer": self.opt.state_dict(),
             "rng": common.rng_state(),
-            "config": dataclasses.asdict(self.cfg),
+            "config": self.cfg.to_dict(),
         }
 
     def load(self, state: dict) -> None:
@@ -383,7 +326,7 @@ class NFTRun:
 
 
 def run(
-    config: NFTConfig | str | dict,
+    config: StageConfig | str | dict,
     *,
     overrides=None,
     progress: Callable[[int, int, dict], None] | None = None,
@@ -393,15 +336,15 @@ def run(
 ) -> dict:
     """Train with DiffusionNFT; returns ``{"lora": path, "steps": n, "curve": path, ...}``.
 
-    ``config``: an :class:`NFTConfig`, a YAML path, or a dict of options. ``progress(step, total,
+    ``config``: a :class:`firered_trainer.config.StageConfig` (stage nft), a YAML path, or a dict of options. ``progress(step, total,
     metrics)`` is called after every step; ``should_stop()`` is polled before each step (a stop
     saves a checkpoint first). ``editor``: an already loaded :class:`firered_core.FireRedEditor`;
     ``encoded``: the prompts' :class:`firered_core.pipeline.EncodedEdit` from an earlier run.
     """
-    cfg = common.stage_config(NFTConfig, config, overrides)
+    cfg = common.stage_config("nft", config, overrides)
 
     def validate(nr, row, is_main):
-        if cfg.validate_every and nr.step % cfg.validate_every == 0:
+        if cfg.validation.every and nr.step % cfg.validation.every == 0:
             row["val_reward"], pics = nr.validate()
             if is_main:
                 _save_grid(pics, Path(cfg.output_dir) / "validation" / f"step_{nr.step}.png")
@@ -425,14 +368,7 @@ def _save_grid(pics: torch.Tensor, path: Path) -> None:
     common.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
-def main(argv=None) -> int:
-    def show(step, total, row):
-        print(f"step {step}/{total} reward {row['reward']:.4f} loss {row['loss']:.4f} "
-              f"(rollout {row['t_rollout']:.1f}s reward {row['t_reward']:.1f}s update {row['t_update']:.1f}s)", flush=True)
-
-    return common.cli_main(argv, run, prog="python -m firered_trainer nft", description="DiffusionNFT on a LoRA (or full weights)",
-                           example="firered_trainer/configs/nft_ocr_lora.yaml", show=show)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def show_progress(step: int, total: int, row: dict) -> None:
+    """One line per step on the command line (``python -m firered_trainer nft``)."""
+    print(f"step {step}/{total} reward {row['reward']:.4f} loss {row['loss']:.4f} "
+          f"(rollout {row['t_rollout']:.1f}s reward {row['t_reward']:.1f}s update {row['t_update']:.1f}s)", flush=True)

@@ -160,8 +160,9 @@ def test_nft_steps_on_cuda(tiny_model_dir, tmp_path):
     from firered_trainer.rl import nft
 
     (tmp_path / "p.jsonl").write_text('{"instruction": "a bright picture", "source_image": null}\n')
-    res = nft.run(dict(model=str(tiny_model_dir), prompts=str(tmp_path / "p.jsonl"), output_dir=str(tmp_path / "o"),
-                       reward="brightness", steps=2, group_size=4, sample_steps=2, width=32, height=32,
-                       vl_area=56 * 56, lora_rank=4, lora_alpha=8, dtype="bf16", device="cuda", save_every=0,
-                       resume=False, micro_batch=4))
+    res = nft.run({"stage": "nft", "model.path": str(tiny_model_dir), "data.jsonl": str(tmp_path / "p.jsonl"),
+                   "output_dir": str(tmp_path / "o"), "nft.reward": "brightness", "max_steps": 2, "nft.group_size": 4,
+                   "nft.sample_steps": 2, "nft.width": 32, "nft.height": 32, "data.vl_resolution": 56, "lora.rank": 4,
+                   "lora.alpha": 8, "model.dtype": "bf16", "device": "cuda", "checkpoint.resume": "none",
+                   "nft.micro_batch": 4})
     assert res["steps"] == 2

@@ -98,7 +98,7 @@ def test_dpo_preset_trains_a_lora_from_preference_pairs(pack, train_env, tmp_pat
     (prefs / "prefs.jsonl").write_text(json.dumps(rec) + "\n")
     res = node(pack, "FireRedTrainLoRA").train(**widgets(
         files, prefs / "prefs.jsonl", lora_name="prefer_bright", preset="dpo_tiny_cpu", steps=3, resolution=32,
-        overrides="ref_area=1024\nvl_area=3136\nwarmup_steps=1\nsave_every=0",
+        overrides="data.ref_resolution=32\ndata.vl_resolution=56\noptim.warmup_steps=1\ncheckpoint.every=1000",
     ))
     assert res["result"] == ("prefer_bright.safetensors",) and (models / "loras" / "prefer_bright.safetensors").is_file()
     assert [s for s, _ in res["ui"]["firered_loss"]] == [1, 2, 3]

@@ -1,5 +1,5 @@
-"""Faults a user meets around training runs: a damaged newest checkpoint (SFT's accelerate folder
-and the RL stages' one-file checkpoint) is named, set aside and the previous one resumed exactly;
+"""Faults a user meets around training runs: a damaged newest checkpoint (every stage writes the same
+folders) is named, set aside and the previous one resumed exactly;
 every stage's command line reports bad data in one line with no traceback; ``--help`` helps; and
 the commands ``make-tiny-data`` prints run as printed."""
 
@@ -119,39 +119,77 @@ def test_no_usable_checkpoint_is_one_clear_error_and_moves_nothing(sft_run, tmp_
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004", "step-00000008"]
 
 
-def test_rl_resumes_from_the_previous_checkpoint(tiny_model_dir, tmp_path, caplog, one_thread):
-    """The same for the RL stages' one-file checkpoints (NFT here; DPO shares the code): a
-    truncated newest ``step_N.pt`` is named and set aside, the previous one is resumed and the
-    curve from there equals the uninterrupted one."""
-    from firered_trainer.rl import common, nft
+def _rl_data(tmp_path: Path, stage: str) -> Path:
+    import json
+
+    import numpy as np
+    from PIL import Image
+
     from tests.conftest import make_picture
 
-    make_picture(32, 32, seed=1).save(tmp_path / "src.png")
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"instruction": "make it brighter", "source_image": "src.png"}\n')
-    kw = dict(model=str(tiny_model_dir), prompts=str(prompts), reward="brightness", steps=4, group_size=4,
-              sample_steps=2, width=32, height=32, vl_area=56 * 56, lr=3e-2, lora_rank=4, lora_alpha=8, dtype="fp32",
-              device="cpu", save_every=2, micro_batch=4)  # fmt: skip
+    src = make_picture(32, 32, seed=1)
+    src.save(tmp_path / "src.png")
+    if stage == "nft":
+        rec = {"instruction": "make it brighter", "source_image": "src.png"}
+    else:
+        a = np.asarray(src).astype(np.float32)
+        Image.fromarray(np.clip(a * 0.2 + 200, 0, 255).astype(np.uint8)).save(tmp_path / "win.png")
+        Image.fromarray(np.clip(a * 0.2, 0, 255).astype(np.uint8)).save(tmp_path / "lose.png")
+        rec = {"source_image": "src.png", "instruction": "make it brighter", "preferred": "win.png", "rejected": "lose.png"}
+    path = tmp_path / f"{stage}.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("stage", ["dpo", "nft"])
+def test_rl_resumes_from_the_previous_checkpoint(tiny_model_dir, tmp_path, caplog, one_thread, stage):
+    """The RL stages write the same checkpoint folders as SFT (``trainable.safetensors``, their
+    ``state.pt``, ``config.yaml``, the ``meta.json`` manifest) and resume the same way: a newest
+    checkpoint with a file cut short, or with a readable ``state.pt`` that is no stage state, is
+    named in one warning and set aside, the previous one is resumed, and the curve from there
+    equals the uninterrupted one."""
+    import json
+
+    from firered_trainer.rl import common, dpo, nft
+
+    run = {"dpo": dpo.run, "nft": nft.run}[stage]
+    kw = {"stage": stage, "model.path": str(tiny_model_dir), "data.jsonl": str(_rl_data(tmp_path, stage)),
+          "max_steps": 4, f"{stage}.width": 32, f"{stage}.height": 32, "data.ref_resolution": 32,
+          "data.vl_resolution": 56, "lora.rank": 4, "lora.alpha": 8, "model.dtype": "fp32", "device": "cpu",
+          "checkpoint.every": 2, "optim.lr": 3e-2 if stage == "nft" else 1e-3}
+    if stage == "nft":
+        kw.update({"nft.reward": "brightness", "nft.group_size": 4, "nft.sample_steps": 2, "nft.micro_batch": 4})
+    else:
+        kw["optim.warmup_steps"] = 1
     src = tmp_path / "ref"
-    want = common.Curve(nft.run({**kw, "output_dir": str(src), "resume": False})["curve"]).read()
-    for damage in ("truncate", "foreign"):
-        out = tmp_path / damage
+    want = common.Curve(run({**kw, "output_dir": str(src), "checkpoint.resume": "none"})["curve"]).read()
+    newest = src / "checkpoints" / "step-00000004"
+    assert {"trainable.safetensors", "state.pt", "config.yaml", "meta.json"} <= {f.name for f in newest.iterdir()}
+    ckpt.verify_checkpoint(newest)
+    assert load_config(newest / "config.yaml").stage == stage  # the run's whole config, readable as one
+    for damage, file in (("truncate", "trainable.safetensors"), ("truncate", "state.pt"), ("foreign", "state.pt")):
+        out = tmp_path / f"{damage}-{file}"
         shutil.copytree(src, out)
-        newest = out / "checkpoints" / "step_4.pt"
+        step4 = out / "checkpoints" / "step-00000004"
         if damage == "truncate":
-            _truncate(newest)
-        else:
-            torch.save({"weights": torch.zeros(2)}, newest)  # a readable file that is no stage checkpoint
+            _truncate(step4 / file)
+        else:  # a readable file that is no stage state, with a manifest that agrees
+            torch.save({"weights": torch.zeros(2)}, step4 / file)
+            meta = json.loads((step4 / "meta.json").read_text())
+            meta["files"][file] = (step4 / file).stat().st_size
+            (step4 / "meta.json").write_text(json.dumps(meta))
         caplog.clear()
         with caplog.at_level(logging.INFO):
-            res = nft.run({**kw, "output_dir": str(out), "resume": True})
-        warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "step_4.pt" in r.getMessage()]
-        assert len(warned) == 1 and "step_2.pt" in warned[0], [r.getMessage() for r in caplog.records]
-        assert (out / "checkpoints" / "step_4.pt.corrupt").is_file()
+            res = run({**kw, "output_dir": str(out), "checkpoint.resume": "auto"})
+        warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "step-00000004" in r.getMessage()]
+        assert len(warned) == 1 and file in warned[0] and "step-00000002" in warned[0], [r.getMessage() for r in caplog.records]
+        assert (out / "checkpoints" / "step-00000004.corrupt" / file).is_file()
         got = common.Curve(res["curve"]).read()
         assert [r["step"] for r in got] == [1, 2, 3, 4]
         for a, b in zip(got[2:], want[2:]):
-            assert a["reward"] == pytest.approx(b["reward"], abs=1e-6) and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+            if stage == "nft":
+                assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,14 +212,13 @@ def test_help_lists_every_stage_and_exits_0():
     assert bad.returncode == 2 and "'trian'" in bad.stderr and "Traceback" not in bad.stderr
 
 
-@pytest.mark.parametrize("stage,key", [("sft", "data.jsonl"), ("dpo", "data"), ("nft", "prompts")])
-def test_missing_data_file_is_one_line_for_every_stage(tiny_model_dir, tmp_path, stage, key):
+@pytest.mark.parametrize("stage", ["sft", "dpo", "nft"])
+def test_missing_data_file_is_one_line_for_every_stage(tiny_model_dir, tmp_path, stage):
     cfg = {"sft": CONFIG, "dpo": ROOT / "firered_trainer/configs/dpo_tiny_cpu.yaml",
            "nft": ROOT / "firered_trainer/configs/nft_tiny_cpu.yaml"}[stage]
-    model = f"model.path={tiny_model_dir}" if stage == "sft" else f"model={tiny_model_dir}"
     missing = tmp_path / "no-such.jsonl"
-    done = subprocess.run([sys.executable, "-m", "firered_trainer", stage, "--config", str(cfg), model,
-                           f"{key}={missing}", f"output_dir={tmp_path / 'out'}"],
+    done = subprocess.run([sys.executable, "-m", "firered_trainer", stage, "--config", str(cfg),
+                           f"model.path={tiny_model_dir}", f"data.jsonl={missing}", f"output_dir={tmp_path / 'out'}"],
                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 3, (done.returncode, done.stderr[-3000:])
     assert "Traceback" not in done.stderr

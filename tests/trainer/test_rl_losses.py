@@ -194,5 +194,7 @@ def test_nft_train_sigmas_released_grid_mode_and_shift_mode():
     u = torch.rand(64, generator=torch.Generator().manual_seed(1), dtype=torch.float64).float() * 0.99 + 0.005
     assert torch.equal(shifted, training_sigmas(u, image_seq_len=1024, config=None))
     assert not set(shifted.tolist()) & set(grid.tolist())
-    with pytest.raises(common.ConfigError, match="train_timesteps"):
-        common.load_config(nft.NFTConfig, None, {"model": "m", "prompts": "p", "output_dir": "o", "train_timesteps": "grid"})
+    from firered_trainer.config import load_config
+
+    with pytest.raises(common.ConfigError, match=r"nft\.train_timesteps: expected shift or sampler"):
+        load_config({"model.path": "m", "data.jsonl": "p", "output_dir": "o", "nft.train_timesteps": "grid"}, stage="nft")

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from firered_trainer.config import load_config
 from firered_trainer.rl import common, dpo, nft
 from tests.conftest import make_picture
 
@@ -33,13 +34,14 @@ def _prompts(tmp: Path, with_source: bool = True, t2i: bool = True) -> Path:
 
 
 def _nft_cfg(model, prompts, out, **kw):
-    base = dict(
-        model=str(model), prompts=str(prompts), output_dir=str(out), reward="brightness", steps=30, group_size=8,
-        sample_steps=3, width=32, height=32, ref_area=32 * 32, vl_area=56 * 56, lr=3e-2, lora_rank=4, lora_alpha=8,
-        dtype="fp32", device="cpu", save_every=0, resume=False, micro_batch=8, validation_seeds=8,
-    )  # fmt: skip
-    base.update(kw)
-    return common.load_config(nft.NFTConfig, None, base)
+    base = {
+        "model.path": str(model), "data.jsonl": str(prompts), "output_dir": str(out), "nft.reward": "brightness",
+        "max_steps": 30, "nft.group_size": 8, "nft.sample_steps": 3, "nft.width": 32, "nft.height": 32,
+        "data.ref_resolution": 32, "data.vl_resolution": 56, "optim.lr": 3e-2, "lora.rank": 4, "lora.alpha": 8,
+        "model.dtype": "fp32", "device": "cpu", "checkpoint.every": 1000, "checkpoint.resume": "none",
+        "nft.micro_batch": 8, "nft.validation_seeds": 8,
+    }  # fmt: skip
+    return load_config({**base, **kw}, stage="nft")
 
 
 def test_nft_raises_the_reward_of_fresh_samples(tiny_model_dir, tmp_path):
@@ -83,14 +85,14 @@ def test_nft_raises_the_reward_of_fresh_samples(tiny_model_dir, tmp_path):
         for weight in (1.0, -1.0):
             ed = FireRedEditor(dataclasses.replace(base.c, transformer=copy.deepcopy(base_tr)))
             cfg = _nft_cfg(tiny_model_dir, prompts, tmp_path / f"o{seed}{weight}", seed=seed,
-                           reward={"brightness": weight})
+                           **{"nft.reward": {"brightness": weight}})
             run = nft.NFTRun(cfg, editor=ed, encoded=encoded)
             encoded = run.encoded
             if probe is None:  # 16 samples of the base policy and their brightness
                 x0 = run.rollout(0, 16, torch.Generator().manual_seed(5), old=False)
                 probe = (x0, run.score(0, x0)[1])
             before, m0 = run.validate()[0], bright_minus_dark_error(run)
-            rows = [run.iteration() for _ in range(run.cfg.steps)]
+            rows = [run.iteration() for _ in range(run.cfg.max_steps)]
             after, m1 = run.validate()[0], bright_minus_dark_error(run)
             assert all(np.isfinite(r["loss"]) for r in rows)
             shifts[seed, weight] = m1 - m0
@@ -126,11 +128,12 @@ def test_dpo_moves_toward_the_preferred_side(tiny_model_dir, tmp_path):
     (tmp_path / "swapped.jsonl").write_text(json.dumps(swapped) + "\n")
 
     def make(data, out, **kw):
-        return dpo.DPORun(common.load_config(dpo.DPOConfig, None, dict(
-            model=str(tiny_model_dir), data=str(tmp_path / data), output_dir=str(tmp_path / out), steps=20,
-            width=32, height=32, ref_area=32 * 32, vl_area=56 * 56, lr=3e-3, warmup_steps=1, lora_rank=4, lora_alpha=8,
-            dtype="fp32", device="cpu", save_every=0, resume=False, **kw,
-        )))  # fmt: skip
+        return dpo.DPORun(load_config({
+            "model.path": str(tiny_model_dir), "data.jsonl": str(tmp_path / data), "output_dir": str(tmp_path / out),
+            "max_steps": 20, "dpo.width": 32, "dpo.height": 32, "data.ref_resolution": 32, "data.vl_resolution": 56,
+            "optim.lr": 3e-3, "optim.warmup_steps": 1, "lora.rank": 4, "lora.alpha": 8, "model.dtype": "fp32",
+            "device": "cpu", "checkpoint.every": 1000, "checkpoint.resume": "none", **kw,
+        }, stage="dpo"))  # fmt: skip
 
     run = make("prefs.jsonl", "dpo")
     cfg = run.cfg
@@ -147,7 +150,7 @@ def test_dpo_moves_toward_the_preferred_side(tiny_model_dir, tmp_path):
         return float(((x0 - zl) * d).sum((1, 2)).mean() / (d**2).sum())
 
     before = side()
-    rows = [run.iteration() for _ in range(cfg.steps)]
+    rows = [run.iteration() for _ in range(cfg.max_steps)]
     after = side()
     print(f"DPO: samples moved {after - before:+.3f} toward the preferred latent; last step {rows[-1]}")
     assert after - before > 0.03
@@ -168,9 +171,9 @@ def test_dpo_moves_toward_the_preferred_side(tiny_model_dir, tmp_path):
 
     moved, margin = {}, {}
     for data in ("prefs.jsonl", "swapped.jsonl"):
-        r = make(data, f"dpo-{data}", lam=0.0)
+        r = make(data, f"dpo-{data}", **{"dpo.lam": 0.0})
         b = side(r)
-        for _ in range(r.cfg.steps):
+        for _ in range(r.cfg.max_steps):
             r.iteration()
         moved[data] = side(r) - b
         margin[data] = light_margin(r, flip=data == "swapped.jsonl")
@@ -199,20 +202,23 @@ def test_resume_after_sigkill_continues_the_same_curve(tiny_model_dir, tmp_path)
     """A run checkpointing every 2 steps is SIGKILLed after step 3; the resumed run (from step 2)
     writes the same per-step rewards and losses as an uninterrupted run."""
     prompts = _prompts(tmp_path, with_source=False)
-    kw = dict(
-        model=str(tiny_model_dir), prompts=str(prompts), reward="brightness", steps=5, group_size=4, sample_steps=2,
-        width=32, height=32, vl_area=56 * 56, lr=3e-2, lora_rank=4, lora_alpha=8, dtype="fp32", device="cpu",
-        save_every=2, micro_batch=4,
-    )  # fmt: skip
-    ref = nft.run({**kw, "output_dir": str(tmp_path / "ref"), "resume": False})
+    kw = {
+        "stage": "nft", "model.path": str(tiny_model_dir), "data.jsonl": str(prompts), "nft.reward": "brightness",
+        "max_steps": 5, "nft.group_size": 4, "nft.sample_steps": 2, "nft.width": 32, "nft.height": 32,
+        "data.vl_resolution": 56, "optim.lr": 3e-2, "lora.rank": 4, "lora.alpha": 8, "model.dtype": "fp32",
+        "device": "cpu", "checkpoint.every": 2, "nft.micro_batch": 4,
+    }  # fmt: skip
+    ref = nft.run({**kw, "output_dir": str(tmp_path / "ref"), "checkpoint.resume": "none"})
     want = common.Curve(ref["curve"]).read()
     out = tmp_path / "killed"
     code = _CHILD.format(root=str(ROOT), kill_at=3, cfg={**kw, "output_dir": str(out)})
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert common.latest_checkpoint(out / "checkpoints").name == "step_2.pt"
-    res = nft.run({**kw, "output_dir": str(out), "resume": True})
+    from firered_trainer import checkpoint as ckpt
+
+    assert ckpt.latest_checkpoint(out).name == "step-00000002"
+    res = nft.run({**kw, "output_dir": str(out), "checkpoint.resume": "auto"})
     got = common.Curve(res["curve"]).read()
     assert [r["step"] for r in got] == list(range(1, 6))
     for a, b in zip(got, want):
@@ -220,15 +226,32 @@ def test_resume_after_sigkill_continues_the_same_curve(tiny_model_dir, tmp_path)
 
 
 def test_configs_load_and_reject_bad_keys(tmp_path):
-    for name, cls in (("dpo_lora.yaml", dpo.DPOConfig), ("nft_ocr_lora.yaml", nft.NFTConfig)):
-        cfg = common.load_config(cls, ROOT / "firered_trainer" / "configs" / name, ["model=/m", "output_dir=/o"])
-        assert cfg.lora_rank == 32 and cfg.lora_alpha == 64
-    ocr = common.load_config(nft.NFTConfig, ROOT / "firered_trainer" / "configs" / "nft_ocr_lora.yaml", [])
-    assert ocr.nft_beta == 0.1 and ocr.kl_weight == 1e-4 and ocr.old_decay == "ocr"
-    with pytest.raises(common.ConfigError, match="unknown"):
-        common.load_config(nft.NFTConfig, None, {"model": "m", "prompts": "p", "output_dir": "o", "betta": 1})
-    with pytest.raises(common.ConfigError, match="group_size"):
-        common.load_config(nft.NFTConfig, None, {"model": "m", "prompts": "p", "output_dir": "o", "group_size": 1})
+    """The RL presets are the one stage config (sections, dotted overrides, the same errors as SFT's),
+    and a flat key of the RL configs of before says where it lives now."""
+    for name in ("dpo_lora.yaml", "nft_ocr_lora.yaml"):
+        cfg = load_config(ROOT / "firered_trainer" / "configs" / name, ["model.path=/m", "output_dir=/o"])
+        assert cfg.stage == name[:3] and cfg.lora.rank == 32 and cfg.lora.alpha == 64
+        assert cfg.lora_modules() == list(common.LORA_TARGETS)
+    ocr = load_config(ROOT / "firered_trainer" / "configs" / "nft_ocr_lora.yaml", [])
+    assert ocr.nft.beta == 0.1 and ocr.nft.kl_weight == 1e-4 and ocr.nft.old_decay == "ocr"
+    base = {"model.path": "m", "data.jsonl": "p", "output_dir": "o"}
+    with pytest.raises(common.ConfigError, match=r"nft\.betta: unknown setting"):
+        load_config({**base, "nft.betta": 1}, stage="nft")
+    with pytest.raises(common.ConfigError, match=r"nft\.group_size: must be >= 2"):
+        load_config({**base, "nft.group_size": 1}, stage="nft")
+    with pytest.raises(common.ConfigError, match=r"dpo\.width: must be a positive multiple of 16"):
+        load_config({**base, "dpo.width": 40}, stage="dpo")
+    with pytest.raises(common.ConfigError, match=r"optim\.lr: expected a number"):
+        load_config(base, ["optim.lr=fast"], stage="dpo")
+    with pytest.raises(common.ConfigError, match=r"lora_rank: unknown setting.*use lora\.rank"):
+        load_config({**base, "lora_rank": 8}, stage="dpo")
+    with pytest.raises(common.ConfigError, match=r"model: a mapping now; the release folder is model\.path=/m"):
+        load_config({"model": "/m"}, stage="nft")
+    # a section given in part keeps the stage's defaults for the rest (not the dataclass's)
+    assert load_config({**base, "optim.lr": 0.03}, stage="nft").optim.weight_decay == 1e-4
+    assert load_config({**base, "optim": {"lr": 0.03}}, stage="dpo").optim.warmup_steps == 500
+    pre = load_config({"data.jsonl": "x", "objective": {"weighting": "none"}, "optim": {"lr": 2e-5}}, stage="pretrain")
+    assert pre.objective.ema_decay == 0.9999 and pre.optim.name == "adamw"
 
 
 def _stage_lora(stage: str, nproc: int, out: Path, opts: list[str]) -> dict:
@@ -271,10 +294,10 @@ def test_dpo_two_processes_train_the_one_process_batch(tiny_model_dir, tmp_path)
         recs.append({"source_image": "src.png", "instruction": f"edit {k}", "preferred": f"w{k}.png",
                      "rejected": f"l{k}.png"})
     (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    opts = [f"model={tiny_model_dir}", f"data={tmp_path / 'prefs.jsonl'}", "steps=4", "lr=1e-2", "save_every=0",
-            "resume=false", "lam=0.5"]
-    err, moved = _lora_gap(_stage_lora("dpo", 1, tmp_path / "one", [*opts, "batch_size=2"]),
-                           _stage_lora("dpo", 2, tmp_path / "two", [*opts, "batch_size=1"]))
+    opts = [f"model.path={tiny_model_dir}", f"data.jsonl={tmp_path / 'prefs.jsonl'}", "max_steps=4", "optim.lr=1e-2",
+            "checkpoint.every=1000", "checkpoint.resume=none", "dpo.lam=0.5"]
+    err, moved = _lora_gap(_stage_lora("dpo", 1, tmp_path / "one", [*opts, "data.batch_size=2"]),
+                           _stage_lora("dpo", 2, tmp_path / "two", [*opts, "data.batch_size=1"]))
     print(f"DPO, 2 processes x batch 1 vs 1 x batch 2 after 4 steps: LoRA max difference {err:.2e} "
           f"(largest trained B entry {moved:.3f})")
     assert moved > 1e-3
@@ -287,10 +310,10 @@ def test_nft_two_processes_train_the_one_process_groups(tiny_model_dir, tmp_path
     2: the same prompts, rollouts, rewards and update draws (keyed by the group's place in the
     step), so with the gradients averaged rank 0 writes the 1-process LoRA. Without the averaging
     it trains on its own group only (measured: identical with it, 1.8e-1 off without)."""
-    opts = [f"model={tiny_model_dir}", f"prompts={_prompts(tmp_path)}", "steps=3", "group_size=4", "micro_batch=4",
-            "save_every=0", "validate_every=0", "resume=false"]
-    err, moved = _lora_gap(_stage_lora("nft", 1, tmp_path / "one", [*opts, "prompts_per_step=2"]),
-                           _stage_lora("nft", 2, tmp_path / "two", [*opts, "prompts_per_step=1"]))
+    opts = [f"model.path={tiny_model_dir}", f"data.jsonl={_prompts(tmp_path)}", "max_steps=3", "nft.group_size=4",
+            "nft.micro_batch=4", "checkpoint.every=1000", "validation.every=0", "checkpoint.resume=none"]
+    err, moved = _lora_gap(_stage_lora("nft", 1, tmp_path / "one", [*opts, "nft.prompts_per_step=2"]),
+                           _stage_lora("nft", 2, tmp_path / "two", [*opts, "nft.prompts_per_step=1"]))
     print(f"NFT, 2 processes x 1 prompt vs 1 x 2 prompts after 3 steps: LoRA max difference {err:.2e} "
           f"(largest trained B entry {moved:.3f})")
     assert moved > 1e-3
