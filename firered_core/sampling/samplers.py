@@ -126,6 +126,20 @@ def sde_step_with_logprob(
 # ---------------------------------------------------------------------------------------------
 
 
+def _walk(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None, step) -> torch.Tensor:
+    """Walk the schedule one step at a time: the velocity at each sigma, ``x = step(x, v, sigma,
+    sigma_next)``, and the :class:`StepInfo` (with the step's clean estimate) to ``callback``."""
+    n = len(sigmas) - 1
+    for i in range(n):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        v = model_fn(x, _sigma_vec(s, x))
+        x0 = flow.v_to_x0(x.float(), v.float(), s.item()) if callback is not None else None
+        x = step(x, v, s, s_next)
+        if callback is not None:
+            callback(StepInfo(i, n, x, x0, s.item(), s_next.item()))
+    return x
+
+
 @register("euler")
 @torch.no_grad()
 def sample_euler(
@@ -137,15 +151,7 @@ def sample_euler(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """First-order Euler on the probability-flow ODE (FireRed's default sampler)."""
-    n = len(sigmas) - 1
-    for i in range(n):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        v = model_fn(x, _sigma_vec(s, x))
-        x0 = flow.v_to_x0(x.float(), v.float(), s.item()) if callback is not None else None
-        x = euler_step(x, v, s, s_next)
-        if callback is not None:
-            callback(StepInfo(i, n, x, x0, s.item(), s_next.item()))
-    return x
+    return _walk(model_fn, x, sigmas, callback, euler_step)
 
 
 @register("heun")
@@ -162,20 +168,15 @@ def sample_heun(
 
     Two model evaluations per step except the last.
     """
-    n = len(sigmas) - 1
-    for i in range(n):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        v = model_fn(x, _sigma_vec(s, x))
-        x0 = flow.v_to_x0(x.float(), v.float(), s.item())
+
+    def step(x, v, s, s_next):
         x_pred = euler_step(x, v, s, s_next)
         if s_next > 0:
             v2 = model_fn(x_pred, _sigma_vec(s_next, x))
-            x = euler_step(x, (v.float() + v2.float()).div(2).to(v.dtype), s, s_next)
-        else:
-            x = x_pred
-        if callback is not None:
-            callback(StepInfo(i, n, x, x0, s.item(), s_next.item()))
-    return x
+            return euler_step(x, (v.float() + v2.float()).div(2).to(v.dtype), s, s_next)
+        return x_pred
+
+    return _walk(model_fn, x, sigmas, callback, step)
 
 
 @register("dpmpp_2m")
@@ -234,15 +235,10 @@ def sample_euler_sde(
 ) -> torch.Tensor:
     """Stochastic sampler over :func:`sde_step_with_logprob` (the RL rollout sampler); the last
     step to sigma = 0 is deterministic."""
-    n = len(sigmas) - 1
-    for i in range(n):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        v = model_fn(x, _sigma_vec(s, x))
-        x0 = flow.v_to_x0(x.float(), v.float(), s.item())
+
+    def step(x, v, s, s_next):
         if s_next > 0:
-            x, _, _ = sde_step_with_logprob(x, v, s, s_next, eta=eta, generator=generator)
-        else:
-            x = euler_step(x, v, s, s_next)
-        if callback is not None:
-            callback(StepInfo(i, n, x, x0, s.item(), s_next.item()))
-    return x
+            return sde_step_with_logprob(x, v, s, s_next, eta=eta, generator=generator)[0]
+        return euler_step(x, v, s, s_next)
+
+    return _walk(model_fn, x, sigmas, callback, step)
