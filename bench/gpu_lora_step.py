@@ -105,9 +105,9 @@ def main() -> int:
     import torch
 
     from firered_core.sampling import flow
+    from firered_trainer.batches import predict_velocity
     from firered_trainer.objective import flow_matching_loss
     from firered_trainer.optim import build_optimizer, state_bytes_per_param
-    from firered_trainer.sft import predict_velocity
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"

@@ -2,7 +2,7 @@
 
 Stochastic instruction alignment can show a 3-picture sample in 45 ways (the 15 orders and drops
 of its pictures x English / Chinese / empty instruction). The SFT stage now encodes only the
-variants its run draws (:func:`firered_trainer.sft.planned_draws`); before, it encoded all of them.
+variants its run draws (:func:`firered_trainer.features.planned_draws`); before, it encoded all of them.
 
 1. Measured on the tiny model: 4 samples of 3 sources + a target at 64x64, an SFT run of
    ``--epochs`` passes over them (batch 2): the cache folder's bytes per sample and one variant's
@@ -40,7 +40,7 @@ def measured(epochs: int) -> dict:
     from firered_core.model import conditioning
     from firered_core.tiny import make_tiny
     from firered_trainer import cache as C
-    from firered_trainer import sft
+    from firered_trainer import features, sft
     from firered_trainer.config import load_config
     from tests.trainer.test_cache_lora import three_picture_pairs
 
@@ -52,7 +52,7 @@ def measured(epochs: int) -> dict:
         f"model.path={model}", f"data.jsonl={jsonl}", f"data.cache_dir={tmp / 'cache'}", f"output_dir={tmp / 'out'}",
         f"max_steps={2 * epochs}", "checkpoint.every=1000", "sia.text_dropout=0.05"])
     res = sft.run(cfg)
-    samples = sft.load_data(cfg)[0]
+    samples = features.load_data(cfg)[0]
     drawn = folder_bytes(tmp / "cache") / len(samples)
 
     # the old behaviour: every variant of every sample, plus the same latents
@@ -62,7 +62,7 @@ def measured(epochs: int) -> dict:
     every = [v for s in samples for v in C.text_variants(s, cfg.sia)]
     C.extract_texts(every, eager_cache, lambda t, p: conditioning.encode_prompt(te, processor, t, p,
                                                                                 dtype=torch.float32),
-                    model_id=sft.model_id(cfg), vl_resolution=cfg.data.vl_resolution)
+                    model_id=features.model_id(cfg), vl_resolution=cfg.data.vl_resolution)
     latents = folder_bytes(tmp / "cache" / "latents")
     eager = (folder_bytes(tmp / "eager") + latents) / len(samples)
     one = res.cache["variant"]

@@ -64,11 +64,11 @@ def step_child(args) -> dict:
 
     from firered_core.model.conditioning import TextCond
     from firered_core.sampling import flow
+    from firered_trainer.batches import predict_velocity
     from firered_trainer.config import LORA_PRESETS
     from firered_trainer.lora import add_lora
     from firered_trainer.objective import flow_matching_loss
     from firered_trainer.optim import build_optimizer
-    from firered_trainer.sft import predict_velocity
 
     torch.manual_seed(0)
     device = torch.device(args.device)

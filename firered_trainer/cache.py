@@ -20,7 +20,7 @@ per sample at release size (``bench/sia_cache_size.py``), while a run of E epoch
 sample about E times. Every draw
 of a run is a pure function of (seed, step, micro-batch, position in the global batch) and of the
 sampler's deterministic order, so the trainer lists them before it starts
-(:func:`firered_trainer.sft.planned_draws`, :func:`draw_variant`) and extracts exactly those: a
+(:func:`firered_trainer.features.planned_draws`, :func:`draw_variant`) and extracts exactly those: a
 sample drawn d times holds at most d text entries (one text entry per distinct variant drawn)
 and its latents once per picture and size. A resumed run plans the same draws (nothing new is
 encoded); a run given more steps encodes the new draws at its start; training itself never needs

@@ -42,12 +42,9 @@ draws (:func:`planned_draws`), not every one SIA could produce.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,19 +52,26 @@ from typing import Callable
 
 import torch
 
-from firered_core.model import latents
-from firered_core.model.images import fit_to_area
 from firered_core.runtime.blockswap import swap_last_blocks
-from firered_core.sampling import flow
-from firered_core.sampling.denoiser import batch_texts
 
 from . import cache as cache_mod
 from . import checkpoint as ckpt
-from .buckets import BucketBatchSampler, aspect_bucket, bucket_key, fit_to_buckets
-from .config import ConfigError, DatasetEntry, StageConfig, load_config
-from .data import LoadReport, load_dataset
+from .batches import Collator, batch_loss_backward, eval_loss
+from .buckets import BucketBatchSampler, bucket_key, fit_to_buckets
+from .config import ConfigError, StageConfig, load_config
+from .features import (
+    EVAL_SAMPLES,
+    eval_rng,
+    extract_features,
+    load_data,
+    model_id,
+    part_path,
+    planned_draws,
+    sia_rng,
+    validation_variants,
+)
 from .lora import add_lora, load_lora_weights_into, quantize_frozen_base, quantize_frozen_base_nf4, save_lora
-from .objective import EMA, flow_matching_loss, seed_of, stratified_uniform, training_sigmas
+from .objective import EMA
 from .optim import build_optimizer
 from .validation import LossLog, plot_loss, sample_edits
 
@@ -106,161 +110,6 @@ def run(config, *, overrides: list[str] = (), progress: Progress | None = None,
     """Train from a :class:`StageConfig` or a YAML path (+ ``key=value`` overrides)."""
     cfg = config if isinstance(config, StageConfig) else load_config(config, list(overrides), stage="sft")
     return train(cfg, progress=progress, should_stop=should_stop)
-
-
-# ---------------------------------------------------------------------------------------------
-# setup helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def load_data(cfg: StageConfig):
-    """(samples, dataset names, dataset weights, report) of every configured dataset."""
-    entries = cfg.data.mix or [DatasetEntry(path=cfg.data.jsonl)]
-    report = LoadReport()
-    samples, weights = [], {}
-    for e in entries:
-        ds = load_dataset(e.path, dataset=e.name or None, max_bad=cfg.data.max_bad, report=report)
-        samples.extend(ds)
-        weights[ds[0].dataset] = e.weight
-    report.loaded = len(samples)
-    return samples, [s.dataset for s in samples], weights, report
-
-
-def _fingerprint(folder: Path) -> str:
-    """A cheap content fingerprint of a model part (config + head and tail of each weight file)."""
-    h = hashlib.sha256()
-    files = sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")) if folder.is_dir() else [folder]
-    for f in files:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            size = f.stat().st_size
-            if size > 1 << 20:
-                fh.seek(max(size - (1 << 20), 1 << 20))
-                h.update(fh.read())
-    return h.hexdigest()[:16]
-
-
-def part_path(cfg: StageConfig, part: str) -> Path:
-    given = getattr(cfg.model, part, "")
-    if given:
-        return Path(given)
-    if not cfg.model.path:
-        raise ValueError(f"model.path: no model folder (and no model.{part} file) given")
-    return Path(cfg.model.path) / part
-
-
-def model_id(cfg: StageConfig) -> str:
-    name = cfg.model.id or Path(cfg.model.path or cfg.model.transformer).name
-    return f"{name}:{_fingerprint(part_path(cfg, 'text_encoder'))}:{_fingerprint(part_path(cfg, 'vae'))}"
-
-
-def target_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
-    """Training size of a picture of ``size``: about ``resolution^2`` pixels at its aspect bucket."""
-    return fit_to_area(resolution**2, aspect_bucket(*size))
-
-
-def latent_jobs(sample, drawn: cache_mod.Drawn, cfg: StageConfig) -> list[tuple[str, int, int]]:
-    """The ``(path, width, height)`` latents one draw of the sample reads (see :class:`Collator`)."""
-    sizes = {sample.target: sample.target_size, **dict(zip(sample.sources, sample.source_sizes))}
-    target, pics = drawn.target, drawn.variant.pictures
-    jobs = [(target, *target_size(sizes[target], cfg.data.resolution))]
-    jobs.extend((p, *target_size(sizes[p], cfg.data.ref_resolution)) for p in pics)
-    if _consistency_source(cfg, sizes, drawn):
-        # the consistency loss compares x0_hat with the source at the target's training size
-        jobs.append((pics[0], *target_size(sizes[target], cfg.data.resolution)))
-    return list(dict.fromkeys(jobs))
-
-
-def _consistency_source(cfg: StageConfig, sizes: dict, drawn: cache_mod.Drawn) -> bool:
-    """Whether the consistency loss applies to a draw: only a single source picture of the
-    target's size has cell-by-cell correspondence with the target (several sources, or another
-    size / aspect: no term)."""
-    pics = drawn.variant.pictures
-    return (cfg.objective.consistency_weight > 0 and len(drawn.sources) == 1 and len(pics) == 1
-            and sizes[pics[0]] == sizes[drawn.target])
-
-
-EVAL_SAMPLES = 4  # the fixed evaluation set: the first samples
-
-
-def sia_rng(cfg: StageConfig, step: int, micro: int, position: int) -> random.Random:
-    """The SIA generator of the sample at ``position`` of the global batch of ``micro`` at ``step``."""
-    return random.Random(seed_of(cfg.seed, "sia", step, micro, position))
-
-
-def eval_rng(cfg: StageConfig, k: int) -> random.Random:
-    return random.Random(seed_of(cfg.seed, "eval", k))
-
-
-def planned_draws(cfg: StageConfig, samples, sampler: BucketBatchSampler) -> list[tuple[int, cache_mod.Drawn]]:
-    """Every ``(sample index, SIA draw)`` the run makes -- the fixed evaluation examples, then steps
-    0 .. max_steps-1 of every process -- known before it starts: the draws are keyed by seed,
-    step, micro-batch and position, and the sampler's order is fixed by its seed. The feature
-    cache holds these and nothing else."""
-    out = [(k, cache_mod.draw_variant(s, cfg.sia, eval_rng(cfg, k))) for k, s in enumerate(samples[:EVAL_SAMPLES])]
-    batches = sampler.preview(cfg.max_steps * cfg.grad_accum)
-    for step in range(cfg.max_steps):
-        for micro in range(cfg.grad_accum):
-            b = next(batches)
-            out.extend((i, cache_mod.draw_variant(samples[i], cfg.sia, sia_rng(cfg, step, micro, g)))
-                       for g, i in enumerate(b.all_indices))
-    return out
-
-
-def validation_variants(cfg: StageConfig) -> tuple[list, list]:
-    pos = [cache_mod.TextVariant(tuple(p.pictures), p.prompt) for p in cfg.validation.prompts]
-    neg = [cache_mod.TextVariant(tuple(p.pictures), " ") for p in cfg.validation.prompts]
-    return pos, neg
-
-
-def extract_features(cfg: StageConfig, samples, accelerator, feature_cache, mid: str, dtype, vae,
-                     draws: list[tuple[int, cache_mod.Drawn]]) -> dict[str, float]:
-    """Fill the cache with what the run's ``draws`` (:func:`planned_draws`) read -- texts, and
-    latents when configured -- split across processes; the text encoder is loaded only when
-    something is missing and freed afterwards. Returns :func:`cache.size_report` of the draws
-    (logged on the main process)."""
-    from firered_core.formats.text_encoder_files import find_processor, load_text_encoder
-    from firered_core.model import conditioning
-    from firered_core.model import vae as vae_mod
-
-    rank, world = accelerator.process_index, accelerator.num_processes
-    pos, neg = validation_variants(cfg)
-    vl = cfg.data.vl_resolution
-    variants = list(dict.fromkeys([d.variant for _, d in draws] + pos + neg))
-    mine = variants[rank::world]
-    if any(not feature_cache.has("text", cache_mod.text_key(v, model_id=mid, vl_resolution=vl)) for v in mine):
-        te_path = part_path(cfg, "text_encoder")
-        processor = find_processor(tokenizer_dir=cfg.model.tokenizer or None, model_dir=Path(cfg.model.path) if cfg.model.path else None)
-        te = load_text_encoder(te_path, dtype=dtype, device=accelerator.device, processor=processor).eval()
-
-        def encode(text, pics):
-            return conditioning.encode_prompt(te, processor, text, pics, dtype=dtype)
-
-        stats = cache_mod.extract_texts(mine, feature_cache, encode, model_id=mid, vl_resolution=vl)
-        log.info("rank %d: %d of %d text variants encoded", rank, stats["encoded"], stats["total"])
-        del te
-    # the latents each distinct draw reads (a run repeats draws: computed once per draw)
-    distinct = list(dict.fromkeys(draws))
-    jobs_of = {x: latent_jobs(samples[x[0]], x[1], cfg) for x in distinct} if cfg.data.cache_latents else {}
-    if jobs_of:
-        jobs = list(dict.fromkeys(j for js in jobs_of.values() for j in js))
-        cache_mod.extract_latents(jobs[rank::world], feature_cache, lambda px: vae_mod.encode(vae, px), model_id=mid)
-    accelerator.wait_for_everyone()
-    per_sample: dict[int, dict[cache_mod.TextVariant, set]] = {}
-    for i, d in distinct:
-        entries = {("text", cache_mod.text_key(d.variant, model_id=mid, vl_resolution=vl))}
-        entries |= {("latents", cache_mod.latent_key(p, w, h, model_id=mid)) for p, w, h in jobs_of.get((i, d), ())}
-        per_sample.setdefault(i, {})[d.variant] = entries
-    report = cache_mod.size_report(feature_cache, {i: list(v.values()) for i, v in per_sample.items()})
-    eager = sum(cache_mod.possible_variants(samples[i], cfg.sia) for i in per_sample) / max(len(per_sample), 1)
-    report["variants_per_sample"] = sum(len(v) for v in per_sample.values()) / max(len(per_sample), 1)
-    report["possible_per_sample"] = eager
-    if accelerator.is_main_process:
-        log.info("feature cache: %d samples drawn, %.1f text variants each (of %.1f possible), %.3f MB per sample = "
-                 "%.2fx one variant's %.3f MB (largest %.2fx)", report["samples"], report["variants_per_sample"], eager,
-                 report["per_sample"] / 1e6, report["ratio"], report["variant"] / 1e6, report["max_ratio"])
-    return report
 
 
 def build_transformer(cfg: StageConfig, dtype, device):
@@ -311,166 +160,6 @@ def lr_lambda(cfg: StageConfig):
         return 1.0 - frac if kind == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
 
     return f
-
-
-# ---------------------------------------------------------------------------------------------
-# one training example and the loss of a batch
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Example:
-    """One collated sample: x0 ``[N, 64]`` packed target latent, refs ``[N_ref, 64]`` or None,
-    text (cached :class:`TextCond`), img_shapes (target's grid first). With the consistency loss
-    on, and exactly one source picture at the target's size: ``src`` ``[N, 64]`` its packed latent at
-    the target's training size and ``keep`` ``[N, 64]`` the keep mask (1 = should stay); else None."""
-
-    x0: torch.Tensor
-    refs: torch.Tensor | None
-    text: object
-    img_shapes: list
-    src: torch.Tensor | None = None
-    keep: torch.Tensor | None = None
-
-    @property
-    def shape_key(self):
-        return tuple(self.img_shapes)
-
-
-def auto_keep_mask(src: torch.Tensor, tgt: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``consistency_mask: auto``: the keep region of a training pair, from the pair itself -- the
-    latent cells (8x8 pixels each) where the source and target latents ``[16, h, w]`` (normalised,
-    about unit variance) agree: mean over channels of ``|src - tgt|`` below ``threshold``.
-    Returns ``[1, h, w]`` in {0, 1}."""
-    return ((src.float() - tgt.float()).abs().mean(0, keepdim=True) < threshold).float()
-
-
-def consistency_term(x_t: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, src: torch.Tensor,
-                     keep: torch.Tensor, eta: float) -> torch.Tensor:
-    """Per sample ``eta sigma^2 [sigma < 0.9] * region_consistency(x0_hat, src, keep)``, ``[B]``, with
-    ``x0_hat = x_t - sigma v`` -- :func:`firered_trainer.rl.losses.consistency_loss` (the measure of
-    consistency-guided editing, :func:`firered_core.editing.consistency.region_consistency`)."""
-    from .rl.losses import consistency_loss, x0_estimate
-
-    x0_hat = x0_estimate(x_t.to(v.device), v, sigma.to(v.device))
-    return consistency_loss(x0_hat, src.to(v.device), keep.to(v.device), sigma.to(v.device), eta=eta,
-                            schedule="sigma2", space="latent")
-
-
-class Collator:
-    """Turns a sample into an :class:`Example`: stochastic instruction alignment (instruction
-    variant, reference shuffle & drop, renumbered text), then the cached embeddings and latents."""
-
-    def __init__(self, cfg: StageConfig, feature_cache, mid: str, vae=None):
-        self.cfg, self.cache, self.mid, self.vae = cfg, feature_cache, mid, vae
-
-    def latent(self, path: str, w: int, h: int) -> torch.Tensor:
-        key = cache_mod.latent_key(path, w, h, model_id=self.mid)
-        if self.cache.has("latents", key):
-            return self.cache.get_latent(key)
-        if self.vae is None:
-            raise KeyError(f"no cached latent for {path} at {w}x{h}")
-        from firered_core.model import images
-        from firered_core.model import vae as vae_mod
-
-        px = images.pil_to_tensor(cache_mod.crop_resize(images.to_pil(path), w, h))
-        return vae_mod.encode(self.vae, px)[0].float().cpu()
-
-    def __call__(self, sample, rng: random.Random, allowed=None) -> Example:
-        """``allowed``: the sample's :func:`cache.variant_budget` entry (``None``: no limit)."""
-        c = self.cfg
-        drawn = cache_mod.within_budget(cache_mod.draw_variant(sample, c.sia, rng), allowed)
-        variant, target, pics = drawn.variant, drawn.target, drawn.variant.pictures
-        cond = self.cache.get_text(cache_mod.text_key(variant, model_id=self.mid, vl_resolution=c.data.vl_resolution))
-        sizes = {sample.target: sample.target_size, **dict(zip(sample.sources, sample.source_sizes))}
-        tw, th = target_size(sizes[target], c.data.resolution)
-        x0 = latents.pack(self.latent(target, tw, th).unsqueeze(0))[0]
-        shapes = [latents.token_grid(th, tw)]
-        refs = []
-        for p in pics:
-            rw, rh = target_size(sizes[p], c.data.ref_resolution)
-            refs.append(latents.pack(self.latent(p, rw, rh).unsqueeze(0))[0])
-            shapes.append(latents.token_grid(rh, rw))
-        ex = Example(x0, torch.cat(refs, 0) if refs else None, cond, shapes)
-        if _consistency_source(c, sizes, drawn):
-            src = self.latent(pics[0], tw, th)
-            tgt = latents.unpack(x0.unsqueeze(0), src.shape[-2], src.shape[-1])[0]
-            keep = auto_keep_mask(src, tgt, c.objective.consistency_threshold).expand_as(src)
-            ex.src = latents.pack(src.unsqueeze(0).float())[0]
-            ex.keep = latents.pack(keep.unsqueeze(0))[0]
-        return ex
-
-
-def predict_velocity(model, x_t, sigma, refs, texts, img_shapes, dtype):
-    """The MM-DiT's velocity for target tokens ``x_t`` ``[B, N, 64]`` (the same call the inference
-    :class:`firered_core.sampling.denoiser.Denoiser` makes, one condition per row)."""
-    n = x_t.shape[1]
-    embeds, mask = batch_texts([t.to(x_t.device, dtype) for t in texts])
-    hidden = x_t.to(dtype) if refs is None else torch.cat([x_t, refs], 1).to(dtype)
-    timestep = (flow.sigma_to_timestep(sigma) / flow.NUM_TRAIN_TIMESTEPS).to(dtype)
-    out = model(hidden_states=hidden, encoder_hidden_states=embeds, encoder_hidden_states_mask=mask,
-                timestep=timestep, img_shapes=[img_shapes] * x_t.shape[0], return_dict=False)[0]
-    return out[:, :n]
-
-
-def batch_loss_backward(model, examples: list[Example], *, accelerator, cfg: StageConfig, sched_cfg, step: int,
-                        micro: int, dtype, positions: list[int] | None = None) -> float:
-    """Loss of one micro-batch, back-propagated group by group (examples whose token layout
-    differs after SIA run as separate forwards); returns the batch's mean loss. ``positions``:
-    the examples' places in the global batch (default: rank x batch + j), which key their
-    timestep and noise draws (see the module docstring)."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if positions is None:
-        positions = [rank * len(examples) + j for j in range(len(examples))]
-    n_global = len(examples) * world
-    gens = [torch.Generator().manual_seed(seed_of(cfg.seed, "noise", step, micro, g)) for g in positions]
-    u = torch.cat([stratified_uniform(1, rank=g % n_global, world_size=n_global, step=step * cfg.grad_accum + micro,
-                                      generator=gen) for g, gen in zip(positions, gens)])
-    groups: dict[tuple, list[int]] = {}
-    for i, ex in enumerate(examples):
-        groups.setdefault(ex.shape_key, []).append(i)
-    total, dev = 0.0, accelerator.device
-    for gi, idx in enumerate(groups.values()):
-        exs = [examples[i] for i in idx]
-        x0 = torch.stack([e.x0 for e in exs]).float()
-        eps = torch.stack([torch.randn(x0.shape[1:], generator=gens[i]) for i in idx])
-        sigma = training_sigmas(u[idx], image_seq_len=x0.shape[1], config=sched_cfg)
-        x_t = flow.add_noise(x0, eps, sigma)
-        refs = torch.stack([e.refs for e in exs]).to(dev) if exs[0].refs is not None else None
-        last = gi == len(groups) - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            with accelerator.autocast():
-                v = predict_velocity(model, x_t.to(dev), sigma.to(dev), refs, [e.text for e in exs], exs[0].img_shapes, dtype)
-            loss = flow_matching_loss(v, x0.to(dev), eps.to(dev), sigma.to(dev), weighting=cfg.objective.weighting,
-                                      clip=cfg.objective.clip or None)
-            sel = [k for k, e in enumerate(exs) if e.src is not None]
-            if cfg.objective.consistency_weight > 0 and sel:
-                # mean over the group's samples; those without a usable source contribute 0
-                c = consistency_term(x_t[sel], v[sel], sigma[sel], torch.stack([exs[k].src for k in sel]),
-                                     torch.stack([exs[k].keep for k in sel]), cfg.objective.consistency_weight)
-                loss = loss + c.sum() / len(exs)
-            accelerator.backward(loss * (len(exs) / len(examples)))
-        total += loss.detach().item() * len(exs) / len(examples)
-    return total
-
-
-@torch.no_grad()
-def eval_loss(model, examples: list[Example], *, sched_cfg, dtype, device, sigmas=(0.25, 0.5, 0.75), seed: int = 0) -> float:
-    """Velocity MSE on fixed examples at fixed sigmas with fixed noise: a loss that only changes
-    when the model does (the training loss also moves with the random timesteps)."""
-    gen = torch.Generator().manual_seed(seed)
-    total, n = 0.0, 0
-    for ex in examples:
-        x0 = ex.x0.unsqueeze(0).float()
-        for s in sigmas:
-            eps = torch.randn(x0.shape, generator=gen)
-            sigma = torch.tensor([s])
-            x_t = flow.add_noise(x0, eps, sigma)
-            refs = ex.refs.unsqueeze(0).to(device) if ex.refs is not None else None
-            v = predict_velocity(model, x_t.to(device), sigma.to(device), refs, [ex.text], ex.img_shapes, dtype)
-            total += flow_matching_loss(v, x0.to(device), eps.to(device), sigma.to(device), clip=None).item()
-            n += 1
-    return total / max(n, 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def test_trainer_block_swap_gives_the_same_gradients(tiny_model_dir):
     from firered_core.formats.transformer_files import load_transformer
     from firered_core.model.conditioning import TextCond
     from firered_core.runtime.blockswap import swap_last_blocks
-    from firered_trainer.sft import predict_velocity
+    from firered_trainer.batches import predict_velocity
 
     base = load_transformer(tiny_model_dir / "transformer", dtype=torch.float32).to("cuda")
     base.enable_gradient_checkpointing()

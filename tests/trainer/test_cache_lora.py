@@ -85,8 +85,8 @@ def test_text_cache_is_content_keyed_and_resumable(tmp_path):
 def test_fp8_base_lora_trains(tiny_model_dir):
     from firered_core.formats.fp8_layers import FP8Linear
     from firered_core.formats.transformer_files import load_transformer
+    from firered_trainer.batches import predict_velocity
     from firered_trainer.lora import add_lora, lora_layers, quantize_frozen_base
-    from firered_trainer.sft import predict_velocity
 
     tr = load_transformer(tiny_model_dir / "transformer", dtype=torch.bfloat16, weight_dtype="dequantize")
     n = add_lora(tr, rank=4, alpha=4, modules=LORA_PRESETS["firered"])
@@ -129,8 +129,8 @@ def test_block_swap_keeps_results_and_host_copies(tiny_model_dir):
     swapped block points at its host copy (on a GPU that is what frees its memory)."""
     from firered_core.formats.transformer_files import load_transformer
     from firered_core.runtime.blockswap import HANDLE, remove_block_swap, swap_last_blocks
+    from firered_trainer.batches import predict_velocity
     from firered_trainer.lora import add_lora, quantize_frozen_base
-    from firered_trainer.sft import predict_velocity
 
     def run(swap):
         torch.manual_seed(0)
@@ -209,9 +209,9 @@ def test_cache_holds_the_drawn_variants_only(tiny_model_dir, tmp_path, monkeypat
     from pathlib import Path
 
     from firered_core.formats import text_encoder_files
-    from firered_trainer import sft
+    from firered_trainer import features, sft
+    from firered_trainer.batches import Collator
     from firered_trainer.config import load_config
-    from firered_trainer.sft import Collator
 
     root = tmp_path / "pairs"
     jsonl = three_picture_pairs(root)
@@ -219,7 +219,7 @@ def test_cache_holds_the_drawn_variants_only(tiny_model_dir, tmp_path, monkeypat
     cfg = load_config(Path(sft.__file__).parent / "configs" / "tiny_cpu.yaml", [
         f"model.path={tiny_model_dir}", f"data.jsonl={jsonl}", f"data.cache_dir={cache_dir}",
         f"output_dir={tmp_path / 'out'}", "max_steps=2", "checkpoint.every=100", "sia.text_dropout=0.05"])
-    samples = sft.load_data(cfg)[0]
+    samples = features.load_data(cfg)[0]
     assert all(C.possible_variants(s, cfg.sia) == len(C.text_variants(s, cfg.sia)) == 45 for s in samples)
 
     # record what training reads, collate by collate, and when the text encoder is loaded
@@ -275,8 +275,8 @@ def test_variant_budget_bounds_a_long_run(tiny_model_dir, tmp_path, monkeypatch)
     from pathlib import Path
 
     from firered_trainer import sft
+    from firered_trainer.batches import Collator
     from firered_trainer.config import load_config
-    from firered_trainer.sft import Collator
 
     jsonl = three_picture_pairs(tmp_path / "pairs")
     shown: dict[str, set] = {}

@@ -47,7 +47,7 @@ def _synthetic(sigma: float):
 
 
 def test_gradient_pulls_x0_hat_toward_the_source_outside_the_edit_region():
-    from firered_trainer.sft import consistency_term
+    from firered_trainer.batches import consistency_term
 
     src, keep, x_t, v, sigma = _synthetic(0.5)
     loss = consistency_term(x_t, v, sigma, src, keep, eta=1.0)
@@ -68,7 +68,7 @@ def test_gradient_pulls_x0_hat_toward_the_source_outside_the_edit_region():
 
 @pytest.mark.parametrize("s", [0.9, 0.95, 1.0])
 def test_zero_at_and_above_sigma_0_9(s):
-    from firered_trainer.sft import consistency_term
+    from firered_trainer.batches import consistency_term
 
     src, keep, x_t, v, sigma = _synthetic(s)
     loss = consistency_term(x_t, v, sigma, src, keep, eta=5.0)
@@ -78,7 +78,7 @@ def test_zero_at_and_above_sigma_0_9(s):
 
 
 def test_auto_keep_mask_and_config():
-    from firered_trainer.sft import auto_keep_mask
+    from firered_trainer.batches import auto_keep_mask
 
     src = torch.randn(16, 8, 8)
     tgt = src.clone()
@@ -110,7 +110,7 @@ def _drifting_pairs(root: Path, model_dir) -> tuple[Path, list]:
     target). The auto keep mask (threshold 0.3) finds the right half. Returns the JSONL and the
     per-channel drift signs ``[16, 1, 1]``."""
     from firered_trainer import cache as cache_mod
-    from firered_trainer.sft import load_data, model_id
+    from firered_trainer.features import load_data, model_id
     from firered_trainer.tinydata import make_tiny_pairs
 
     jsonl = make_tiny_pairs(root, 4, size=64, seed=3)
@@ -135,8 +135,9 @@ def _kept_error(cfg, lora_file, sigmas=(0.1, 0.3, 0.5, 0.7)) -> float:
     from firered_core.model import latents
     from firered_core.sampling import flow
     from firered_trainer import cache as cache_mod
+    from firered_trainer.batches import Collator, predict_velocity
+    from firered_trainer.features import load_data, model_id
     from firered_trainer.lora import add_lora, load_lora_weights_into
-    from firered_trainer.sft import Collator, load_data, model_id, predict_velocity
 
     tr = load_transformer(Path(cfg.model.path) / "transformer", dtype=torch.float32, weight_dtype="dequantize")
     add_lora(tr, rank=cfg.lora.rank, alpha=cfg.lora.alpha, modules=cfg.lora_modules())
