@@ -285,6 +285,9 @@ COMFYUI_FILES = {
 }
 
 
+#: the release folder (diffusers layout, in ``models/diffusers``) the recaption workflow loads -- its
+#: local backend needs the text encoder's language head, which ComfyUI's single files lack
+WORKFLOW_RELEASE_FOLDER = "diffusers/FireRed-Image-Edit-1.1"
 #: the release file names the shipped workflows (``workflows/*.json``) load; :func:`make_tiny_comfyui`
 #: links them to the tiny files so every workflow runs unchanged on the tiny model
 WORKFLOW_FILES = {
@@ -327,7 +330,9 @@ def make_tiny_comfyui(
     ComfyUI's own ``VAELoader`` builds only that one, so native ``VAEEncode`` / ``VAEDecode`` load it;
     it equals ``make_tiny(seed=seed, **COMFYUI_VAE)``'s VAE; ``loras/``: a small random LoRA in ComfyUI's ``diffusion_model.`` lora_up / lora_down
     layout. With ``workflow_names``, the release file names the shipped workflows use
-    (:data:`WORKFLOW_FILES`) link to the tiny files. Returns the paths by role (:data:`COMFYUI_FILES`).
+    (:data:`WORKFLOW_FILES`) link to the tiny files, and ``diffusers/FireRed-Image-Edit-1.1``
+    (:data:`WORKFLOW_RELEASE_FOLDER`) holds the tiny release folder (the same MM-DiT and text encoder,
+    a small VAE). Returns the paths by role (:data:`COMFYUI_FILES`).
     """
     import shutil
     import tempfile
@@ -367,4 +372,8 @@ def make_tiny_comfyui(
     if workflow_names:
         for role, name in WORKFLOW_FILES.items():
             _link(paths[role], root / name)
+        release = root / WORKFLOW_RELEASE_FOLDER
+        if release.exists():
+            shutil.rmtree(release)
+        make_tiny(release, seed=seed, num_layers=num_layers)  # the same MM-DiT and text encoder; a small VAE
     return paths

@@ -46,6 +46,7 @@ SOCKETS = {
     "FireRedModelLoader": ([], [("dit", "FIRERED_DIT")]),
     "FireRedTextEncoderLoader": ([], [("text_encoder", "FIRERED_TEXT_ENCODER")]),
     "FireRedVAELoader": ([], [("vae", "FIRERED_VAE")]),
+    "FireRedDiffusersLoader": ([], [("dit", "FIRERED_DIT"), ("text_encoder", "FIRERED_TEXT_ENCODER"), ("vae", "FIRERED_VAE")]),
     "FireRedLoraLoader": ([("dit", "FIRERED_DIT")], [("dit", "FIRERED_DIT")]),
     "FireRedEditEncode": (
         [("text_encoder", "FIRERED_TEXT_ENCODER"), ("vae", "FIRERED_VAE"), ("image1", "IMAGE"), ("image2", "IMAGE"), ("image3", "IMAGE")],
@@ -122,6 +123,10 @@ class Graph:
             "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "title": self.title}, "version": 0.4,
         }
         (OUT_DIR / f"{name}.json").write_text(json.dumps(wf, indent=1, ensure_ascii=False) + "\n")
+
+
+#: the release folder (diffusers layout) in models/diffusers that the recaption graph loads
+RELEASE_FOLDER = "FireRed-Image-Edit-1.1"
 
 
 def loaders(g: Graph, *, x=0) -> tuple[int, int, int]:
@@ -280,11 +285,13 @@ def recaption() -> None:
     note(g, "**Recaption.** FireRed Recaption expands a short instruction into a precise one (FireRed's agent does this "
             "with Gemini; here the loaded Qwen2.5-VL or any OpenAI-compatible server writes it) and feeds FireRed Edit "
             "Encode's prompt. Read the rewritten text in the node's output, or connect it to a text display. "
-            "**backend local needs the text encoder's language head**: load the release folder with FireRed Diffusers "
-            "Loader and connect its text_encoder (ComfyUI's qwen_2.5_vl_7b*.safetensors files have no lm_head), or set "
-            "backend to http with the url of your server (the key comes from the environment variable named in "
-            "api_key_env). Same seed, same text.")
-    dit, te, vae = loaders(g)
+            "**backend local needs the text encoder's language head**, so this graph loads the release folder "
+            "(models/diffusers/FireRed-Image-Edit-1.1, the diffusers layout) with FireRed Diffusers Folder Loader: "
+            "ComfyUI's qwen_2.5_vl_7b*.safetensors files have no lm_head. With those files, set backend to http with "
+            "the url of your server instead (the key comes from the environment variable named in api_key_env). "
+            "Same seed, same text.")
+    rel = g.add("FireRedDiffusersLoader", [RELEASE_FOLDER, "auto", "auto", False], (0, 0), size=(320, 170))
+    dit = te = vae = rel
     img = g.add("LoadImage", ["firered_example.png", "image"], (0, 520), size=(320, 320))
     rc = g.add("FireRedRecaption", ["give the house a red door", "local", "http://127.0.0.1:8000/v1", "default", "", 0, "fixed",
                                    400, 150], (400, 200), size=(400, 330))  # fmt: skip
