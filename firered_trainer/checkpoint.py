@@ -4,7 +4,8 @@ newest one passed over with one log line.
 A checkpoint is a folder ``<output_dir>/checkpoints/step-00001000/`` holding
 
 * ``trainable.safetensors`` -- only the trained weights (the LoRA adapters, or the whole MM-DiT
-  for a full fine-tune; under FSDP accelerate writes its own sharded model files instead),
+  for a full fine-tune; a sharded run, ``model.fsdp``, writes every process's shards of the
+  weights, the optimizer state and the EMA into ``fsdp/`` instead: :mod:`firered_trainer.fsdp`),
 * the stage's state: for SFT / pretrain accelerate's files (``save_state``: the optimizer,
   ``optimizer.bin`` with 8-bit states, the LR scheduler, every process's RNG states
   ``random_states_<rank>.pkl`` and the registered objects: the bucket sampler's position, the EMA,
@@ -156,13 +157,11 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def install_hooks(accelerator) -> None:
     """Make accelerate save and load only the trained weights of each prepared model (not the
-    frozen 20B base), as ``trainable.safetensors``. Under FSDP accelerate's own model files stay."""
-    from accelerate.utils import DistributedType
+    frozen 20B base), as ``trainable.safetensors``. (A sharded run's model is not prepared by
+    accelerate: :mod:`firered_trainer.fsdp` saves it.)"""
     from safetensors.torch import load_file, save_file
 
     def save_hook(models, weights, output_dir):
-        if not weights:  # FSDP / DeepSpeed: accelerate saved the model itself
-            return
         if accelerator.is_main_process:
             for i, m in enumerate(models):
                 name = "trainable.safetensors" if i == 0 else f"trainable_{i}.safetensors"
@@ -170,8 +169,6 @@ def install_hooks(accelerator) -> None:
         weights.clear()
 
     def load_hook(models, input_dir):
-        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            return
         for i, m in enumerate(models):
             name = "trainable.safetensors" if i == 0 else f"trainable_{i}.safetensors"
             sd = load_file(os.path.join(input_dir, name))
@@ -235,13 +232,16 @@ def write_checkpoint(output_dir, step: int, write: Callable[[Path], None], *, co
 
 
 def save_checkpoint(accelerator, output_dir, step: int, *, config_yaml: str, meta: dict | None = None,
-                    keep_last: int = 3, extra=None) -> Path:
+                    keep_last: int = 3, extra=None, every_process=None) -> Path:
     """SFT / pretrain: :func:`write_checkpoint` with accelerate's ``save_state`` writing the files
     (every process calls this). ``extra(tmp_dir)``, if given, writes more files (e.g. the LoRA in
-    ComfyUI format) on the main process before the rename."""
+    ComfyUI format) on the main process before the rename; ``every_process(tmp_dir)`` on every
+    process (a sharded model's shards)."""
 
     def write(tmp: Path) -> None:
         accelerator.save_state(str(tmp))
+        if every_process is not None:
+            every_process(tmp)
         if extra is not None and accelerator.is_main_process:
             extra(tmp)
 

@@ -58,6 +58,7 @@ class ModelConfig:
     base_precision: str = "bf16"  # frozen MM-DiT linears: bf16 (= dtype) | fp8 (scaled e4m3) | nf4 (bnb 4-bit); LoRA only
     gradient_checkpointing: bool = True  # recompute each block in backward
     blocks_to_swap: int = 0  # LoRA on one GPU: frozen weights of the last N blocks wait in CPU memory
+    fsdp: bool = False  # full fine-tune on several processes: shard the MM-DiT (torch FSDP2, one unit per block)
 
 
 @dataclass

@@ -34,6 +34,13 @@ def validate(cfg: StageConfig) -> StageConfig:
     _check(cfg.model.blocks_to_swap >= 0, "model.blocks_to_swap", f"must be >= 0, got {cfg.model.blocks_to_swap}")
     _check(not (cfg.model.blocks_to_swap and cfg.train_mode == "full"), "model.blocks_to_swap",
            "block swapping moves frozen weights only: it needs train_mode: lora")
+    if cfg.model.fsdp:
+        _check(cfg.train_mode == "full", "model.fsdp", "sharding is for a full fine-tune (train_mode: full); "
+               "a LoRA trains data-parallel without it")
+        _check(cfg.optim.name.lower() in ("adamw", "adafactor"), "model.fsdp",
+               f"a sharded run needs optim.name adamw or adafactor (torch optimizers over the shards), got {cfg.optim.name!r}")
+        _check(not (cfg.validation.every and cfg.validation.prompts), "model.fsdp",
+               "sample edits during a sharded run are not supported yet: set validation.every=0")
     _check(cfg.lora.rank >= 1, "lora.rank", f"must be >= 1, got {cfg.lora.rank}")
     _check(cfg.lora.alpha > 0, "lora.alpha", f"must be > 0, got {cfg.lora.alpha}")
     _check(bool(cfg.lora.modules) or cfg.lora.targets in LORA_PRESETS, "lora.targets",

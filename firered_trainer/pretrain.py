@@ -5,7 +5,7 @@ input pictures). One loop, two configs: see :mod:`firered_trainer.sft` for the l
 
 Launch::
 
-    accelerate launch --config_file fsdp.yaml -m firered_trainer pretrain --config firered_trainer/configs/pretrain.yaml \\
+    accelerate launch --num_processes 8 -m firered_trainer pretrain --config firered_trainer/configs/pretrain.yaml \\
         model.path=models/FireRed-Image-Edit-1.1 output_dir=runs/pretrain
 """
 

@@ -10,8 +10,9 @@ Launch::
     # several GPUs, data-parallel (DDP) -- the same config
     accelerate launch --num_processes 4 -m firered_trainer sft --config firered_trainer/configs/sft_lora_24gb.yaml ...
 
-    # a full fine-tune sharded with FSDP (the wrap unit is QwenImageTransformerBlock)
-    accelerate launch --config_file fsdp.yaml -m firered_trainer sft --config firered_trainer/configs/sft_full_multigpu.yaml ...
+    # a full fine-tune sharded over the processes (torch FSDP2, one unit per QwenImageTransformerBlock;
+    # model.fsdp: true in this config, see firered_trainer/fsdp.py)
+    accelerate launch --num_processes 8 -m firered_trainer sft --config firered_trainer/configs/sft_full_multigpu.yaml ...
 
     # from Python (what the ComfyUI nodes call)
     from firered_trainer import sft
@@ -56,6 +57,7 @@ from firered_core.runtime.blockswap import swap_last_blocks
 
 from . import cache as cache_mod
 from . import checkpoint as ckpt
+from . import fsdp
 from .batches import Collator, batch_loss_backward, eval_loss
 from .buckets import BucketBatchSampler, bucket_key, fit_to_buckets
 from .config import ConfigError, StageConfig, load_config
@@ -185,6 +187,12 @@ def train(cfg: StageConfig, *, progress: Progress | None = None, should_stop: Ca
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               step_scheduler_with_optimizer=False, cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError(f"this launch asks accelerate for {accelerator.distributed_type.value}: the stage shards "
+                          "the model itself: launch without accelerate's FSDP / DeepSpeed config and set "
+                          "model.fsdp=true (see firered_trainer/fsdp.py)")
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
@@ -216,13 +224,23 @@ def train(cfg: StageConfig, *, progress: Progress | None = None, should_stop: Ca
         vae = None
 
     # ---- model, optimizer, schedule, EMA -----------------------------------------------------------
-    transformer = build_transformer(cfg, dtype, accelerator.device)
+    # model.fsdp on several processes: the MM-DiT is sharded (firered_trainer.fsdp) and stays out of
+    # accelerate's prepare (which would wrap it in DDP); its optimizer state and EMA live on the shards
+    sharded = cfg.model.fsdp and accelerator.num_processes > 1
+    if sharded:
+        transformer = fsdp.build_sharded(part_path(cfg, "transformer"), dtype, accelerator.device,
+                                         gradient_checkpointing=cfg.model.gradient_checkpointing)
+    else:
+        transformer = build_transformer(cfg, dtype, accelerator.device)
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg.optim.name, params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                 weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     ema = EMA(transformer, cfg.objective.ema_decay) if cfg.objective.ema_decay > 0 else None
-    model, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
+    if sharded:
+        model = transformer
+    else:
+        model, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
     compute = compute_dtype(transformer)
     if cfg.model.blocks_to_swap:
         if accelerator.num_processes > 1:
@@ -231,12 +249,17 @@ def train(cfg: StageConfig, *, progress: Progress | None = None, should_stop: Ca
         swap_last_blocks(accelerator.unwrap_model(model), cfg.model.blocks_to_swap, accelerator.device)
     state = ckpt.TrainState()
     ckpt.install_hooks(accelerator)
-    accelerator.register_for_checkpointing(state, ckpt.StatefulSampler(sampler), ckpt.EMAState(ema))
+    if sharded:  # the schedule through accelerate; the model, optimizer and EMA shards by fsdp.save_shards
+        accelerator.register_for_checkpointing(state, ckpt.StatefulSampler(sampler), scheduler)
+    else:
+        accelerator.register_for_checkpointing(state, ckpt.StatefulSampler(sampler), ckpt.EMAState(ema))
 
     # ---- resume --------------------------------------------------------------------------------
     loss_log = LossLog(out / "loss.csv")
     # the newest usable checkpoint; damaged newer ones are moved aside (step-N.corrupt) with one log line
-    ckpt.resume(accelerator, out, cfg.checkpoint.resume)
+    resumed = ckpt.resume(accelerator, out, cfg.checkpoint.resume)
+    if sharded and resumed is not None:
+        fsdp.load_shards(resumed, model, optimizer, ema)
     if accelerator.is_main_process:
         loss_log.truncate(state.step)
 
@@ -253,8 +276,9 @@ def train(cfg: StageConfig, *, progress: Progress | None = None, should_stop: Ca
 
     def save(step: int, loss: float | None) -> Path:
         extra = (lambda tmp: lora_files(tmp, step)) if cfg.train_mode == "lora" else None
+        shards = (lambda tmp: fsdp.save_shards(tmp, model, optimizer, ema)) if sharded else None
         return ckpt.save_checkpoint(accelerator, out, step, config_yaml=cfg.to_yaml(), meta={"loss": loss},
-                                    keep_last=cfg.checkpoint.keep_last, extra=extra)
+                                    keep_last=cfg.checkpoint.keep_last, extra=extra, every_process=shards)
 
     def samples_now(step: int) -> list:
         if not accelerator.is_main_process:
@@ -308,8 +332,11 @@ def train(cfg: StageConfig, *, progress: Progress | None = None, should_stop: Ca
                                                  positions=positions)
                 if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
                     accelerator.clip_grad_norm_(params, cfg.optim.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                # accelerate's prepared optimizer skips the step between accumulated micro-batches;
+                # the sharded run's plain torch optimizer is told here
+                if accelerator.sync_gradients or not sharded:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         if ema is not None:
             ema.update(accelerator.unwrap_model(model))
@@ -346,11 +373,13 @@ def train(cfg: StageConfig, *, progress: Progress | None = None, should_stop: Ca
                               modules=cfg.lora_modules(), base_model=mid.split(":")[0], steps=state.step,
                               config=cfg.to_dict())
         else:
-            state_dict = accelerator.get_state_dict(model)  # gathered on the main process under FSDP
+            # the whole weights on the main process (gathered from the shards under model.fsdp)
+            state_dict = fsdp.gathered_weights(model) if sharded else accelerator.get_state_dict(model)
+            shadow = (fsdp.gathered_ema(ema) if sharded else ema.shadow) if ema is not None else None
             if accelerator.is_main_process:
                 result.transformer = save_transformer_folder(unwrapped, state_dict, out / "transformer")
                 if ema is not None:
-                    averaged = {k: ema.shadow[k].to(v.dtype) if k in ema.shadow else v for k, v in state_dict.items()}
+                    averaged = {k: shadow[k].to(v.dtype) if k in shadow else v for k, v in state_dict.items()}
                     result.transformer_ema = save_transformer_folder(unwrapped, averaged, out / "transformer_ema")
     if accelerator.is_main_process:
         summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()
