@@ -266,6 +266,19 @@ def plot_curve(curve: "Curve", path: Path, keys=("reward", "loss")) -> Path | No
     return Path(path)
 
 
+def average_and_clip(params: list, world: int, grad_clip: float | None) -> float | None:
+    """Average the gradients over the ``world`` processes (all-reduce, then / world: what DDP
+    does), then clip their norm to ``grad_clip`` when set; returns the norm before clipping."""
+    if world > 1:
+        for p in params:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(world)
+    if grad_clip and grad_clip > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    return None
+
+
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "python": random.getstate()}
 

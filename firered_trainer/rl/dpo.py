@@ -129,14 +129,9 @@ class DPORun:
             (loss / cfg.data.batch_size).backward()  # averaged over the processes below: the global batch's mean
             for k, v in dataclasses.asdict(st).items():
                 agg[k] = agg.get(k, 0.0) + v / cfg.data.batch_size
-        params = self.policy.parameters()
-        if self.world > 1:
-            for p in params:
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad.div_(self.world)
-        if cfg.optim.grad_clip and cfg.optim.grad_clip > 0:
-            agg["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
+        norm = common.average_and_clip(self.policy.parameters(), self.world, cfg.optim.grad_clip)
+        if norm is not None:
+            agg["grad_norm"] = norm
         agg["lr"] = self.sched.get_last_lr()[0]
         self.opt.step()
         self.sched.step()

@@ -248,14 +248,9 @@ class NFTRun:
                     (loss * (b / total)).backward()
                     for k, val in dataclasses.asdict(st).items():
                         agg[k] = agg.get(k, 0.0) + val * b / total
-        params = self.policy.parameters()
-        if self.world > 1:
-            for p in params:
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad.div_(self.world)
-        if cfg.optim.grad_clip and cfg.optim.grad_clip > 0:
-            agg["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
+        norm = common.average_and_clip(self.policy.parameters(), self.world, cfg.optim.grad_clip)
+        if norm is not None:
+            agg["grad_norm"] = norm
         self.opt.step()
         self.policy.update_old(losses.old_policy_decay(self.step + 1, cfg.nft.old_decay))
         return agg
