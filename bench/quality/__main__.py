@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "make-cases":
-            from .cases import make_cases
+            from .drawn import make_cases
 
             try:
                 w, h = (int(v) for v in args.size.lower().split("x"))
@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "redbench":
             from collections import Counter
 
-            from .cases import read_redbench, write_cases
+            from .cases import write_cases
+            from .redbench import read_redbench
 
             cases = read_redbench(args.root, lang=args.lang, extract_to=Path(args.out) / "images")
             path = write_cases(cases, Path(args.out) / "cases.jsonl")

@@ -14,6 +14,8 @@ from bench.quality import cases as C
 from bench.quality import metrics as M
 from bench.quality import report as R
 from bench.quality import runner as RUN
+from bench.quality.drawn import make_cases
+from bench.quality.redbench import read_redbench
 from firered_trainer.rl import rewards
 from tests.conftest import json_server, judge_choice
 
@@ -102,7 +104,7 @@ def test_metrics_against_scikit_image():
 
 
 def test_generated_cases(tmp_path):
-    cs = C.make_cases(tmp_path / "a", size=(96, 64))
+    cs = make_cases(tmp_path / "a", size=(96, 64))
     assert len(cs) == 30 and sorted({c.category for c in cs}) == sorted(C.CATEGORIES)
     assert all(sum(c.category == k for c in cs) == 2 for k in C.CATEGORIES)
     text = [c for c in cs if c.category == "Text"]
@@ -111,7 +113,7 @@ def test_generated_cases(tmp_path):
     assert [c.__dict__ for c in back] == [c.__dict__ for c in C.read_cases(tmp_path / "a" / "cases.jsonl")]
     assert [(c.id, c.instruction, c.keep_mask is not None) for c in back] == [(c.id, c.instruction, c.keep_mask is not None) for c in cs]
     # the same arguments draw the same pictures, byte for byte
-    C.make_cases(tmp_path / "b", size=(96, 64))
+    make_cases(tmp_path / "b", size=(96, 64))
     for c in cs:
         assert (tmp_path / "a" / "images" / f"{c.id}.png").read_bytes() == (tmp_path / "b" / "images" / f"{c.id}.png").read_bytes()
     # a keep mask is white outside the edit: the Remove case keeps the picture's corners
@@ -146,11 +148,11 @@ def test_redbench_reader_on_a_local_layout(tmp_path):
     (root / "prompts.json").write_text(json.dumps({
         "add": {"alignment": {"en": "Rubric ADD {instruction} {\"json\": 1}", "zh": "规则"}, "consistency": "Keep ADD"},
         "color": "Rubric COLOR"}))
-    cs = C.read_redbench(root)
+    cs = read_redbench(root)
     assert [(c.id, c.category, c.instruction) for c in cs] == [("0001", "Add", "Add a cat"), ("0002", "Color", "Make it green")]
     assert cs[0].rubric.startswith("Rubric ADD") and cs[0].rubric_consistency == "Keep ADD"
     assert cs[1].rubric == "Rubric COLOR" and cs[1].rubric_consistency is None
-    assert C.read_redbench(root, lang="zh")[0].instruction == "加一只猫"
+    assert read_redbench(root, lang="zh")[0].instruction == "加一只猫"
     text = rewards.judge_prompt(cs[0].rubric, "Add a cat")
     assert text.startswith('Rubric ADD Add a cat {"json": 1}') and text.endswith(rewards.SCORE_LINE)
     written = C.write_cases(cs, tmp_path / "out" / "cases.jsonl")
@@ -257,7 +259,7 @@ def test_runner_end_to_end_is_reproducible(tmp_path, tiny_model_dir):
     from bench.quality.__main__ import main
     from firered_core.pipeline import FireRedEditor
 
-    all_cases = C.make_cases(tmp_path / "cases", size=(96, 64))
+    all_cases = make_cases(tmp_path / "cases", size=(96, 64))
     cases = [c for c in all_cases if c.id in ("remove_00", "text_00", "stylize_00")]
     cfg = RUN.EditorConfig(name="tiny", model=str(tiny_model_dir), request=SMALL, seed=5)
     editor = FireRedEditor.from_pretrained(tiny_model_dir, device="cpu", dtype="fp32")
@@ -352,7 +354,7 @@ def test_text_case_scored_by_the_ocr_reward(tmp_path):
     pytest.importorskip("rapidocr_onnxruntime", reason="the OCR reward's engine")
     from PIL import ImageDraw, ImageFont
 
-    case = next(c for c in C.make_cases(tmp_path, size=(256, 192)) if c.id == "text_00")
+    case = next(c for c in make_cases(tmp_path, size=(256, 192)) if c.id == "text_00")
     src = Image.open(case.image).convert("RGB")
     x0, y0, x1, y1 = case.target_box
     right = src.copy()
