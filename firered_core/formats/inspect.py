@@ -191,7 +191,7 @@ def _is_lora(tensors) -> bool:
 
 def _classify_safetensors(path: Path, header: SafetensorsHeader, info: dict[str, Any]) -> None:
     """Fill ``info`` for a safetensors file (or the merged header of a folder's files)."""
-    from .transformer_files import _SIGNATURE, inspect_transformer
+    from .transformer_inspect import _SIGNATURE, inspect_transformer
 
     tensors = header.tensors
     info["what"] = describe_keys(tensors)
