@@ -55,3 +55,29 @@ def linear_names(model):
 def state(model, prefix=""):
     """The model's state dict (contiguous tensors, ready for save_file), keys under ``prefix``."""
     return {prefix + k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+# The layers FireRed's trainer targets, plus top-level ones some trainers add.
+LORA_TARGETS = [
+    f"transformer_blocks.{i}.{m}"
+    for i in range(2)
+    for m in (
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_out.0",
+        "attn.to_add_out",
+        "img_mlp.net.0.proj",
+        "img_mlp.net.2",
+        "img_mod.1",
+        "txt_mlp.net.2",
+        "txt_mod.1",
+    )
+] + ["img_in", "txt_in", "proj_out", "norm_out.linear", "time_text_embed.timestep_embedder.linear_1"]
+
+
+def underscored(n):
+    return n.replace(".", "_")
