@@ -33,7 +33,7 @@ def comfy_models(tmp_path_factory, tiny_model_dir):
 
     root = tmp_path_factory.mktemp("comfy") / "models"
     files = make_tiny_comfyui(root)
-    (root / "diffusers").mkdir()
+    (root / "diffusers").mkdir(exist_ok=True)  # make_tiny_comfyui writes the recaption release folder there
     (root / "diffusers" / "FireRed-tiny").symlink_to(tiny_model_dir, target_is_directory=True)
     return root, files
 

@@ -105,7 +105,7 @@ def test_loaders_list_every_file_users_hold(pack, models_env):
     te = pack.NODE_CLASS_MAPPINGS["FireRedTextEncoderLoader"].INPUT_TYPES()["required"]["text_encoder_name"][0]
     assert files["text_encoder"].name in te and "qwen_2.5_vl_7b_fp8_scaled.safetensors" in te  # + the workflows' name
     folders = pack.NODE_CLASS_MAPPINGS["FireRedDiffusersLoader"].INPUT_TYPES()["required"]["folder_name"][0]
-    assert folders == ["FireRed-tiny"]
+    assert folders == ["FireRed-Image-Edit-1.1", "FireRed-tiny"]  # the recaption workflow's folder + the fixture's
 
 
 def test_loader_fingerprint_changes_when_the_file_changes(pack, models_env, tmp_path, monkeypatch):
