@@ -11,9 +11,10 @@ The server is ``python main.py --cpu`` from the checkout at ``$COMFYUI_PATH`` (i
 * temp input / output / temp / user directories.
 
 The client posts API-format prompts and follows them on the websocket (``websocket-client``) to
-``execution_success`` / ``execution_error`` / ``execution_interrupted``. :func:`ui_to_api` turns a
-UI-format workflow (what ``workflows/*.json`` holds) into an API prompt using ``/object_info``.
-Nothing from ComfyUI is imported here: it is only ever run as a separate process.
+``execution_success`` / ``execution_error`` / ``execution_interrupted``. Nothing from ComfyUI is
+imported here: it is only ever run as a separate process. The tier's other helpers: UI-format
+workflows as API prompts in :mod:`workflow_prompts`, the pictures and the native test DiT its prompts
+read in :mod:`tier_files`, the browser side in :mod:`frontend_page`.
 """
 
 from __future__ import annotations
@@ -36,10 +37,6 @@ REPO = Path(__file__).resolve().parents[2]
 PACK_DIR_NAME = "ComfyUI-FireRed-Image-Edit"
 TEST_PACK_NAME = "firered_test_nodes"
 
-#: UI-only node types of the front end: never sent to /prompt
-UI_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
-CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 #: A test-only ComfyUI pack (written into the temp custom_nodes folder, never shipped).
 TEST_NODES_SOURCE = r'''
@@ -140,7 +137,15 @@ class RunResult:
 class ComfyServer:
     """A ComfyUI server process on the CPU. ``root`` holds models/, custom_nodes/, input/, output/..."""
 
-    def __init__(self, comfy_dir: Path, root: Path, *, python: str | None = None, extra_args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        comfy_dir: Path,
+        root: Path,
+        *,
+        python: str | None = None,
+        extra_args: tuple[str, ...] = (),
+        extra_env: dict[str, str] | None = None,
+    ):
         self.comfy_dir = Path(comfy_dir)
         self.root = Path(root)
         self.python = python or comfyui_python()
@@ -152,6 +157,7 @@ class ComfyServer:
         self.output_dir = self.root / "output"
         self.log_path = self.root / "comfyui.log"
         self.extra_args = tuple(extra_args)
+        self.extra_env = dict(extra_env or {})
         self.proc: subprocess.Popen | None = None
         self.client_id = uuid.uuid4().hex
 
@@ -193,6 +199,7 @@ class ComfyServer:
             HF_HUB_OFFLINE="1",
             TRANSFORMERS_OFFLINE="1",
             TOKENIZERS_PARALLELISM="false",
+            **self.extra_env,
         )
         env.pop("COMFYUI_PATH", None)
         self._log = open(self.log_path, "w")
@@ -336,147 +343,6 @@ class ComfyServer:
             ws.close()
 
 
-# -- UI format -> API format ---------------------------------------------------------------------
-
-
-def _input_specs(info: dict) -> list[tuple[str, Any, dict]]:
-    """(name, type, options) of a node's inputs in widget order (required, then optional)."""
-    out = []
-    inputs = info.get("input", {})
-    order = info.get("input_order") or {}
-    for section in ("required", "optional"):
-        sec = inputs.get(section) or {}
-        names = order.get(section) or list(sec)
-        for name in names:
-            spec = sec[name]
-            typ = spec[0]
-            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-            out.append((name, typ, opts))
-    return out
-
-
-def _is_widget(typ: Any, opts: dict) -> bool:
-    if isinstance(typ, list):
-        return True  # classic COMBO
-    return typ in WIDGET_TYPES and not opts.get("forceInput")
-
-
-def ui_to_api(workflow: dict, object_info: dict) -> dict:
-    """Convert a UI-format (0.4) workflow into an API prompt.
-
-    Positional ``widgets_values`` are named with ``/object_info`` (a ``control_after_generate``
-    value after an INT widget is skipped; trailing UI-only values such as the upload button are
-    ignored). Note / MarkdownNote are dropped, Reroute links are followed, a PrimitiveNode's value
-    is written into the widgets it feeds, muted nodes (mode 2) are dropped and bypassed nodes
-    (mode 4) pass their input of the same type through.
-    """
-    if "nodes" not in workflow:
-        raise ValueError("not a UI-format workflow (no 'nodes'); API prompts can be posted as they are")
-    nodes = {n["id"]: n for n in workflow["nodes"]}
-    links: dict[int, tuple[int, int, int, int, str]] = {}
-    for link in workflow.get("links", []):
-        if isinstance(link, dict):
-            links[link["id"]] = (
-                link["origin_id"],
-                link["origin_slot"],
-                link["target_id"],
-                link["target_slot"],
-                link.get("type"),
-            )
-        else:
-            lid, a, aslot, b, bslot, typ = link[:6]
-            links[lid] = (a, aslot, b, bslot, typ)
-
-    def resolve(link_id: int, depth: int = 0):
-        """The (node id, slot) a link really comes from, or ("value", v) for a PrimitiveNode."""
-        if depth > 64:
-            raise ValueError(f"link {link_id}: reroute / bypass loop")
-        src, slot, _, _, typ = links[link_id]
-        n = nodes[src]
-        if n["type"] == "Reroute":
-            inp = (n.get("inputs") or [{}])[0].get("link")
-            return None if inp is None else resolve(inp, depth + 1)
-        if n["type"] == "PrimitiveNode":
-            return ("value", (n.get("widgets_values") or [None])[0])
-        if n.get("mode", 0) == 4:  # bypassed: pass the first input of the same type through
-            out_type = (n.get("outputs") or [])[slot].get("type") if slot < len(n.get("outputs") or []) else typ
-            for inp in n.get("inputs") or []:
-                if inp.get("link") is not None and inp.get("type") == out_type:
-                    return resolve(inp["link"], depth + 1)
-            return None
-        if n.get("mode", 0) == 2:
-            return None
-        return (str(src), slot)
-
-    prompt: dict[str, dict] = {}
-    for n in workflow["nodes"]:
-        t = n["type"]
-        if t in UI_ONLY or n.get("mode", 0) in (2, 4):
-            continue
-        if t not in object_info:
-            raise ValueError(f"node {n['id']}: type {t!r} is not known to this ComfyUI (/object_info)")
-        specs = _input_specs(object_info[t])
-        spec_by_name = {name: (typ, opts) for name, typ, opts in specs}
-        inputs: dict[str, Any] = {}
-        values = n.get("widgets_values")
-        if isinstance(values, dict):
-            inputs.update({k: v for k, v in values.items() if k in spec_by_name})
-        elif values:
-            vals = list(values)
-            i = 0
-            for name, typ, opts in specs:
-                if not _is_widget(typ, opts):
-                    continue
-                if i >= len(vals):
-                    break
-                inputs[name] = vals[i]
-                i += 1
-                if typ == "INT" and i < len(vals) and isinstance(vals[i], str) and vals[i] in CONTROL_VALUES:
-                    i += 1  # control_after_generate
-        for inp in n.get("inputs") or []:
-            lid = inp.get("link")
-            if lid is None:
-                continue
-            src = resolve(lid)
-            name = inp.get("widget", {}).get("name") if inp.get("widget") else inp.get("name")
-            if name not in spec_by_name:
-                name = inp.get("name")
-            if src is None:
-                inputs.pop(name, None)
-            elif src[0] == "value":
-                inputs[name] = src[1]
-            else:
-                inputs[name] = [src[0], src[1]]
-        prompt[str(n["id"])] = {"class_type": t, "inputs": inputs, "_meta": {"title": n.get("title") or t}}
-    return prompt
-
-
-def load_image_names(prompt: dict) -> list[str]:
-    """File names LoadImage(-like) nodes of an API prompt read from the input folder."""
-    names = []
-    for node in prompt.values():
-        if node["class_type"] in ("LoadImage", "LoadImageMask", "LoadImageOutput"):
-            v = node["inputs"].get("image")
-            if isinstance(v, str):
-                names.append(v.split(" [")[0])
-    return names
-
-
-def write_test_picture(path: Path, size: tuple[int, int] = (96, 64), seed: int = 0) -> None:
-    """A structured RGB test picture (gradients and a disc) as PNG."""
-    import numpy as np
-    from PIL import Image
-
-    w, h = size
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    cx, cy, r = rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h, 0.25 * min(w, h)
-    disc = ((x - cx) ** 2 + (y - cy) ** 2 < r * r).astype(np.float32)
-    arr = np.stack([x / max(w - 1, 1), y / max(h - 1, 1), 0.2 + 0.6 * disc], -1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((np.clip(arr, 0, 1) * 255).astype(np.uint8)).save(path)
-
-
 def output_images(history: dict) -> list[dict]:
     """``{filename, subfolder, type}`` of every image in a /history entry."""
     out = []
@@ -485,12 +351,15 @@ def output_images(history: dict) -> list[dict]:
     return out
 
 
-def start_server(root: Path, *, make_models: bool = True) -> ComfyServer:
-    """Prepare ``root`` (tiny models, pack, test pack, YAML) and start a server on it."""
+def start_server(
+    root: Path, *, make_models: bool = True, extra_args: tuple[str, ...] = (), extra_env: dict[str, str] | None = None
+) -> ComfyServer:
+    """Prepare ``root`` (tiny models, pack, test pack, YAML) and start a server on it; ``extra_args``
+    go to ComfyUI's command line (e.g. ``("--front-end-root", path)``), ``extra_env`` to its environment."""
     comfy = comfyui_path()
     if comfy is None:
         raise RuntimeError("COMFYUI_PATH is not set")
-    server = ComfyServer(comfy, root)
+    server = ComfyServer(comfy, root, extra_args=extra_args, extra_env=extra_env)
     server.prepare()
     if make_models:
         from firered_core.tiny import make_tiny, make_tiny_comfyui
@@ -499,115 +368,3 @@ def start_server(root: Path, *, make_models: bool = True) -> ComfyServer:
         make_tiny(server.models / "diffusers" / "FireRed-Image-Edit-tiny", seed=0)
     server.start()
     return server
-
-
-# -- ComfyUI-loadable native Qwen-Image MM-DiT (full width: ComfyUI fixes the width) ------------
-# (the VAE needs no stand-in: make_tiny_comfyui writes the configuration ComfyUI's VAELoader builds)
-
-NATIVE_DIT = "firered_native_test_full_width_1layer.safetensors"
-NATIVE_SIZE = (64, 48)  # pictures on the native path (w, h): an 8x6 latent
-
-
-def cached(name: str, writer) -> Path:
-    """``$FIRERED_TEST_CACHE/name`` (default ``~/.cache/firered-comfyui-tier``), written by
-    ``writer(path)`` the first time (to a temp name, then renamed)."""
-    root = Path(os.environ.get("FIRERED_TEST_CACHE") or Path.home() / ".cache" / "firered-comfyui-tier")
-    path = root / name
-    if not path.exists():
-        tmp = root / f".{name}.{os.getpid()}.tmp"
-        writer(tmp)
-        os.replace(tmp, path)
-    return path
-
-
-def write_native_dit(path: Path, *, num_layers: int = 1, seed: int = 0) -> Path:
-    """A random Qwen-Image MM-DiT at the real width (3072 hidden, 24 heads x 128, text dim 3584) with
-    ``num_layers`` blocks, in diffusers key names, bf16 -- what ComfyUI's detection can load (it reads
-    only the in-channels and the number of blocks). About 0.37 B parameters per block."""
-    import torch
-    from diffusers import QwenImageTransformer2DModel
-    from safetensors.torch import save_file
-
-    with torch.device("meta"):
-        model = QwenImageTransformer2DModel(num_layers=num_layers)
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name, p in model.state_dict().items():
-        if name.endswith(".bias"):
-            t = torch.zeros(p.shape)
-        elif "norm" in name and p.dim() == 1:
-            t = torch.ones(p.shape)
-        else:
-            fan_in = p.shape[1] if p.dim() > 1 else p.shape[0]
-            t = torch.randn(p.shape, generator=g) / fan_in**0.5
-        sd[name] = t.to(torch.bfloat16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path))
-    return path
-
-
-def write_rgba_half_mask(path: Path, size: tuple[int, int]) -> None:
-    """A PNG whose alpha is 0 on the left half: ComfyUI's LoadImage gives MASK = 1 - alpha, i.e.
-    1 (may change) on the left half, 0 (keep) on the right."""
-    import numpy as np
-    from PIL import Image
-
-    w, h = size
-    a = np.full((h, w, 4), 255, np.uint8)
-    a[:, : w // 2, 3] = 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(a, "RGBA").save(path)
-
-
-def uses_native_qwen(prompt: dict) -> bool:
-    """Whether an API prompt uses ComfyUI's own Qwen-Image model loaders (needs :func:`substitute_native`:
-    ComfyUI 0.3.x builds the full-width MM-DiT and the 7B text encoder whatever the file holds, so the
-    tiny DiT and text encoder of :func:`firered_core.tiny.make_tiny_comfyui` do not load there; its VAE
-    does, and ``VAELoader`` keeps the workflow's file)."""
-    return any(
-        n["class_type"] in ("UNETLoader", "CLIPLoader", "TextEncodeQwenImageEditPlus")
-        for n in prompt.values()
-    )
-
-
-def substitute_native(prompt: dict, server) -> dict:
-    """Make a native Qwen-Image-Edit prompt runnable on the test files: UNETLoader gets the full-width
-    test DiT (``VAELoader`` keeps the workflow's ``qwen_image_vae.safetensors``, the tiny VAE), each TextEncodeQwenImageEditPlus becomes test conditioning + ReferenceLatent of its
-    first picture (VAE-encoded as the node would), CLIPLoader is dropped, pictures are made 64x48."""
-    for name in [k for k, n in prompt.items() if n["class_type"] == "LoadImage"]:
-        img = prompt[name]["inputs"]["image"]
-        if not (server.input_dir / img).exists():
-            write_test_picture(server.input_dir / img, size=NATIVE_SIZE, seed=7)
-    out = {}
-    for nid, n in prompt.items():
-        t, inp = n["class_type"], dict(n["inputs"])
-        if t == "CLIPLoader":
-            continue
-        if t == "UNETLoader":
-            inp["unet_name"] = NATIVE_DIT
-        elif t == "ImageScaleToTotalPixels":  # a small picture (its minimum, 0.01 MP, is slow here)
-            t, inp = (
-                "ImageScale",
-                {
-                    "image": inp["image"],
-                    "upscale_method": "area",
-                    "width": NATIVE_SIZE[0],
-                    "height": NATIVE_SIZE[1],
-                    "crop": "disabled",
-                },
-            )
-        elif t == "TextEncodeQwenImageEditPlus":
-            cond = f"{nid}_cond"
-            out[cond] = {
-                "class_type": "FireRedTestConditioning",
-                "inputs": {"seed": len(out), "tokens": 6, "dim": 3584, "scale": 1.0},
-            }
-            if "image1" in inp and "vae" in inp:
-                enc = f"{nid}_enc"
-                out[enc] = {"class_type": "VAEEncode", "inputs": {"pixels": inp["image1"], "vae": inp["vae"]}}
-                out[nid] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": [cond, 0], "latent": [enc, 0]}}
-            else:
-                out[nid] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": [cond, 0]}}
-            continue
-        out[nid] = {"class_type": t, "inputs": inp}
-    return out

@@ -22,7 +22,7 @@ def native_files(comfy_server):
     lists new files on the next request), and the tiny VAE ``make_tiny_comfyui`` wrote (the real
     configuration, which ComfyUI's VAELoader loads as it is). The DiT is deterministic and about
     0.7 GB, so it is written once into ``$FIRERED_TEST_CACHE`` (default ``~/.cache/firered-comfyui-tier``)."""
-    from comfy_server import NATIVE_DIT, cached, write_native_dit
+    from tier_files import NATIVE_DIT, cached, write_native_dit
 
     from firered_core.tiny import WORKFLOW_FILES
 

@@ -16,7 +16,8 @@ import re
 import subprocess
 
 import pytest
-from comfy_server import NATIVE_DIT, cached, comfyui_path, comfyui_python, write_native_dit
+from comfy_server import comfyui_path, comfyui_python
+from tier_files import NATIVE_DIT, cached, write_native_dit
 
 pytestmark = pytest.mark.comfyui
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from comfy_server import NATIVE_DIT, write_rgba_half_mask, write_test_picture
-from comfy_server import NATIVE_SIZE as SIZE  # 64x48 pixels: an 8x6 latent
+from tier_files import NATIVE_DIT, write_rgba_half_mask, write_test_picture
+from tier_files import NATIVE_SIZE as SIZE  # 64x48 pixels: an 8x6 latent
 
 from firered_core.tiny import WORKFLOW_FILES
 

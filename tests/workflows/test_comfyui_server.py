@@ -17,15 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-from comfy_server import (
-    REPO,
-    load_image_names,
-    output_images,
-    substitute_native,
-    ui_to_api,
-    uses_native_qwen,
-    write_test_picture,
-)
+from comfy_server import REPO, output_images
+from tier_files import substitute_native, uses_native_qwen, write_test_picture
+from workflow_prompts import load_image_names, ui_to_api
 
 pytestmark = pytest.mark.comfyui
 

@@ -1,10 +1,11 @@
-"""The harness's UI-format -> API-format converter (tests/workflows/comfy_server.py), on a
+"""The harness's UI-format -> API-format converter (tests/workflows/workflow_prompts.py), on a
 hand-written workflow and /object_info; runs without ComfyUI."""
 
 import json
 
 import pytest
-from comfy_server import REPO, load_image_names, ui_to_api
+from comfy_server import REPO
+from workflow_prompts import load_image_names, ui_to_api
 
 INFO = {
     "Loader": {
