@@ -1,4 +1,4 @@
-"""ComfyUI nodes of the pack (classic V1 node API).
+"""ComfyUI nodes of the pack (written in the classic node API; registered in ComfyUI's V3 schema where it has one: v3.py).
 
 Each node resolves its inputs and calls one ``firered_core`` (or ``firered_trainer``) function; ComfyUI's
 services are reached through :mod:`.host` only. Node modules are imported one by one: a module whose
@@ -42,6 +42,19 @@ def _load(name: str) -> None:
 
 for _name in MODULES:
     _load(_name)
+
+
+def _upgrade_to_v3() -> None:
+    """The V3 form of each node where ComfyUI has ``comfy_api.latest`` (nodes/v3.py), else classic."""
+    try:
+        from . import v3
+
+        NODE_CLASS_MAPPINGS.update(v3.upgrade(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS))
+    except Exception as e:  # the classic nodes stay registered
+        log.warning("FireRed: V3 node schema not used (classic nodes instead): %s: %s", type(e).__name__, e)
+
+
+_upgrade_to_v3()
 
 
 def _register_routes() -> None:
