@@ -43,7 +43,32 @@ def file_info_nodes() -> dict[str, tuple[str, str]]:
 
 def test_there_is_an_extension():
     assert JS_FILES, "js/ holds no .js file"
-    assert "app.registerExtension(" in js_source()
+    # ComfyUI serves every .js file under WEB_DIRECTORY and the front end imports each one: exactly one
+    # of them registers the extension, the others only define what it imports
+    registering = [p.name for p in JS_FILES if "app.registerExtension(" in p.read_text()]
+    assert registering == ["firered.js"], registering
+
+
+def test_the_modules_import_what_the_others_export():
+    """Every ``import {...} from "./x.js"`` names a file of js/ and names only what that file exports (a
+    wrong name is a SyntaxError in the browser that ``node --check`` does not see); the front end's
+    own modules are imported from ``../../scripts/``."""
+    exports = {
+        p.relative_to(ROOT / "js").as_posix(): set(
+            re.findall(r"^export (?:async )?(?:const|let|function|class) (\w+)", p.read_text(), re.M)
+        )
+        for p in JS_FILES
+    }
+    for path in JS_FILES:
+        for names, source in re.findall(r'^import \{([^}]*)\} from "([^"]+)";', path.read_text(), re.M):
+            wanted = {n.strip() for n in names.split(",") if n.strip()}
+            if source.startswith("../../scripts/"):
+                assert source in ("../../scripts/app.js", "../../scripts/api.js"), f"{path.name}: {source}"
+                continue
+            assert source.startswith("./"), f"{path.name} imports {source!r}: use a path relative to js/"
+            target = (path.parent / source).resolve().relative_to(ROOT / "js").as_posix()
+            assert target in exports, f"{path.name} imports {source!r}, which is not in js/"
+            assert wanted <= exports[target], f"{path.name}: {source} does not export {sorted(wanted - exports[target])}"
 
 
 def _balanced(src: str) -> str | None:
