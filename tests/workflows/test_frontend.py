@@ -256,7 +256,8 @@ def test_loaders_show_what_the_file_is(browser_page, screenshots):
 SHOWCASE = """
 async ([loaders]) => {
   const app = %(app)s;
-  app.graph.clear();
+  app.clean?.();  // as the front end does before opening a workflow: no outputs of earlier nodes (a
+  app.graph.clear();  // Vue node would show the picture of a cleared node whose id it reuses)
   app.canvas.ds.offset = [0, 0];
   app.canvas.ds.scale = 1;
   const nodes = loaders.map(([type, widget, value], i) => {
