@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -108,11 +109,13 @@ class VLPixels:
 
     pixel_values: ``[grid_t * grid_h * grid_w, C * temporal_patch * patch * patch]`` float32, the
     flattened patches in the Hugging Face / ComfyUI order; grid_thw: ``[1, 3]`` long ``(t, h, w)``
-    in patches.
+    in patches. window_order: the picture's tokens reach the language model in the vision tower's
+    window-attention order, as ComfyUI's Qwen2.5-VL hands them over (see :func:`window_ordered_tokens`).
     """
 
     pixel_values: torch.Tensor
     grid_thw: torch.Tensor
+    window_order: bool = False
 
     @property
     def n_tokens(self) -> int:
@@ -165,7 +168,51 @@ def vl_pixels_comfyui(unit: torch.Tensor, processor=None) -> VLPixels:
     x = x.unsqueeze(0).expand(temporal, -1, -1, -1)  # [T, C, H, W]: one frame repeated
     x = x.reshape(1, temporal, 3, gh // merge, merge, patch, gw // merge, merge, patch)
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(gh * gw, 3 * temporal * patch * patch)
-    return VLPixels(x.contiguous(), torch.tensor([[1, gh, gw]], dtype=torch.long))
+    return VLPixels(x.contiguous(), torch.tensor([[1, gh, gw]], dtype=torch.long), window_order=True)
+
+
+def window_token_order(grid_thw: torch.Tensor, *, merge: int = 2, window: int = 112, patch: int = 14) -> torch.Tensor:
+    """The merged picture tokens (raster order, picture after picture) in Qwen2.5-VL's
+    window-attention order: windows of ``window / patch / merge`` tokens a side (4 for the real
+    model), row after row of windows, each window's tokens row by row; edge windows are cut short."""
+    side = window // patch // merge
+    order, offset = [], 0
+    for t, h, w in grid_thw.tolist():
+        gh, gw = h // merge, w // merge
+        index = torch.arange(t * gh * gw).view(t, gh, gw) + offset
+        for frame in index:
+            for y in range(0, gh, side):
+                for x in range(0, gw, side):
+                    order.append(frame[y : y + side, x : x + side].reshape(-1))
+        offset += t * gh * gw
+    return torch.cat(order)
+
+
+@contextmanager
+def window_ordered_tokens(text_encoder: torch.nn.Module):
+    """Inside this context the vision tower hands its merged picture tokens to the language model
+    in its window-attention order, as ComfyUI's Qwen2.5-VL does (``comfy/text_encoders/qwen_vl.py``
+    ``Qwen2VLVisionTransformer.forward`` returns the merger's output without undoing the window
+    permutation; checked in ComfyUI 0.3.64), instead of back in raster order as the reference model
+    (Hugging Face ``Qwen2_5_VisionTransformerPretrainedModel``) does. The tokens' M-RoPE positions stay
+    the raster ones in both. A picture smaller than one window (4 x 4 merged tokens, 112 pixels) is
+    the same either way."""
+    visual = getattr(getattr(text_encoder, "model", None), "visual", None) or getattr(text_encoder, "visual", None)
+    if visual is None or not hasattr(visual, "window_size"):
+        raise ValueError("ref_mode 'comfyui' needs a Qwen2.5-VL vision tower with windowed attention")
+
+    def reorder(module, args, kwargs, output):
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        order = window_token_order(grid, merge=module.spatial_merge_size, window=module.window_size,
+                                   patch=module.patch_size)
+        output.pooler_output = output.pooler_output[order.to(output.pooler_output.device)]
+        return output
+
+    handle = visual.register_forward_hook(reorder, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()
@@ -201,13 +248,15 @@ def encode_prompt(
         inputs = processor(
             text=[text], images=list(vl_pictures) or None, padding=True, return_tensors="pt"
         ).to(device)
-    out = text_encoder(
-        input_ids=inputs["input_ids"],
-        attention_mask=inputs["attention_mask"],
-        pixel_values=inputs.get("pixel_values"),
-        image_grid_thw=inputs.get("image_grid_thw"),
-        output_hidden_states=True,
-    )
+    windowed = any(getattr(p, "window_order", False) for p in vl_pictures)
+    with window_ordered_tokens(text_encoder) if windowed else nullcontext():
+        out = text_encoder(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            pixel_values=inputs.get("pixel_values"),
+            image_grid_thw=inputs.get("image_grid_thw"),
+            output_hidden_states=True,
+        )
     hidden = out.hidden_states[-1]
     keep = inputs["attention_mask"][0].bool()
     states = hidden[0][keep][template.drop_tokens :]

@@ -1,0 +1,72 @@
+"""The pack's graph with ``ref_mode="comfyui"`` and ``noise_device="comfyui"`` gives the picture of
+ComfyUI's native Qwen-Image-Edit graph (``TextEncodeQwenImageEditPlus`` + ``KSampler``) on the same
+weights and seed (issue 12.2; ``COMFYUI_PATH`` tier). Both graphs run in one ComfyUI process
+(``native_edit_graph.py``: what it runs, and the sizes ComfyUI's constructors are given there).
+
+Measured (tiny model, 4 euler steps at shift 3.1, CFG 1, a 1024 x 1024 edit of a 160 x 160 picture):
+max pixel difference 7.6e-6, latent 1.2e-4 (of 15); with the noise drawn as diffusers draws it
+instead, the pictures differ by more than 0.1. The control shows the comparison can fail; the
+window-order emulation and the sizing are checked closer in ``tests/core/test_comfyui_sizing.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfyui
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    if not os.environ.get("COMFYUI_PATH"):
+        pytest.skip("COMFYUI_PATH is not set (the real-ComfyUI tier)")
+    out = tmp_path_factory.mktemp("native_edit")
+    py = os.environ.get("COMFYUI_PYTHON") or sys.executable
+    env = dict(os.environ, FIRERED_PACK=str(ROOT), PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    done = subprocess.run([py, str(Path(__file__).with_name("native_edit_graph.py")), str(out)],
+                          cwd=os.environ["COMFYUI_PATH"], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return {name: torch.load(out / f"{name}.pt") for name in ("native", "pack", "pack_own_aspect", "between")}, \
+        json.loads((out / "info.json").read_text())
+
+
+def test_pack_graph_gives_the_native_graphs_picture(graphs):
+    got, info = graphs
+    native, pack = got["native"], got["pack"]
+    assert native.shape == pack.shape == (1, info["size"][1], info["size"][0], 3)
+    between = got["between"]
+    latent = (between["native_latent"] - between["pack_latent"]).abs().max().item()
+    pixels = (native - pack).abs().max().item()
+    control = (native - got["pack_own_aspect"]).abs().max().item()
+    print(f"pack vs native graph: max pixel difference {pixels:.2e}, latent {latent:.2e} "
+          f"(of {between['native_latent'].abs().max().item():.1f}); with the release's sizing (own_aspect) instead: {control:.2e}")
+    assert native.std() > 0.01  # a picture, not a constant
+    # the tiny random MM-DiT follows its conditioning only weakly: the release's sizing moves its
+    # picture by ~1.6e-4, twenty times the pack-vs-native gap
+    assert pixels < 2e-5 and latent < 1e-3
+    assert control > 1e-4
+
+
+def test_reference_latents_equal_the_native_nodes(graphs):
+    """What TextEncodeQwenImageEditPlus hands the model as ``reference_latents`` (raw VAE latents,
+    normalised and cut into 2 x 2 patches here as the model does) is the pack's reference tokens."""
+    from firered_core.model import latents as L
+    from firered_core.model.architecture import LATENTS_MEAN, LATENTS_STD
+
+    got, _ = graphs
+    (ref,) = got["between"]["native_refs"]
+    tokens = L.pack(L.pad_to_patches(L.normalize(ref[:, :, 0], LATENTS_MEAN, LATENTS_STD)))
+    mine, own = got["between"]["pack_ref_tokens"], got["between"]["own_aspect_ref_tokens"]
+    assert tokens.shape == mine.shape
+    err = (tokens - mine).abs().max().item()
+    off = (tokens - own).abs().max().item() if own.shape == tokens.shape else float("inf")
+    print(f"reference tokens: pack vs native {err:.2e}; the release's sizing {off:.2e}")
+    assert err < 1e-5 and off > 1e-2
