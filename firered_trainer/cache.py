@@ -84,7 +84,9 @@ def _hash(*parts: str) -> str:
 
 def text_key(variant: TextVariant, *, model_id: str, vl_resolution: int) -> str:
     tpl = template_for(len(variant.pictures))
-    return _hash("text/v1", model_id, str(vl_resolution), tpl.text, str(tpl.drop_tokens), variant.text,
+    # v2: the picture tokens' 2-D M-RoPE positions (conditioning.picture_token_types); a v1 entry
+    # was encoded with 1-D positions under transformers 5 and is not reused
+    return _hash("text/v2", model_id, str(vl_resolution), tpl.text, str(tpl.drop_tokens), variant.text,
                  *[file_digest(p) for p in variant.pictures])
 
 

@@ -13,6 +13,7 @@ through the same template with the same pictures, so true CFG contrasts the text
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from contextlib import contextmanager, nullcontext
@@ -171,6 +172,25 @@ def vl_pixels_comfyui(unit: torch.Tensor, processor=None) -> VLPixels:
     return VLPixels(x.contiguous(), torch.tensor([[1, gh, gw]], dtype=torch.long), window_order=True)
 
 
+def picture_token_types(text_encoder: torch.nn.Module, input_ids: torch.Tensor, image_grid_thw) -> dict:
+    """``{"mm_token_type_ids": ...}`` (1 on the picture tokens, 0 elsewhere) for a text encoder whose
+    ``forward`` takes it, else ``{}``.
+
+    Qwen2.5-VL places a picture's tokens on a 2-D grid of M-RoPE positions (height, width). From
+    transformers 5 the model computes those positions only when it is given ``mm_token_type_ids``
+    (the processor returns them, but a caller that passes the usual four inputs -- diffusers'
+    Qwen-Image pipelines among them -- does not); without them every token gets a 1-D text
+    position, a conditioning the model was not trained on. transformers 4 (FireRed's training and
+    inference environment, 4.57.1) found the picture tokens from ``input_ids`` itself, and so does
+    ComfyUI's own Qwen2.5-VL. Passing the types here gives the 2-D positions on either version."""
+    if image_grid_thw is None or "mm_token_type_ids" not in inspect.signature(text_encoder.forward).parameters:
+        return {}
+    image_id = getattr(text_encoder.config, "image_token_id", None)
+    if image_id is None:
+        return {}
+    return {"mm_token_type_ids": (input_ids == image_id).to(torch.int32)}
+
+
 def window_token_order(grid_thw: torch.Tensor, *, merge: int = 2, window: int = 112, patch: int = 14) -> torch.Tensor:
     """The merged picture tokens (raster order, picture after picture) in Qwen2.5-VL's
     window-attention order: windows of ``window / patch / merge`` tokens a side (4 for the real
@@ -256,6 +276,7 @@ def encode_prompt(
             pixel_values=inputs.get("pixel_values"),
             image_grid_thw=inputs.get("image_grid_thw"),
             output_hidden_states=True,
+            **picture_token_types(text_encoder, inputs["input_ids"], inputs.get("image_grid_thw")),
         )
     hidden = out.hidden_states[-1]
     keep = inputs["attention_mask"][0].bool()

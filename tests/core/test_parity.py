@@ -5,7 +5,15 @@ are compared on their own, so a failure says where the two part; then whole edit
 The reference pipeline hard-codes the VAE reference area (1024^2) and the VL area (384^2); most
 cases shrink both (the pipeline's module constants and our ``ref_area`` / ``vl_area`` options) to
 keep the suite fast, and one case runs the real sizes.
+
+The reference runs as in FireRed's environment (transformers 4.57): its text encoder is given the
+picture tokens' types, so the pictures get Qwen2.5-VL's 2-D M-RoPE positions. diffusers' pipeline
+passes only the usual four inputs, which under transformers 5 gives every token a 1-D text
+position instead (``conditioning.picture_token_types``); ``test_picture_positions_are_2d`` shows
+the difference.
 """
+
+import inspect
 
 import numpy as np
 import pytest
@@ -25,8 +33,24 @@ def pipes(tiny_model_dir):
 
     ref = QwenImageEditPlusPipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32, local_files_only=True)
     ref.set_progress_bar_config(disable=True)
+    with_token_types(ref.text_encoder)
     ours = FireRedEditor.from_pretrained(tiny_model_dir, device="cpu", dtype="fp32")
     return ref, ours
+
+
+def with_token_types(text_encoder):
+    """Give the reference text encoder the picture tokens' types when the pipeline leaves them out
+    (what transformers 4 derived from ``input_ids`` itself: 1 where the token is ``<|image_pad|>``)."""
+    forward = text_encoder.forward
+
+    def forward_with_types(*args, **kw):
+        takes = "mm_token_type_ids" in inspect.signature(forward).parameters
+        if takes and kw.get("image_grid_thw") is not None and kw.get("mm_token_type_ids") is None:
+            kw["mm_token_type_ids"] = (kw["input_ids"] == text_encoder.config.image_token_id).int()
+        return forward(*args, **kw)
+
+    text_encoder.forward = forward_with_types
+    return text_encoder
 
 
 @pytest.fixture
@@ -65,6 +89,37 @@ def test_prompt_embeddings_match(pipes, n):
         assert m_ref is None and e.mask is None
         assert e.embeds.shape == e_ref.shape
         torch.testing.assert_close(e.embeds, e_ref, atol=1e-6, rtol=0)
+
+
+def test_picture_positions_are_2d(pipes):
+    """The picture tokens sit on Qwen2.5-VL's 2-D M-RoPE grid: the language model's rotary
+    embedding sees three different position rows (time, height, width) over a picture, and the
+    reference pipeline run without the token types (1-D positions, what diffusers gives under
+    transformers 5) encodes another prompt."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    ref, ours = pipes
+    pic = pictures(1)
+    vl = [images.resize(p, *images.fit_to_area(images.VL_AREA, p.width / p.height)) for p in pic]
+    seen = {}
+    rotary = ours.c.text_encoder.model.language_model.rotary_emb
+    hook = rotary.register_forward_hook(lambda m, a, o: seen.__setitem__("pos", a[1].clone()) and None)
+    try:
+        e = conditioning.encode_prompt(ours.c.text_encoder, ours.c.processor, "make the disc red", vl)
+    finally:
+        hook.remove()
+    pos = seen["pos"][:, 0]
+    assert not torch.equal(pos[1], pos[2]), "the picture tokens got 1-D text positions"
+    plain = QwenImageEditPlusPipeline(**{k: getattr(ref, k) for k in ("scheduler", "vae", "text_encoder", "tokenizer",
+                                                                       "processor", "transformer")})
+    forward = ref.text_encoder.forward
+    ref.text_encoder.forward = type(ref.text_encoder).forward.__get__(ref.text_encoder)  # without the types
+    try:
+        e_1d, _ = plain.encode_prompt(prompt="make the disc red", image=vl, device="cpu")
+    finally:
+        ref.text_encoder.forward = forward
+    if "mm_token_type_ids" in inspect.signature(type(ref.text_encoder).forward).parameters:
+        assert (e.embeds - e_1d).abs().max() > 1e-3  # transformers 5: diffusers' own call is 1-D
 
 
 @pytest.mark.parametrize("steps,size", [(40, (1024, 1024)), (8, (768, 1360)), (3, (64, 48))])

@@ -4,9 +4,11 @@ weights and seed (issue 12.2; ``COMFYUI_PATH`` tier). Both graphs run in one Com
 (``native_edit_graph.py``: what it runs, and the sizes ComfyUI's constructors are given there).
 
 Measured (tiny model, 4 euler steps at shift 3.1, CFG 1, a 1024 x 1024 edit of a 160 x 160 picture):
-max pixel difference 7.6e-6, latent 1.2e-4 (of 15); with the noise drawn as diffusers draws it
-instead, the pictures differ by more than 0.1. The control shows the comparison can fail; the
-window-order emulation and the sizing are checked closer in ``tests/core/test_comfyui_sizing.py``.
+the text states equal to 1.1e-6 (of 4.7), the latents to 2.9e-6 (of 15), the pictures to 1.0e-6.
+Before the pack gave the picture tokens their 2-D positions (``conditioning.picture_token_types``)
+and ComfyUI's window order (``conditioning.window_ordered_tokens``), the text states differed by
+4e-2 and 6.7. Controls: the release's sizing (``own_aspect``) instead moves the picture by 1.6e-4
+(the tiny random MM-DiT follows its conditioning only weakly) and the reference latents by 8e-2.
 """
 
 from __future__ import annotations
@@ -49,10 +51,19 @@ def test_pack_graph_gives_the_native_graphs_picture(graphs):
     print(f"pack vs native graph: max pixel difference {pixels:.2e}, latent {latent:.2e} "
           f"(of {between['native_latent'].abs().max().item():.1f}); with the release's sizing (own_aspect) instead: {control:.2e}")
     assert native.std() > 0.01  # a picture, not a constant
-    # the tiny random MM-DiT follows its conditioning only weakly: the release's sizing moves its
-    # picture by ~1.6e-4, twenty times the pack-vs-native gap
-    assert pixels < 2e-5 and latent < 1e-3
+    assert pixels < 1e-5 and latent < 1e-4
     assert control > 1e-4
+
+
+def test_text_states_equal_the_native_encoders(graphs):
+    """TextEncodeQwenImageEditPlus's conditioning (ComfyUI's tokenizer, template cut, picture
+    preprocessing and its own Qwen2.5-VL) against FireRed Edit Encode's text states."""
+    got, _ = graphs
+    native, pack = got["between"]["native_text"], got["between"]["pack_text"]
+    assert native.shape == pack.shape
+    err = (native - pack).abs().max().item()
+    print(f"text states: pack vs native {err:.2e} (of {native.abs().max().item():.1f})")
+    assert err < 1e-4
 
 
 def test_reference_latents_equal_the_native_nodes(graphs):
