@@ -21,6 +21,7 @@ import torch
 
 from ..model.conditioning import TextCond
 from ..model.modules import compute_dtype, module_device
+from ..model.rope import comfyui_positions
 from . import flow
 
 
@@ -31,10 +32,13 @@ class EditCondition:
     ref_tokens: ``[1, N_ref, 64]`` packed, normalised VAE latents of the 0-3 input pictures,
         concatenated in picture order (``None`` for text-to-image).
     img_shapes: ``[(1, rows, cols)]`` token grids, the target's first, then one per reference.
+    rope: ``"diffusers"`` (the reference's RoPE positions) or ``"comfyui"`` (ComfyUI's Qwen-Image
+        model's, :mod:`firered_core.model.rope`; what ``ref_mode="comfyui"`` encodes for).
     """
 
     ref_tokens: torch.Tensor | None
     img_shapes: list[tuple[int, int, int]] = field(default_factory=list)
+    rope: str = "diffusers"
 
     @property
     def target_tokens(self) -> int:
@@ -121,7 +125,8 @@ class Denoiser:
             if self.step_cache is not None
             else contextlib.nullcontext()
         )
-        with stream:
+        positions = comfyui_positions(self.transformer) if self.cond.rope == "comfyui" else contextlib.nullcontext()
+        with stream, positions:
             out = self.transformer(
                 hidden_states=hidden,
                 encoder_hidden_states=embeds,

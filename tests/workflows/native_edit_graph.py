@@ -35,6 +35,7 @@ PROMPT = "make the house blue and add a red door"
 SEED, STEPS, SHIFT = 7, 4, 3.1
 PICTURE = (160, 160)  # the input picture: ComfyUI's node makes its reference 1024 x 1024
 SIZE = (1024, 1024)  # the output as large as the reference (as the native template's VAEEncode latent)
+SMALL = (496, 336)  # an output smaller than the reference, with odd token grids (31 x 21): the RoPE details
 VOCAB = 152064  # Qwen2.5-VL-7B's embedding rows (ComfyUI's tokenizer ids reach 151664)
 
 
@@ -235,8 +236,26 @@ def main(out: Path) -> None:
                 "own_aspect_latent": lat_own["samples"].float(),
                 "pack_ref_tokens": cond.enc.cond.ref_tokens.float(), "own_aspect_ref_tokens": cond_own.enc.cond.ref_tokens.float()},
                out / "between.pt")
+    # ---- the smaller output: the same conditioning, another LATENT --------------------------
+    small = first(empty().generate(*SMALL, 1) if hasattr(empty, "FUNCTION") else empty.execute(*SMALL, 1))
+    sampled_small = first(nodes.KSampler().sample(model, SEED, STEPS, 1.0, "euler", "simple", positive, negative,
+                                                  small, denoise=1.0))
+    lat_small = first(call(N["FireRedSampler"], dit=dit, cond=cond, seed=SEED, steps=STEPS, cfg=1.0, sampler="euler",
+                           schedule="linear_shift", shift=SHIFT, width=SMALL[0], height=SMALL[1], latent=small,
+                           noise_device="comfyui"))
+    # the control: the reference's RoPE positions instead of ComfyUI's
+    reference_rope = dataclasses.replace(cond, enc=dataclasses.replace(
+        cond.enc, cond=dataclasses.replace(cond.enc.cond, rope="diffusers")))
+    lat_small_ref = first(call(N["FireRedSampler"], dit=dit, cond=reference_rope, seed=SEED, steps=STEPS, cfg=1.0,
+                               sampler="euler", schedule="linear_shift", shift=SHIFT, width=SMALL[0], height=SMALL[1],
+                               latent=small, noise_device="comfyui"))
+    torch.save({"native": first(nodes.VAEDecode().decode(vae, sampled_small)).float(),
+                "pack": first(call(N["FireRedDecode"], vae=fvae, latent=lat_small)).float(),
+                "pack_reference_rope": first(call(N["FireRedDecode"], vae=fvae, latent=lat_small_ref)).float(),
+                "native_latent": sampled_small["samples"].float(), "pack_latent": lat_small["samples"].float()},
+               out / "small.pt")
     (out / "info.json").write_text(json.dumps({"prompt": PROMPT, "seed": SEED, "steps": STEPS, "shift": SHIFT,
-                                               "size": SIZE, "native_latent": list(sampled["samples"].shape),
+                                               "size": SIZE, "small": SMALL, "native_latent": list(sampled["samples"].shape),
                                                "pack_latent": list(lat["samples"].shape)}))
 
 

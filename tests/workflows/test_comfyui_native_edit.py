@@ -4,7 +4,9 @@ weights and seed (issue 12.2; ``COMFYUI_PATH`` tier). Both graphs run in one Com
 (``native_edit_graph.py``: what it runs, and the sizes ComfyUI's constructors are given there).
 
 Measured (tiny model, 4 euler steps at shift 3.1, CFG 1, a 1024 x 1024 edit of a 160 x 160 picture):
-the text states equal to 1.1e-6 (of 4.7), the latents to 2.9e-6 (of 15), the pictures to 1.0e-6.
+the text states equal to 1.1e-6 (of 4.7), the latents to 2.9e-6 (of 15), the pictures to 1.0e-6;
+at 496 x 336 (odd token grids, smaller than the reference) the pictures to 7.7e-7, where the
+reference's RoPE positions would move them by 1.2e-3 (``firered_core.model.rope``).
 Before the pack gave the picture tokens their 2-D positions (``conditioning.picture_token_types``)
 and ComfyUI's window order (``conditioning.window_ordered_tokens``), the text states differed by
 4e-2 and 6.7. Controls: the release's sizing (``own_aspect``) instead moves the picture by 1.6e-4
@@ -36,7 +38,7 @@ def graphs(tmp_path_factory):
     done = subprocess.run([py, str(Path(__file__).with_name("native_edit_graph.py")), str(out)],
                           cwd=os.environ["COMFYUI_PATH"], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
-    return {name: torch.load(out / f"{name}.pt") for name in ("native", "pack", "pack_own_aspect", "between")}, \
+    return {name: torch.load(out / f"{name}.pt") for name in ("native", "pack", "pack_own_aspect", "between", "small")}, \
         json.loads((out / "info.json").read_text())
 
 
@@ -81,3 +83,19 @@ def test_reference_latents_equal_the_native_nodes(graphs):
     off = (tokens - own).abs().max().item() if own.shape == tokens.shape else float("inf")
     print(f"reference tokens: pack vs native {err:.2e}; the release's sizing {off:.2e}")
     assert err < 1e-5 and off > 1e-2
+
+
+def test_a_smaller_output_with_odd_grids(graphs):
+    """The same conditioning sampled at 496 x 336 (token grids 31 x 21, smaller than the 64 x 64
+    reference): where ComfyUI's MM-DiT places the tokens unlike diffusers (odd grids centred the
+    other way, the text after the output's grid only), the pack follows it in ``comfyui`` mode;
+    with the reference's positions instead the picture moves by ~1e-3."""
+    got, info = graphs
+    small = got["small"]
+    assert small["native"].shape == (1, info["small"][1], info["small"][0], 3)
+    err = (small["native"] - small["pack"]).abs().max().item()
+    latent = (small["native_latent"] - small["pack_latent"]).abs().max().item()
+    control = (small["native"] - small["pack_reference_rope"]).abs().max().item()
+    print(f"496 x 336: pack vs native {err:.2e} (latent {latent:.2e}); with diffusers' positions {control:.2e}")
+    assert err < 1e-5 and latent < 1e-4
+    assert control > 1e-4
