@@ -265,6 +265,7 @@ class FireRedEditor:
             ref_tokens=torch.cat(refs, dim=1) if refs else None,
             img_shapes=[latents.token_grid(h, w)] + [latents.token_grid(rh, rw) for rw, rh in ref_sizes],
             rope="comfyui" if req.ref_mode == "comfyui" else "diffusers",
+            cfg_norm="comfyui" if req.ref_mode == "comfyui" else "flow",
         )
         return EncodedEdit(positive, negative, cond, (w, h), stitched)
 

@@ -76,7 +76,8 @@ def _reference_inputs() -> dict:
             list(images.REF_MODES),
             {"default": "own_aspect", "tooltip": "How each picture is sized: own_aspect = reference latent about ref_size² at its own aspect "
              "(the release, diffusers); match_output = reference exactly the output size; comfyui = as ComfyUI's TextEncodeQwenImageEditPlus "
-             "(area resampling, VL copy to the pixel, reference to multiples of 8), so the native graph's picture can be reproduced."},
+             "(area resampling, VL copy to the pixel, reference to multiples of 8), and sampled as its KSampler samples (its RoPE positions, "
+             "CFGNorm at CFG > 1), so the native graph's picture can be reproduced (with noise_device comfyui)."},
         ),
         "ref_size": ("INT", {"default": 1024, "min": 256, "max": 2048, "step": 32, "tooltip": "Reference latents hold about ref_size x ref_size pixels (the release: 1024)."}),
         "vl_size": ("INT", {"default": 384, "min": 128, "max": 1024, "step": 32, "tooltip": "Qwen2.5-VL sees each picture at about vl_size x vl_size pixels (the release: 384)."}),

@@ -34,11 +34,14 @@ class EditCondition:
     img_shapes: ``[(1, rows, cols)]`` token grids, the target's first, then one per reference.
     rope: ``"diffusers"`` (the reference's RoPE positions) or ``"comfyui"`` (ComfyUI's Qwen-Image
         model's, :mod:`firered_core.model.rope`; what ``ref_mode="comfyui"`` encodes for).
+    cfg_norm: ``"flow"`` (the reference's CFG rescale) or ``"comfyui"`` (ComfyUI's ``CFGNorm``,
+        :func:`firered_core.sampling.guidance.cfg_combine_comfyui`; also set by ``ref_mode="comfyui"``).
     """
 
     ref_tokens: torch.Tensor | None
     img_shapes: list[tuple[int, int, int]] = field(default_factory=list)
     rope: str = "diffusers"
+    cfg_norm: str = "flow"
 
     @property
     def target_tokens(self) -> int:

@@ -5,7 +5,8 @@ two decoded ``IMAGE`` tensors, ``OUT_DIR/info.json`` what was run.
 
 Native graph: ``UNETLoader`` -> ``ModelSamplingAuraFlow`` (shift) -> ``KSampler`` (euler, simple,
 CFG 1) with ``CLIPLoader`` (type qwen_image) + ``VAELoader`` -> ``TextEncodeQwenImageEditPlus``
-(one picture) and ``EmptySD3LatentImage``, then ``VAEDecode``. Pack graph: FireRed Model / Text
+(one picture) and ``EmptySD3LatentImage``, then ``VAEDecode``; and at CFG 4 through ``CFGNorm``
+(strength 1), as ComfyUI's Qwen-Image-Edit template runs it. Pack graph: FireRed Model / Text
 Encoder / VAE Loader -> FireRed Edit Encode (``ref_mode="comfyui"``) -> FireRed Sampler (euler,
 ``linear_shift`` at the same shift, ``noise_device="comfyui"``, the same LATENT) -> FireRed Decode.
 
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 PROMPT = "make the house blue and add a red door"
-SEED, STEPS, SHIFT = 7, 4, 3.1
+SEED, STEPS, SHIFT, CFG = 7, 4, 3.1, 4.0
 PICTURE = (160, 160)  # the input picture: ComfyUI's node makes its reference 1024 x 1024
 SIZE = (1024, 1024)  # the output as large as the reference (as the native template's VAEEncode latent)
 SMALL = (496, 336)  # an output smaller than the reference, with odd token grids (31 x 21): the RoPE details
@@ -249,6 +250,22 @@ def main(out: Path) -> None:
     lat_small_ref = first(call(N["FireRedSampler"], dit=dit, cond=reference_rope, seed=SEED, steps=STEPS, cfg=1.0,
                                sampler="euler", schedule="linear_shift", shift=SHIFT, width=SMALL[0], height=SMALL[1],
                                latent=small, noise_device="comfyui"))
+    # ---- CFG 4 with the native template's CFGNorm, at the smaller size ---------------------------
+    from comfy_extras.nodes_cfg import CFGNorm
+
+    normed = first(CFGNorm.execute(model, 1.0))
+    sampled_cfg = first(nodes.KSampler().sample(normed, SEED, STEPS, CFG, "euler", "simple", positive, negative,
+                                                small, denoise=1.0))
+    lat_cfg = first(call(N["FireRedSampler"], dit=dit, cond=cond, seed=SEED, steps=STEPS, cfg=CFG, sampler="euler",
+                         schedule="linear_shift", shift=SHIFT, width=SMALL[0], height=SMALL[1], latent=small,
+                         noise_device="comfyui"))
+    release_norm = dataclasses.replace(cond, enc=dataclasses.replace(
+        cond.enc, cond=dataclasses.replace(cond.enc.cond, cfg_norm="flow")))  # the control
+    lat_cfg_flow = first(call(N["FireRedSampler"], dit=dit, cond=release_norm, seed=SEED, steps=STEPS, cfg=CFG,
+                              sampler="euler", schedule="linear_shift", shift=SHIFT, width=SMALL[0], height=SMALL[1],
+                              latent=small, noise_device="comfyui"))
+    torch.save({"native": sampled_cfg["samples"].float(), "pack": lat_cfg["samples"].float(),
+                "pack_release_norm": lat_cfg_flow["samples"].float()}, out / "cfg.pt")
     torch.save({"native": first(nodes.VAEDecode().decode(vae, sampled_small)).float(),
                 "pack": first(call(N["FireRedDecode"], vae=fvae, latent=lat_small)).float(),
                 "pack_reference_rope": first(call(N["FireRedDecode"], vae=fvae, latent=lat_small_ref)).float(),

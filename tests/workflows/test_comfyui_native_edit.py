@@ -38,7 +38,7 @@ def graphs(tmp_path_factory):
     done = subprocess.run([py, str(Path(__file__).with_name("native_edit_graph.py")), str(out)],
                           cwd=os.environ["COMFYUI_PATH"], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
-    return {name: torch.load(out / f"{name}.pt") for name in ("native", "pack", "pack_own_aspect", "between", "small")}, \
+    return {name: torch.load(out / f"{name}.pt") for name in ("native", "pack", "pack_own_aspect", "between", "small", "cfg")}, \
         json.loads((out / "info.json").read_text())
 
 
@@ -99,3 +99,17 @@ def test_a_smaller_output_with_odd_grids(graphs):
     print(f"496 x 336: pack vs native {err:.2e} (latent {latent:.2e}); with diffusers' positions {control:.2e}")
     assert err < 1e-5 and latent < 1e-4
     assert control > 1e-4
+
+
+def test_cfg_with_the_native_cfgnorm(graphs):
+    """CFG 4: KSampler on the model through ComfyUI's ``CFGNorm`` (strength 1) against the pack's
+    sampler in ``comfyui`` mode (the same rescale); with the release's rescale instead (per 2 x 2
+    patch on the velocity, unclamped) the latents part."""
+    got, _ = graphs
+    cfg = got["cfg"]
+    err = (cfg["native"] - cfg["pack"]).abs().max().item()
+    control = (cfg["native"] - cfg["pack_release_norm"]).abs().max().item()
+    print(f"CFG 4 + CFGNorm: latent pack vs native {err:.2e} (of {cfg['native'].abs().max().item():.1f}); "
+          f"with the release's rescale {control:.2e}")
+    assert err < 1e-4
+    assert control > 1e-3
