@@ -267,10 +267,18 @@ def simulate(changes: dict[Hashable, list[float]], threshold: float, *, warmup: 
     return skipped, total
 
 
-def calibrate(records, skip_fraction: float, *, warmup: int = 3, max_skips: int = 3) -> float:
+CALIBRATION_MARGIN = 0.02  # thresholds sit this far above the recorded change they must pass
+
+
+def calibrate(records, skip_fraction: float, *, warmup: int = 3, max_skips: int = 3,
+              margin: float = CALIBRATION_MARGIN) -> float:
     """The smallest threshold (4 significant digits, rounded up) whose replay (:func:`simulate`)
     skips at least ``skip_fraction`` of the forwards of a probe run; the largest reachable share
-    (warm-up and ``max_skips`` bound it) when ``skip_fraction`` cannot be reached."""
+    (warm-up and ``max_skips`` bound it) when ``skip_fraction`` cannot be reached. Each candidate
+    sits ``margin`` (relative) above the recorded change it must pass: the cached run's changes
+    differ a little from the probe's (the forwards it skips change the inputs that follow), and a
+    threshold just above a recorded change skipped one forward fewer than promised when the
+    conditioning changed by a hair."""
     if not 0 < skip_fraction < 1:
         raise ValueError(f"skip_fraction must be in (0, 1), got {skip_fraction}")
     changes = step_changes(records)
@@ -286,8 +294,9 @@ def calibrate(records, skip_fraction: float, *, warmup: int = 3, max_skips: int 
                 cands.add(acc)
     best = None
     for c in sorted(cands):
-        t = float(f"{c * (1 + 1e-6) + 1e-12:.4g}")
-        t = t if t > c else c * (1 + 1e-3)
+        want = c * (1 + margin) + 1e-12
+        t = float(f"{want:.4g}")
+        t = t if t >= want else float(f"{want * (1 + 1e-3):.4g}")
         sk, tot = simulate(changes, t, warmup=warmup, max_skips=max_skips)
         best = t
         if sk >= skip_fraction * tot:
