@@ -29,13 +29,14 @@ class ComfyUIRope(nn.Module):
     def __init__(self, rope: nn.Module):
         super().__init__()
         self.rope = rope
+        self._made: dict = {}  # (shapes, device, text length) -> frequencies: the same every step
 
     def _table(self, device):
         pos, neg = self.rope.pos_freqs, self.rope.neg_freqs
         if device is not None:
             pos, neg = pos.to(device), neg.to(device)
         split = [d // 2 for d in self.rope.axes_dim]
-        return pos.split(split, dim=1), neg.split(split, dim=1)
+        return pos, pos.split(split, dim=1), neg.split(split, dim=1)
 
     @staticmethod
     def _at(pos, neg, positions: torch.Tensor) -> torch.Tensor:
@@ -48,7 +49,13 @@ class ComfyUIRope(nn.Module):
         if isinstance(video_fhw, list):  # one shape list per batch row (all the same), as diffusers reads it
             video_fhw = video_fhw[0]
         shapes = video_fhw if isinstance(video_fhw, list) else [video_fhw]
-        pos, neg = self._table(device)
+        key = (tuple(tuple(int(v) for v in s) for s in shapes), str(device), int(max_txt_seq_len))
+        if key not in self._made:
+            self._made = {key: self._make(shapes, device, int(max_txt_seq_len))}
+        return self._made[key]
+
+    def _make(self, shapes, device, txt_len: int):
+        full, pos, neg = self._table(device)
         freqs = []
         for idx, (frame, h, w) in enumerate(shapes):
             f = pos[0][idx : idx + frame].view(frame, 1, 1, -1).expand(frame, h, w, -1)
@@ -59,20 +66,21 @@ class ComfyUIRope(nn.Module):
             freqs.append(torch.cat([f, rows, cols], dim=-1).reshape(frame * h * w, -1))
         _, h0, w0 = shapes[0]
         start = max(h0 // 2, w0 // 2)  # the output's grid only
-        full = self.rope.pos_freqs.to(device) if device is not None else self.rope.pos_freqs
-        return torch.cat(freqs, dim=0), full[start : start + int(max_txt_seq_len)]
+        return torch.cat(freqs, dim=0), full[start : start + txt_len]
 
 
 @contextmanager
-def comfyui_positions(transformer: nn.Module):
+def comfyui_positions(transformer: nn.Module, positions: ComfyUIRope | None = None):
     """Inside this context ``transformer`` (a diffusers ``QwenImageTransformer2DModel``, or a wrapper
-    of one) computes its RoPE positions as ComfyUI's Qwen-Image model does."""
+    of one) computes its RoPE positions as ComfyUI's Qwen-Image model does; yields the
+    :class:`ComfyUIRope` in use. ``positions``: one yielded before for this transformer, reused (it
+    keeps its frequencies between steps)."""
     module = getattr(transformer, "_orig_mod", transformer)
     rope = getattr(module, "pos_embed", None)
     if rope is None or not hasattr(rope, "pos_freqs") or not getattr(rope, "scale_rope", False):
         raise ValueError("ComfyUI's RoPE positions need a Qwen-Image MM-DiT (a centred QwenEmbedRope pos_embed)")
-    module.pos_embed = ComfyUIRope(rope)
+    module.pos_embed = positions if positions is not None and positions.rope is rope else ComfyUIRope(rope)
     try:
-        yield
+        yield module.pos_embed
     finally:
         module.pos_embed = rope

@@ -21,7 +21,7 @@ import torch
 
 from ..model.conditioning import TextCond
 from ..model.modules import compute_dtype, module_device
-from ..model.rope import comfyui_positions
+from ..model.rope import ComfyUIRope, comfyui_positions
 from . import flow
 
 
@@ -90,6 +90,7 @@ class Denoiser:
         self.dtype = dtype or compute_dtype(transformer)
         self._refs = cond.ref_tokens.to(self.device, self.dtype) if cond.ref_tokens is not None else None
         self._text_cache: tuple | None = None
+        self._positions: ComfyUIRope | None = None  # ComfyUI's RoPE positions, made once (cond.rope)
         self.forward_calls = 0
 
     def _texts(self, texts: Sequence[TextCond], reps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -128,8 +129,9 @@ class Denoiser:
             if self.step_cache is not None
             else contextlib.nullcontext()
         )
-        positions = comfyui_positions(self.transformer) if self.cond.rope == "comfyui" else contextlib.nullcontext()
-        with stream, positions:
+        positions = (comfyui_positions(self.transformer, self._positions) if self.cond.rope == "comfyui"
+                     else contextlib.nullcontext(self._positions))
+        with stream, positions as self._positions:
             out = self.transformer(
                 hidden_states=hidden,
                 encoder_hidden_states=embeds,
