@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_speed import build  # noqa: E402
 
-from firered_core.formats import transformer_files as tf  # noqa: E402
+from firered_core.formats import fp8_layers as tf  # noqa: E402
 from firered_core.runtime import precision  # noqa: E402
 
 TARGET = 1.15

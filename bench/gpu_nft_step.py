@@ -39,17 +39,17 @@ def build(args, device):
         model = QwenImageTransformer2DModel(**conf)
     model.pos_embed = QwenEmbedRope(theta=10000, axes_dim=list(args.rope), scale_rope=True)
     policy = Policy(model, lora_rank=args.rank, lora_alpha=2 * args.rank, need_reference=False, keep_old=False)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)  # random weights drawn where they live (20B on a CPU: minutes)
 
     def materialise(module):
         module.to_empty(device=device, recurse=True)
         with torch.no_grad():
             for n, p in module.named_parameters(recurse=True):
-                lora = ".lora_" in n
-                vals = torch.randn(p.shape, generator=g) * (0.02 if p.dim() > 1 else 0.0)
-                if n.endswith("weight") and p.dim() == 1:
-                    vals += 1.0
-                p.data = vals.to(device=device, dtype=torch.float32 if lora else torch.bfloat16)
+                dtype = torch.float32 if ".lora_" in n else torch.bfloat16
+                if p.dim() > 1:
+                    p.data = torch.randn(p.shape, generator=g, device=device, dtype=dtype) * 0.02
+                else:  # norm scales 1, biases 0
+                    p.data = torch.full(p.shape, 1.0 if n.endswith("weight") else 0.0, device=device, dtype=dtype)
             for b in module.buffers(recurse=True):
                 b.zero_()
 
@@ -111,12 +111,12 @@ def main() -> int:
     side = args.resolution // 16
     n = side * side
     g = torch.Generator().manual_seed(0)
-    refs = torch.randn(1, n, 64, generator=g)
+    refs = torch.randn(1, n, 64, generator=g, device=device)
     cond = EditCondition(ref_tokens=refs, img_shapes=[(1, side, side), (1, side, side)])
-    text = TextCond(torch.randn(1, args.text_tokens, args.text_dim, generator=g).to(device, torch.bfloat16))
+    text = TextCond(torch.randn(1, args.text_tokens, args.text_dim, generator=g, device=device).to(torch.bfloat16))
     den = Denoiser(model, cond, dtype=torch.bfloat16)
-    x0 = torch.randn(args.batch, n, 64, generator=g).to(device)
-    r = torch.rand(args.batch, generator=g)
+    x0 = torch.randn(args.batch, n, 64, generator=g, device=device)
+    r = torch.rand(args.batch, generator=g, device=device)
 
     def sync():
         if cuda:
@@ -124,10 +124,10 @@ def main() -> int:
 
     # one rollout forward (CFG 1, no grad): a rollout costs sample_steps of these per picture
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16), policy.old_policy():
-        den.predict(x0[:1].to(torch.bfloat16), torch.tensor([0.5]), [text])
+        den.predict(x0[:1].to(torch.bfloat16), torch.tensor([0.5], device=device), [text])
         sync()
         t = time.perf_counter()
-        den.predict(x0[:1].to(torch.bfloat16), torch.tensor([0.5]), [text])
+        den.predict(x0[:1].to(torch.bfloat16), torch.tensor([0.5], device=device), [text])
         sync()
         t_fwd = time.perf_counter() - t
     if cuda:
@@ -136,8 +136,8 @@ def main() -> int:
     for step in range(args.steps + 1):
         sync()
         t = time.perf_counter()
-        eps = torch.randn(x0.shape, generator=g).to(device)
-        sigma = (torch.rand(args.batch, generator=g) * 0.98 + 0.01).to(device)
+        eps = torch.randn(x0.shape, generator=g, device=device)
+        sigma = torch.rand(args.batch, generator=g, device=device) * 0.98 + 0.01
         xt = flow.add_noise(x0, eps, flow.broadcast_sigma(sigma, x0)).to(torch.bfloat16)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             with torch.no_grad():

@@ -29,6 +29,8 @@ Variants, in one run on one card:
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import sys
 import time
 from pathlib import Path
@@ -121,6 +123,21 @@ class Timer:
         return dt, peak
 
 
+def gemm_tflops(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
+    """What one ``n`` x ``n`` x ``n`` matmul reaches on this device (mean of ``repeats`` after three warm-ups)."""
+    g = torch.Generator(device).manual_seed(0)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=g) for _ in range(2))
+    timer = Timer(device)
+    for _ in range(3):
+        a @ b
+    timer.sync()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    timer.sync()
+    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e12
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="a 4-block width-64 model on the CPU, 128x128 (a dry run)")
@@ -170,17 +187,26 @@ def main(argv=None) -> int:
     sigma = torch.tensor([0.5], device=device)
     results = []
 
+    gemm = gemm_tflops(device, dtype, 1024 if args.tiny else 8192)
+    print(f"a square bf16 matmul runs at {gemm:.0f} TFLOP/s here (spec peak {peak_tflops or '?'}); MFU below is of the spec")
     figures = {"device": name, "blocks": cfg["num_layers"], "params": n_params, "size": size,
                "text_tokens": args.text_tokens, "pflop_per_forward": flops["total"] / 1e15,
-               "peak_tflops": peak_tflops, "attention": attn_in_use, "variants": {}}
+               "peak_tflops": peak_tflops, "measured_matmul_tflops": gemm, "attention": attn_in_use, "variants": {}}
 
     def record(label, dt, peak, note="", flop=flops["total"], key=None):
         mfu_v = flop / dt / (peak_tflops * 1e12) if peak_tflops and flop else None
         mfu = f"{mfu_v * 100:5.1f}%" if mfu_v is not None else "  n/a"
         results.append((label, dt, peak, mfu, note))
-        figures["variants"][key or label.strip()] = {"s_per_step": dt, "peak_gb": peak, "mfu": mfu_v, "note": note}
+        figures["variants"][key or label.strip()] = {"s_per_step": dt, "peak_gb": peak, "mfu": mfu_v, "note": note,
+                                                     "of_measured_matmul": flop / dt / (gemm * 1e12) if flop else None}
         print(f"  {label:30s} {dt:8.3f} s/step  peak {peak if peak is not None else float('nan'):6.1f} GB  MFU {mfu}  {note}",
               flush=True)
+        save()
+
+    def save():  # after every variant, whole or not at all: a run stopped at its time limit keeps what it measured
+        if args.json:
+            Path(args.json + ".part").write_text(json.dumps(figures, indent=1))
+            Path(args.json + ".part").replace(args.json)
 
     # 1. diffusers plain (the reference)
     hidden = torch.cat([x, refs], dim=1)
@@ -235,17 +261,6 @@ def main(argv=None) -> int:
         record("  one cached step", dt, peak, f"{compute} of {cfg['num_layers']} blocks run",
                flop=flops["total"] * compute / cfg["num_layers"], key="cache_one_step")
 
-    # 4. optional: compiled blocks
-    if args.compile:
-        precision.compile_blocks(model)
-        t = time.perf_counter()
-        den.predict(x, sigma, [text])
-        timer.sync()
-        warm = time.perf_counter() - t
-        record("bf16 + compiled blocks", *timer.run(lambda: den.predict(x, sigma, [text]), args.steps),
-               f"warm-up {warm:.1f}s", key="compile")
-        precision.uncompile_blocks(model)
-
     # 5. block swap at a budget (the planner's choice, with the real text encoder's size planned in)
     if "swap" not in skip:
         blocks = list(model.transformer_blocks)
@@ -291,14 +306,21 @@ def main(argv=None) -> int:
                f"model {module_bytes(model) / GB:.1f} GB", key="fp8_upcast")
         n = precision.enable_fp8_matmul(model, force=args.tiny)
         if n:
-            record("fp8 scaled + fp8 matmul", *timer.run(lambda: den.predict(x, sigma, [text]), args.steps),
-                   f"{n} layers on torch._scaled_mm", key="fp8_matmul")
+            dt, peak = timer.run(lambda: den.predict(x, sigma, [text]), args.steps)
+            modes = {}  # the path each layer settled on ("rowwise", "tensor"; "off": the kernel refused it)
+            for m in model.modules():
+                if isinstance(m, precision.FP8MatmulLinear):
+                    modes[m._mode] = modes.get(m._mode, 0) + 1
+            record("fp8 scaled + fp8 matmul", dt, peak, f"{n} layers on torch._scaled_mm, by path: "
+                   + ", ".join(f"{k} {v}" for k, v in sorted(modes.items())), key="fp8_matmul")
         else:
             print("  fp8 matmul: not supported on this device (needs compute capability >= 8.9)")
 
     # 7. int8: the block linears of a fresh bf16 model quantized per channel (weights only)
     if "int8" not in skip:
         del den, model
+        sw = blocks = cache = always = da = None  # each holds the fp8 model (20 GB) too
+        gc.collect()
         if timer.cuda:
             torch.cuda.empty_cache()
         model = build(cfg, device, dtype)
@@ -310,15 +332,29 @@ def main(argv=None) -> int:
         record("int8 weights", *timer.run(lambda: den.predict(x, sigma, [text]), args.steps),
                f"model {module_bytes(model) / GB:.1f} GB", key="int8")
 
+    # 8. optional: compiled blocks of a fresh bf16 model (last: the slowest variant, its warm-up compiles)
+    if args.compile:
+        del den, model
+        gc.collect()
+        if timer.cuda:
+            torch.cuda.empty_cache()
+        model = build(cfg, device, dtype)
+        attention.set_attention(model, args.attention)
+        den = Denoiser(model, cond)
+        precision.compile_blocks(model)
+        t = time.perf_counter()
+        den.predict(x, sigma, [text])
+        timer.sync()
+        warm = time.perf_counter() - t
+        record("bf16 + compiled blocks", *timer.run(lambda: den.predict(x, sigma, [text]), args.steps),
+               f"warm-up {warm:.1f}s", key="compile")
+
     print()
     print(f"| variant ({name}) | s/step | peak GB | MFU (of {peak_tflops or '?'} TFLOP/s) | note |")
     print("|---|---|---|---|---|")
     for label, dt, peak, mfu, note in results:
         print(f"| {label.strip()} | {dt:.3f} | {'-' if peak is None else f'{peak:.1f}'} | {mfu.strip()} | {note} |")
-    if args.json:
-        import json
-
-        Path(args.json).write_text(json.dumps(figures, indent=1))
+    save()
     return 0
 
 
