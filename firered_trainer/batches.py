@@ -12,7 +12,7 @@ import torch
 
 from firered_core.model import latents
 from firered_core.sampling import flow
-from firered_core.sampling.denoiser import batch_texts
+from firered_core.sampling.denoiser import batch_texts, transformer_velocity
 
 from . import cache as cache_mod
 from .config import StageConfig
@@ -104,15 +104,11 @@ class Collator:
 
 
 def predict_velocity(model, x_t, sigma, refs, texts, img_shapes, dtype):
-    """The MM-DiT's velocity for target tokens ``x_t`` ``[B, N, 64]`` (the same call the inference
-    :class:`firered_core.sampling.denoiser.Denoiser` makes, one condition per row)."""
-    n = x_t.shape[1]
+    """The MM-DiT's velocity for target tokens ``x_t`` ``[B, N, 64]``, one text and one set of
+    references per row: the inference :class:`firered_core.sampling.denoiser.Denoiser`'s own call
+    (:func:`~firered_core.sampling.denoiser.transformer_velocity`)."""
     embeds, mask = batch_texts([t.to(x_t.device, dtype) for t in texts])
-    hidden = x_t.to(dtype) if refs is None else torch.cat([x_t, refs], 1).to(dtype)
-    timestep = (flow.sigma_to_timestep(sigma) / flow.NUM_TRAIN_TIMESTEPS).to(dtype)
-    out = model(hidden_states=hidden, encoder_hidden_states=embeds, encoder_hidden_states_mask=mask,
-                timestep=timestep, img_shapes=[img_shapes] * x_t.shape[0], return_dict=False)[0]
-    return out[:, :n]
+    return transformer_velocity(model, x_t, sigma, embeds, mask, img_shapes, dtype, refs)
 
 
 def batch_loss_backward(model, examples: list[Example], *, accelerator, cfg: StageConfig, sched_cfg, step: int,

@@ -12,6 +12,16 @@ import torch
 _STORAGE_ONLY = {torch.uint8, torch.int8, torch.float8_e4m3fn, torch.float8_e5m2}
 
 
+def concrete_device(device) -> torch.device:
+    """``device`` with its index made explicit: ``cuda`` is ``cuda:<current>``. Tensors always carry
+    the index and ``torch.device("cuda") != torch.device("cuda:0")``, so code that compares a
+    tensor's device with a requested one asks this first."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def module_device(module: torch.nn.Module) -> torch.device:
     for t in module.parameters():
         return t.device

@@ -133,8 +133,11 @@ class FP8MatmulLinear(FP8Linear):
             return super().forward(x)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        sx = (x2.abs().amax().float() / E4M3_MAX).clamp_min(1e-12)
-        xq = (x2.float() / sx).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        # the activation scaled in its own dtype (no float32 copy of it: on a GPU this pass costs more
+        # than the fp8 matmul saves otherwise); the kernel undoes exactly the factor applied
+        inv = (E4M3_MAX / x2.abs().amax().float().clamp_min(1e-12)).to(x2.dtype)
+        sx = 1.0 / inv.float()
+        xq = (x2 * inv).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
         w = self.weight_fp8.view(torch.float8_e4m3fn)
         y = None
         if self._mode == "rowwise" and x.dtype == torch.bfloat16:
@@ -144,14 +147,14 @@ class FP8MatmulLinear(FP8Linear):
             bias = self.bias.to(x.dtype) if self.bias is not None else None
             try:
                 y = torch._scaled_mm(xq, w.t(), scale_a=sa, scale_b=sb, bias=bias, out_dtype=x.dtype)
-            except (RuntimeError, NotImplementedError) as e:
+            except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:  # torch's checks raise all four
                 log.info("rowwise-scaled fp8 matmul unavailable (%s); applying weight scales after the matmul", e)
                 self._mode = "tensor"
         if y is None:
             one = torch.ones((), device=x.device, dtype=torch.float32)
             try:
                 y = torch._scaled_mm(xq, w.t(), scale_a=sx.reshape(()), scale_b=one, out_dtype=torch.float32)
-            except (RuntimeError, NotImplementedError) as e:  # an unsupported device / layout: upcast from now on
+            except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:  # an unsupported device or layout: upcast from now on
                 log.info("fp8 matmul unavailable (%s); upcasting fp8 weights per layer instead", e)
                 self._mode = "off"
                 return super().forward(x)

@@ -72,6 +72,22 @@ def batch_texts(conds: Sequence[TextCond]) -> tuple[torch.Tensor, torch.Tensor |
     return torch.cat(embeds, 0), (torch.cat(masks, 0) if needs_mask else None)
 
 
+def transformer_velocity(transformer: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor,
+                         mask: torch.Tensor | None, img_shapes: list[tuple[int, int, int]], dtype: torch.dtype,
+                         refs: torch.Tensor | None = None) -> torch.Tensor:
+    """The MM-DiT's velocity for the target tokens ``x`` ``[B, N, 64]`` at ``sigma`` ``[B]``, one
+    condition per row: the reference tokens ``refs`` ``[B, M, 64]`` appended after the target's,
+    the timestep as the reference pipeline passes it (``1000 sigma`` in ``dtype``, then ``/ 1000``),
+    ``img_shapes`` one row's token grids (``sigma`` follows ``x`` to its device). The one forward
+    call inference and training share."""
+    n = x.shape[1]
+    hidden = x.to(dtype) if refs is None else torch.cat([x.to(dtype), refs.to(dtype)], dim=1)
+    timestep = flow.sigma_to_timestep(sigma.to(x.device, torch.float32).reshape(-1)).to(dtype) / flow.NUM_TRAIN_TIMESTEPS
+    out = transformer(hidden_states=hidden, encoder_hidden_states=embeds, encoder_hidden_states_mask=mask,
+                      timestep=timestep, img_shapes=[img_shapes] * x.shape[0], return_dict=False)[0]
+    return out[:, :n]
+
+
 class Denoiser:
     """Wraps a ``QwenImageTransformer2DModel`` and one :class:`EditCondition`.
 
@@ -118,10 +134,8 @@ class Denoiser:
         xk = x.to(self.dtype)
         if k > 1:
             xk = xk.repeat(k, 1, 1)
-        hidden = xk if self._refs is None else torch.cat([xk, self._refs.expand(xk.shape[0], -1, -1)], dim=1)
+        refs = None if self._refs is None else self._refs.expand(xk.shape[0], -1, -1)
         sig = sigma.to(torch.float32).reshape(-1).expand(b)
-        timestep = flow.sigma_to_timestep(sig).to(self.dtype)
-        timestep = timestep.repeat(k) / flow.NUM_TRAIN_TIMESTEPS
         # texts are repeated text-major ([t0] * B + [t1] * B ...) and the latent batch k times,
         # so row i pairs text i // B with latent i % B.
         stream = (
@@ -132,16 +146,9 @@ class Denoiser:
         positions = (comfyui_positions(self.transformer, self._positions) if self.cond.rope == "comfyui"
                      else contextlib.nullcontext(self._positions))
         with stream, positions as self._positions:
-            out = self.transformer(
-                hidden_states=hidden,
-                encoder_hidden_states=embeds,
-                encoder_hidden_states_mask=mask,
-                timestep=timestep,
-                img_shapes=[self.cond.img_shapes] * (k * b),
-                return_dict=False,
-            )[0]
+            out = transformer_velocity(self.transformer, xk, sig.repeat(k), embeds, mask, self.cond.img_shapes,
+                                       self.dtype, refs)
         self.forward_calls += 1
-        out = out[:, :n]
         return list(out.chunk(k, dim=0)) if k > 1 else [out]
 
     def model_fn(self, text: TextCond):

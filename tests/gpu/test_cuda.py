@@ -20,6 +20,16 @@ EDIT = dict(steps=4, cfg=4.0, seed=3, width=64, height=48, ref_area=64 * 48, vl_
 PROMPT = "make the disc red"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_tf32():
+    """float32 on the GPU as on the CPU: cuDNN's convolutions (the VAE, the vision tower's patch
+    embedding) use TF32 by default, about 1e-3 off, which the float32 bounds below do not allow."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def rel(a, b):
     a, b = a.float().cpu(), b.float().cpu()
     return ((a - b).norm() / b.norm()).item()
