@@ -12,7 +12,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH="/tmp/firered-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 "$PY" - <<'PY' || exit 1
-import importlib, sys
+import importlib.util, sys
 missing = [m for m in ("diffusers", "transformers", "accelerate", "peft", "gguf", "bitsandbytes", "safetensors")
            if importlib.util.find_spec(m) is None]
 if missing:
