@@ -123,7 +123,10 @@ def load_device() -> torch.device:
         import comfy.model_management as mm
 
         return mm.get_torch_device()
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from ..firered_core.model.modules import concrete_device
+
+    # with its index, as ComfyUI's is: "cuda" never equals a tensor's "cuda:0" (every part would look moved)
+    return concrete_device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def offload_device() -> torch.device:

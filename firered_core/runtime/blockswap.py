@@ -199,7 +199,7 @@ class BlockSwapper:
         self._handles.clear()
         for i in list(self._loaded):
             self._restore(i)
-        target = torch.device(device) if device is not None else None
+        target = concrete_device(device) if device is not None else None
         for i, masters in self._masters.items():
             for owner, kind, name, m in masters:
                 _set(owner, kind, name, _moved(m, target) if target is not None and m.device != target else m)
