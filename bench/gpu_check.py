@@ -51,6 +51,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
+sys.path.insert(0, str(ROOT))
+
+from firered_trainer.rl.common import atomic_write  # noqa: E402  (imports torch; starts no CUDA context)
+
 MIN_STEP_S = 15  # a step is not started with less time than this left in --budget
 
 
@@ -105,11 +109,13 @@ def run_step(cmd: list[str], log: Path, env: dict, limit: float) -> str:
 
 def pack(work: Path, out: Path) -> None:
     """Every step's log, JSON and XML so far into ``<out>/gpu_check_logs.tar.gz`` (written whole, then renamed)."""
-    tmp = out / "gpu_check_logs.tar.gz.part"
-    with tarfile.open(tmp, "w:gz") as tar:
-        for f in sorted(work.iterdir()):
-            tar.add(f, arcname=f.name)
-    tmp.replace(out / "gpu_check_logs.tar.gz")
+
+    def write(tmp):
+        with tarfile.open(tmp, "w:gz") as tar:
+            for f in sorted(work.iterdir()):
+                tar.add(f, arcname=f.name)
+
+    atomic_write(out / "gpu_check_logs.tar.gz", write)
 
 
 def junit_counts(path: Path) -> dict:
@@ -213,8 +219,7 @@ def main(argv=None) -> int:
         report["seconds"] = time.perf_counter() - t_all
         report["targets"] = judge(report["steps"], args.tiny)
         for name, text in (("gpu_check.json", json.dumps(report, indent=1)), ("gpu_check.md", markdown(report))):
-            (out / f"{name}.part").write_text(text)
-            (out / f"{name}.part").replace(out / name)  # a run killed mid-write keeps the last whole report
+            atomic_write(out / name, lambda tmp: Path(tmp).write_text(text))  # a run killed mid-write keeps the last whole report
 
     for name, cmd, limit in steps(args.tiny, work, skip):
         left = None if args.budget is None else args.budget - (time.perf_counter() - t_all)

@@ -46,6 +46,7 @@ from firered_core.runtime.blockswap import BlockSwapper, module_bytes  # noqa: E
 from firered_core.runtime.memory import GB, ModelSizes, plan_memory  # noqa: E402
 from firered_core.runtime.step_cache import StepCache  # noqa: E402
 from firered_core.sampling.denoiser import Denoiser, EditCondition  # noqa: E402
+from firered_trainer.rl.common import atomic_write  # noqa: E402
 
 REAL = dict(num_layers=60, num_attention_heads=24, attention_head_dim=128, joint_attention_dim=3584,
             in_channels=64, out_channels=16, patch_size=2, axes_dims_rope=(16, 56, 56))
@@ -205,8 +206,16 @@ def main(argv=None) -> int:
 
     def save():  # after every variant, whole or not at all: a run stopped at its time limit keeps what it measured
         if args.json:
-            Path(args.json + ".part").write_text(json.dumps(figures, indent=1))
-            Path(args.json + ".part").replace(args.json)
+            atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(figures, indent=1)))
+
+    def fresh() -> nn.Module:
+        """A new bf16 model once the caller has dropped every reference to the last one."""
+        gc.collect()
+        if timer.cuda:
+            torch.cuda.empty_cache()
+        m = build(cfg, device, dtype)
+        attention.set_attention(m, args.attention)
+        return m
 
     # 1. diffusers plain (the reference)
     hidden = torch.cat([x, refs], dim=1)
@@ -261,7 +270,7 @@ def main(argv=None) -> int:
         record("  one cached step", dt, peak, f"{compute} of {cfg['num_layers']} blocks run",
                flop=flops["total"] * compute / cfg["num_layers"], key="cache_one_step")
 
-    # 5. block swap at a budget (the planner's choice, with the real text encoder's size planned in)
+    # 4. block swap at a budget (the planner's choice, with the real text encoder's size planned in)
     if "swap" not in skip:
         blocks = list(model.transformer_blocks)
         real = ModelSizes.real()
@@ -297,7 +306,7 @@ def main(argv=None) -> int:
                 torch.cuda.set_per_process_memory_fraction(1.0, device)
         sw.uninstall(device)
 
-    # 6. fp8: scaled e4m3 block linears (in place, one layer at a time), upcast, then fp8 matmul
+    # 5. fp8: scaled e4m3 block linears (in place, one layer at a time), upcast, then fp8 matmul
     if "fp8" not in skip:
         precision.quantize_weights(model, "fp8_scaled")
         if timer.cuda:
@@ -316,15 +325,10 @@ def main(argv=None) -> int:
         else:
             print("  fp8 matmul: not supported on this device (needs compute capability >= 8.9)")
 
-    # 7. int8: the block linears of a fresh bf16 model quantized per channel (weights only)
+    # 6. int8: the block linears of a fresh bf16 model quantized per channel (weights only)
     if "int8" not in skip:
-        del den, model
-        sw = blocks = cache = always = da = None  # each holds the fp8 model (20 GB) too
-        gc.collect()
-        if timer.cuda:
-            torch.cuda.empty_cache()
-        model = build(cfg, device, dtype)
-        attention.set_attention(model, args.attention)
+        model = den = sw = blocks = cache = always = da = None  # each holds the last model (20 GB)
+        model = fresh()
         precision.quantize_weights(model, "int8")
         if timer.cuda:
             torch.cuda.empty_cache()
@@ -332,14 +336,10 @@ def main(argv=None) -> int:
         record("int8 weights", *timer.run(lambda: den.predict(x, sigma, [text]), args.steps),
                f"model {module_bytes(model) / GB:.1f} GB", key="int8")
 
-    # 8. optional: compiled blocks of a fresh bf16 model (last: the slowest variant, its warm-up compiles)
+    # 7. optional: compiled blocks of a fresh bf16 model (last: the slowest variant, its warm-up compiles)
     if args.compile:
-        del den, model
-        gc.collect()
-        if timer.cuda:
-            torch.cuda.empty_cache()
-        model = build(cfg, device, dtype)
-        attention.set_attention(model, args.attention)
+        model = den = sw = blocks = cache = always = da = None
+        model = fresh()
         den = Denoiser(model, cond)
         precision.compile_blocks(model)
         t = time.perf_counter()

@@ -140,11 +140,9 @@ class BlockSwapper:
         self.order: list[nn.Module] = [b for lst in self.lists for b in lst]
         self.streamed: list[int] = []
         for lst_start, lst in self._starts():
-            n_streamed = len(lst) - min(self.resident, len(lst))
-            if self.training:  # the tail
-                self.streamed += range(lst_start + len(lst) - n_streamed, lst_start + len(lst))
-            else:
-                self.streamed += [lst_start + k for k in spread_positions(len(lst), n_streamed)]
+            n, k = len(lst), len(lst) - min(self.resident, len(lst))
+            positions = range(n - k, n) if self.training else spread_positions(n, k)  # training: the tail
+            self.streamed += [lst_start + j for j in positions]
         self._index = {id(b): i for i, b in enumerate(self.order)}
         self._masters: dict[int, list[tuple[nn.Module, str, str, torch.Tensor]]] = {}
         self._loaded: dict[int, tuple[list[torch.Tensor], Any]] = {}
